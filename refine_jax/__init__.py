@@ -1,0 +1,1 @@
+"""refine_jax: describe an image by successive refinement with one weight-shared detailer."""

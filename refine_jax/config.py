@@ -1,0 +1,135 @@
+"""The configuration every experiment shares, and its validation before anything compiles.
+
+Experiment files in `configs/` start from `base_config()`, change values, and lock the
+result, so a misspelt key (in the file or as `--config.x=y`) is an error, not a new key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_collections
+
+from refine_jax.losses import WEIGHTINGS
+from refine_jax.models.refine import REMAT_POLICIES
+from refine_jax.targets import SCHEDULES, TARGET_KINDS
+
+MODEL_KINDS = ("refine", "autoregressive")
+
+# Logical axis -> mesh axis (None: replicated). Parameters shard over 'fsdp' along their
+# embedding axis and over 'tensor' along heads / mlp / vocab; the batch over data and fsdp.
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("patches", None),
+    ("pixels", None),
+    ("step", None),
+    ("layers", None),
+)
+
+
+def parse_variants(arg: str, allowed: Sequence[str]) -> set[str]:
+    """Comma-separated config variants (`file.py:tiny,autoregressive`), checked against `allowed`."""
+    variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
+    unknown = variants - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown config variant(s) {sorted(unknown)}; allowed: {list(allowed)}")
+    return variants
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a config may set, with defaults. Experiment files override values only."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = 64
+    config.total_steps = 1000
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 500
+    config.eval_every_steps = 500
+    config.num_samples_to_print = 5
+
+    config.learning_rate = 1e-3
+    config.warmup_steps = 100
+    config.weight_decay = 1e-4
+    config.grad_clip_norm = 1.0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.kind = "refine"
+    config.model.num_refine_steps = 4
+    config.model.canvas_length = 32
+    config.model.image_size = 64
+    config.model.patch_size = 8
+    config.model.width = 128
+    config.model.num_heads = 4
+    config.model.mlp_dim = 512
+    config.model.encoder_depth = 4
+    config.model.detailer_depth = 2  # the baseline's decoder gets the same depth
+    config.model.dropout_rate = 0.0
+    config.model.dtype = "float32"
+    config.model.remat = "none"
+    config.model.scan_detailer = True
+
+    config.targets = ml_collections.ConfigDict()
+    config.targets.kind = "salience"
+    config.targets.schedule = "linear"
+    config.targets.log_a = 4.0
+    config.targets.self_condition_rate = 0.25
+    config.targets.loss_weighting = "linear"
+    config.targets.geometric_ratio = 2.0
+    config.targets.length_loss_weight = 0.1
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "shapes"
+    config.data.path = ""
+    config.data.train_size = 50_000
+    config.data.eval_size = 500
+    config.data.random_crop = False
+    config.data.num_threads = 2
+
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.path = ""  # empty: train one on the training captions into the workdir
+    config.tokenizer.vocab_size = 1000
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1, 1)  # ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
+    config.mesh.axis_rules = DEFAULT_AXIS_RULES
+    return config
+
+
+def _check_choice(value: str, name: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"config.{name} = {value!r} is not one of {list(choices)}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the bad key for values no run could succeed with."""
+    m, t = config.model, config.targets
+    _check_choice(m.kind, "model.kind", MODEL_KINDS)
+    _check_choice(m.remat, "model.remat", REMAT_POLICIES)
+    _check_choice(t.kind, "targets.kind", TARGET_KINDS)
+    _check_choice(t.schedule, "targets.schedule", SCHEDULES)
+    _check_choice(t.loss_weighting, "targets.loss_weighting", WEIGHTINGS)
+    if m.num_refine_steps < 1:
+        raise ValueError(f"config.model.num_refine_steps (K) must be >= 1, got {m.num_refine_steps}")
+    for key in ("batch_size", "total_steps", "log_every_steps", "canvas_length", "width"):
+        value = config[key] if key in config else m[key]
+        if value < 1:
+            raise ValueError(f"config.{key} must be >= 1, got {value}")
+    if m.image_size % m.patch_size:
+        raise ValueError(
+            f"config.model.image_size {m.image_size} is not divisible by patch_size {m.patch_size}"
+        )
+    if m.width % m.num_heads:
+        raise ValueError(f"config.model.width {m.width} is not divisible by num_heads {m.num_heads}")
+    if not 0.0 <= t.self_condition_rate <= 1.0:
+        raise ValueError(
+            f"config.targets.self_condition_rate must be in [0, 1], got {t.self_condition_rate}"
+        )
+    if len(config.mesh.shape) != 3:
+        raise ValueError(
+            f"config.mesh.shape must give ('data', 'fsdp', 'tensor'), got {config.mesh.shape}"
+        )

@@ -1,0 +1,137 @@
+"""Decoding: K refinement steps in parallel per step, and greedy / beam search for the baseline.
+
+All functions are pure and jit-able; `decode_batch` is the one entry point the trainer and
+evaluation use: it returns, per image, the token canvases of every step ([B, K, L]; K = 1
+for the autoregressive baseline).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from refine_jax.models.autoregressive import AutoregressiveCaptioner
+from refine_jax.models.refine import RefineCaptioner
+from refine_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+def _cache_for(decoder_model: AutoregressiveCaptioner, params, image_tokens: jax.Array):
+    """A zeroed key/value cache for `image_tokens.shape[0]` sequences of the full length."""
+    full = jnp.zeros((image_tokens.shape[0], decoder_model.canvas_length + 1), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda: decoder_model.init(
+            jax.random.key(0), image_tokens, full, method=AutoregressiveCaptioner.logits
+        )["cache"]
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _finish(tokens: jax.Array) -> jax.Array:
+    """Replaces eos and everything after it by pad: [B, T] -> [B, T-1] canvas of the caption."""
+    ended = jnp.cumsum(tokens == EOS_ID, axis=-1) > 0
+    return jnp.where(ended, PAD_ID, tokens)[:, :-1]
+
+
+def greedy_decode(model: AutoregressiveCaptioner, params, images: jax.Array) -> jax.Array:
+    """Greedy captions [B, L] (pad after the end) with a key/value cache."""
+    decoder_model = model.clone(decode=True)
+    image_tokens = model.apply({"params": params}, images, method=AutoregressiveCaptioner.encode)
+    batch, steps = images.shape[0], model.canvas_length + 1
+    cache = _cache_for(decoder_model, params, image_tokens)
+
+    def step(state, _):
+        cache, token, done = state
+        logits, mutated = decoder_model.apply(
+            {"params": params, "cache": cache},
+            image_tokens,
+            token[:, None],
+            method=AutoregressiveCaptioner.logits,
+            mutable=["cache"],
+        )
+        next_token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        next_token = jnp.where(done, PAD_ID, next_token)
+        done = done | (next_token == EOS_ID)
+        return (mutated["cache"], next_token, done), next_token
+
+    start = jnp.full((batch,), BOS_ID, jnp.int32)
+    _, tokens = jax.lax.scan(step, (cache, start, jnp.zeros((batch,), bool)), None, steps)
+    tokens = tokens.T  # [B, L+1]
+    # A caption that never emitted eos is cut at the canvas length.
+    return _finish(tokens.at[:, -1].set(EOS_ID))
+
+
+def beam_decode(
+    model: AutoregressiveCaptioner,
+    params,
+    images: jax.Array,
+    beam_size: int,
+    length_penalty: float = 0.0,
+) -> jax.Array:
+    """Beam search captions [B, L]; scores are log-probabilities / length**length_penalty."""
+    decoder_model = model.clone(decode=True)
+    image_tokens = model.apply({"params": params}, images, method=AutoregressiveCaptioner.encode)
+    batch, steps, width = images.shape[0], model.canvas_length + 1, beam_size
+    image_tokens = jnp.repeat(image_tokens, width, axis=0)  # [B*W, N, D]
+    cache = _cache_for(decoder_model, params, image_tokens)
+    vocab = model.vocab_size
+
+    def step(state, t):
+        cache, tokens, scores, done = state  # tokens [B, W, T], scores/done [B, W]
+        last = jnp.where(t == 0, BOS_ID, tokens[:, :, jnp.maximum(t - 1, 0)]).reshape(-1)
+        logits, mutated = decoder_model.apply(
+            {"params": params, "cache": cache},
+            image_tokens,
+            last[:, None],
+            method=AutoregressiveCaptioner.logits,
+            mutable=["cache"],
+        )
+        log_probs = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(batch, width, -1)
+        # A finished beam continues only with pad, at no cost.
+        pad_only = jnp.full((vocab,), -jnp.inf).at[PAD_ID].set(0.0)
+        log_probs = jnp.where(done[..., None], pad_only, log_probs)
+        candidates = (scores[..., None] + log_probs).reshape(batch, width * vocab)
+        # At t = 0 all beams are identical: expand from the first one only.
+        candidates = jnp.where(
+            (t == 0) & (jnp.arange(width * vocab) >= vocab)[None], -jnp.inf, candidates
+        )
+        scores, flat = jax.lax.top_k(candidates, width)
+        parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+        tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1)
+        tokens = tokens.at[:, :, t].set(token)
+        done = jnp.take_along_axis(done, parent, axis=1) | (token == EOS_ID)
+        rows = (parent + jnp.arange(batch)[:, None] * width).reshape(-1)
+        cache = jax.tree.map(lambda c: c[rows] if c.ndim else c, mutated["cache"])
+        return (cache, tokens, scores, done), None
+
+    init = (
+        cache,
+        jnp.full((batch, width, steps), PAD_ID, jnp.int32),
+        jnp.zeros((batch, width)),
+        jnp.zeros((batch, width), bool),
+    )
+    (_, tokens, scores, _), _ = jax.lax.scan(step, init, jnp.arange(steps))
+    lengths = jnp.sum(jnp.cumsum(tokens == EOS_ID, -1) == 0, -1) + 1
+    best = jnp.argmax(scores / lengths.astype(jnp.float32) ** length_penalty, axis=1)
+    tokens = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
+    return _finish(tokens.at[:, -1].set(EOS_ID))
+
+
+def refine_decode(model: RefineCaptioner, params, images: jax.Array, fractions) -> dict:
+    """Every step's canvas [B, K, L] and pooled detailer state [B, K, D]."""
+    out = model.apply({"params": params}, images, fractions, method=RefineCaptioner.describe)
+    return {"canvas": jnp.swapaxes(out["canvas"], 0, 1), "pooled": jnp.swapaxes(out["pooled"], 0, 1)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def decode_batch(
+    model: nn.Module, params, images: jax.Array, fractions, method: str = "greedy", beam: int = 1
+) -> jax.Array:
+    """Token canvases of every step, [B, K, L] (K = 1 for the baseline)."""
+    if isinstance(model, RefineCaptioner):
+        return refine_decode(model, params, images, fractions)["canvas"]
+    if method == "beam" and beam > 1:
+        return beam_decode(model, params, images, beam)[:, None]
+    return greedy_decode(model, params, images)[:, None]

@@ -1,0 +1,184 @@
+"""Transformer building blocks with logical axis names on every parameter and main activation.
+
+Attention is built from 2-D `nn.Dense` kernels ('embed' x 'heads') rather than
+`nn.MultiHeadDotProductAttention`, whose 3-D kernels do not shard cleanly (DESIGN §9).
+Logical names used here: batch, length (text positions), patches (image tokens), embed,
+heads (all heads' features, merged), mlp, vocab, pixels (flattened patch pixels), layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = jnp.dtype | str
+
+default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str) -> nn.Dense:
+    """A Dense layer whose kernel and bias carry logical axis names."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; with `decode=True` it keeps a key/value cache for one-token steps.
+
+    The cache is sized by the first (initialising) call, which must see the full length.
+    Cross-attention weights are sown into 'intermediates' as `attention_weights` [B, H, Q, K]
+    so interpretability tools can show where a step looked.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+    decode: bool = False
+    sow_weights: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        queries: jax.Array,  # [B, Q, D]
+        memory: jax.Array,  # [B, M, D]
+        mask: jax.Array | None = None,  # broadcastable to [B, H, Q, M]
+        deterministic: bool = True,
+    ) -> jax.Array:
+        features = queries.shape[-1]
+        if features % self.num_heads:
+            raise ValueError(f"width {features} is not divisible by num_heads {self.num_heads}")
+        head_dim = features // self.num_heads
+
+        def project(x: jax.Array, name: str) -> jax.Array:
+            y = dense(features, ("embed", "heads"), self.dtype, name)(x)
+            return y.reshape(*y.shape[:2], self.num_heads, head_dim)  # [B, T, H, Dh]
+
+        q = project(queries, "query")
+        k = project(memory, "key")
+        v = project(memory, "value")
+        if self.decode:
+            k, v, mask = self._update_cache(k, v, mask)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(self.dtype)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        if self.sow_weights:
+            self.sow("intermediates", "attention_weights", weights)
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = out.reshape(*out.shape[:2], features)  # [B, Q, D]
+        return dense(features, ("heads", "embed"), self.dtype, "out")(out)
+
+    def _update_cache(self, k: jax.Array, v: jax.Array, mask: jax.Array | None):
+        """Writes this step's key/value at the cache index; attends to positions written so far."""
+        initialising = not self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if initialising:
+            return k, v, mask
+        max_length = cached_k.value.shape[1]
+        position = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, position, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, position, 0, 0))
+        index.value = position + k.shape[1]
+        written = (jnp.arange(max_length) < position + k.shape[1])[None, None, None, :]
+        return cached_k.value, cached_v.value, written
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        features = x.shape[-1]
+        h = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "wi")(x))
+        h = constrain(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return dense(features, ("mlp", "embed"), self.dtype, "wo")(h)
+
+
+class TextLayer(nn.Module):
+    """Pre-LN text block: self-attention (bidirectional or causal), cross-attention, MLP."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+    causal: bool = False
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, image_tokens: jax.Array, deterministic: bool = True
+    ) -> jax.Array:
+        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        mask = None
+        if self.causal and not self.decode:
+            mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32), dtype=jnp.bool_)
+        h = layer_norm(self.dtype, "pre_self_attention_norm")(x)
+        h = Attention(
+            self.num_heads, self.dtype, self.dropout_rate, decode=self.decode, name="self_attention"
+        )(h, h, mask, deterministic)
+        x = constrain(x + drop(h), ("batch", "length", "embed"))
+        h = layer_norm(self.dtype, "pre_cross_attention_norm")(x)
+        h = Attention(
+            self.num_heads, self.dtype, self.dropout_rate, sow_weights=True, name="cross_attention"
+        )(h, image_tokens, None, deterministic)
+        x = constrain(x + drop(h), ("batch", "length", "embed"))
+        h = layer_norm(self.dtype, "pre_mlp_norm")(x)
+        h = Mlp(self.mlp_dim, self.dtype, self.dropout_rate, name="mlp")(h, deterministic)
+        return constrain(x + drop(h), ("batch", "length", "embed"))
+
+
+def token_embedding(vocab_size: int, width: int, dtype: Dtype, name: str) -> nn.Embed:
+    return nn.Embed(
+        vocab_size,
+        width,
+        dtype=dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=0.02), ("vocab", "embed")
+        ),
+        name=name,
+    )
+
+
+def learned_positions(
+    module: nn.Module, name: str, length: int, width: int, axis: str
+) -> jax.Array:
+    """A [1, length, width] learned position table registered as a parameter of `module`."""
+    init: Callable = nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=0.02), (axis, "embed")
+    )
+    return module.param(name, init, (length, width))[None]
+
+
+def sinusoid(values: jax.Array, features: int) -> jax.Array:
+    """Sinusoidal features of scalars in [0, 1] (e.g. the scheduled progress of a step)."""
+    frequencies = jnp.exp(jnp.linspace(0.0, np.log(1000.0), features // 2))
+    angles = values[..., None] * frequencies * np.pi
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)

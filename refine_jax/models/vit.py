@@ -1,0 +1,78 @@
+"""ViT image encoder: patchify, learned positions, pre-LN blocks stacked with `nn.scan`."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from refine_jax.models.layers import (
+    Attention,
+    Dtype,
+    Mlp,
+    constrain,
+    dense,
+    layer_norm,
+    learned_positions,
+)
+
+
+class EncoderBlock(nn.Module):
+    """One pre-LN ViT block; written as a scan body (carry in, carry out)."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _, deterministic: bool = True):
+        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        h = layer_norm(self.dtype, "pre_attention_norm")(x)
+        h = Attention(self.num_heads, self.dtype, self.dropout_rate, name="self_attention")(
+            h, h, None, deterministic
+        )
+        x = constrain(x + drop(h), ("batch", "patches", "embed"))
+        h = layer_norm(self.dtype, "pre_mlp_norm")(x)
+        h = Mlp(self.mlp_dim, self.dtype, self.dropout_rate, name="mlp")(h, deterministic)
+        return constrain(x + drop(h), ("batch", "patches", "embed")), None
+
+
+class ViTEncoder(nn.Module):
+    """Images [B, H, W, 3] in [-1, 1] -> image tokens [B, N, D]."""
+
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        b, h, w, c = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, (h // p) * (w // p), p * p * c)  # [B, N, p*p*3]
+        x = dense(self.width, ("pixels", "embed"), self.dtype, "embedding")(
+            patches.astype(self.dtype)
+        )
+        x = x + learned_positions(self, "pos_embedding", x.shape[1], self.width, "patches")
+        x = constrain(x, ("batch", "patches", "embed"))
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+        x, _ = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=self.depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name="encoderblock")(
+            x, None, deterministic
+        )
+        return layer_norm(self.dtype, "encoder_norm")(x)

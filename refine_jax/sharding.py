@@ -1,0 +1,79 @@
+"""Device mesh and logical-axis sharding (DESIGN §6).
+
+Parameters and activations carry logical axis names (see models/layers.py); the config's
+rules map them onto the mesh axes ('data', 'fsdp', 'tensor'). State is created already
+sharded: abstract shapes -> partition specs -> a jitted init with those out shardings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills one -1 entry with the devices left over; errors if the product does not fit."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have one entry per axis {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: use positive sizes and at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh shape {shape} does not divide the {num_devices} devices")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(
+            f"mesh shape {shape} needs {int(np.prod(shape))} devices but {num_devices} are present"
+        )
+    return shape
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    resolved = resolve_mesh_shape(shape, len(devices))
+    return jax.make_mesh(
+        resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
+    """NamedShardings for a tree of (possibly logically boxed) abstract values."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, tuple(map(tuple, rules)))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+    """Batch arrays shard their leading axis like the logical 'batch' axis."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), tuple(map(tuple, rules)))
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def create_sharded(init_fn: Callable, mesh: Mesh, rules, *args):
+    """Runs `init_fn(*args)` jitted so its outputs are born with their logical shardings.
+
+    Returns (unboxed value tree, its shardings)."""
+    with nn.logical_axis_rules(tuple(map(tuple, rules))):
+        abstract = jax.eval_shape(init_fn, *args)
+        shardings = logical_shardings(abstract, mesh, rules)
+        value = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return value, shardings
+
+
+def global_batch(batch: dict, mesh: Mesh, rules) -> dict:
+    """Per-process NumPy arrays -> global jax.Arrays sharded along the batch axis."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+        for k, v in batch.items()
+    }

@@ -1,0 +1,160 @@
+"""Coarse-to-fine targets (DESIGN §3): nested sub-descriptions of a caption chosen by salience.
+
+Step k of K targets about n·s(k) of the caption's n words. Words enter in a fixed priority
+order, so every step's target contains the previous one (nesting), and the last step is
+the whole caption. The priority order is:
+
+1. phrase heads (the last word of a run of content words) before their modifiers;
+2. within each group, generic (frequent in the training captions) before rare;
+3. ties broken by position.
+
+After each content word enters, the function words whose neighbouring phrases (or the caption
+boundary) now have their heads kept enter with it, in caption order, so "circle" grows into
+"a circle" and "a circle above a square" rather than "circle square".
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Closed-class English words: articles, prepositions, conjunctions, pronouns, auxiliaries and
+# punctuation. They carry little content on their own and join the content words around them.
+FUNCTION_WORDS = frozenset(
+    """
+    a an the this that these those some any each every another its their his her our my your
+    of in on at to from by for with without into onto over under above below behind near
+    beside besides between among through across along around against toward towards up down
+    out off about after before during while upon
+    and or but nor so yet as than then
+    it they them he she him we us you i who whom which what there here
+    is are was were be been being am has have had do does did will would can could
+    . , ; : ! ? ' " - ( ) 's
+    """.split()
+)
+
+TARGET_KINDS = ("salience", "full")
+SCHEDULES = ("linear", "log")
+
+
+def caption_words(caption: str) -> list[str]:
+    """Lower-cased whitespace words: the unit in which targets are cut and lengths measured."""
+    return caption.lower().split()
+
+
+def normalize_caption(caption: str) -> str:
+    """The text the model is trained to write for a caption (lower case, single spaces)."""
+    return " ".join(caption_words(caption))
+
+
+def schedule_fractions(num_steps: int, schedule: str = "linear", log_a: float = 4.0) -> np.ndarray:
+    """s(k) for k = 1..K: the fraction of the final description due after step k."""
+    if num_steps < 1:
+        raise ValueError(f"num_refine_steps must be >= 1, got {num_steps}")
+    k = np.arange(1, num_steps + 1, dtype=np.float64)
+    if schedule == "linear":
+        return k / num_steps
+    if schedule == "log":
+        if log_a <= 0:
+            raise ValueError(f"the log schedule needs log_a > 0, got {log_a}")
+        return np.log1p(log_a * k) / np.log1p(log_a * num_steps)
+    raise ValueError(f"unknown length schedule {schedule!r}; expected one of {SCHEDULES}")
+
+
+def scheduled_word_counts(num_words: int, fractions: np.ndarray) -> list[int]:
+    """Words kept at each step: round(n·s(k)), at least one word, never shrinking, n at the end."""
+    counts, previous = [], 0
+    for fraction in fractions:
+        count = int(math.floor(num_words * float(fraction) + 0.5))
+        count = min(num_words, max(count, previous, 1 if num_words else 0))
+        counts.append(count)
+        previous = count
+    if num_words:
+        counts[-1] = num_words
+    return counts
+
+
+@dataclass
+class SalienceStats:
+    """Word document frequencies over the training captions, saved next to the tokenizer."""
+
+    word_counts: dict[str, int] = field(default_factory=dict)
+    num_captions: int = 0
+
+    @classmethod
+    def from_captions(cls, captions: Iterable[str]) -> SalienceStats:
+        counts: collections.Counter[str] = collections.Counter()
+        num = 0
+        for caption in captions:
+            counts.update(set(caption_words(caption)))
+            num += 1
+        return cls(word_counts=dict(counts), num_captions=num)
+
+    def frequency(self, word: str) -> float:
+        return self.word_counts.get(word, 0) / max(self.num_captions, 1)
+
+    def save(self, path: str | Path) -> None:
+        payload = {"num_captions": self.num_captions, "word_counts": self.word_counts}
+        Path(path).write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SalienceStats:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(word_counts=payload["word_counts"], num_captions=payload["num_captions"])
+
+
+def salience_order(words: Sequence[str], stats: SalienceStats) -> list[int]:
+    """Word positions in the order they enter the description (see the module docstring)."""
+    content = [i for i, w in enumerate(words) if w not in FUNCTION_WORDS]
+    if not content:  # nothing but function words: keep them in caption order
+        return list(range(len(words)))
+    # A phrase is a run of content words; its head is the last one ("large red *circle*").
+    head_of: dict[int, int] = {}
+    for i in reversed(content):
+        head_of[i] = head_of[i + 1] if i + 1 in head_of else i
+    ranked = sorted(
+        content, key=lambda i: (head_of[i] != i, -stats.frequency(words[i]), i)
+    )
+    kept: set[int] = set()
+    order: list[int] = []
+
+    def joins_kept_phrases(j: int) -> bool:
+        # A function word enters once the phrases on both of its sides have their heads kept.
+        left = [c for c in content if c < j]
+        right = [c for c in content if c > j]
+        return (not left or head_of[left[-1]] in kept) and (not right or head_of[right[0]] in kept)
+
+    for i in ranked:
+        kept.add(i)
+        order.append(i)
+        for j, word in enumerate(words):
+            if j not in kept and word in FUNCTION_WORDS and joins_kept_phrases(j):
+                kept.add(j)
+                order.append(j)
+    order.extend(j for j in range(len(words)) if j not in kept)
+    return order
+
+
+def coarse_to_fine(
+    caption: str,
+    num_steps: int,
+    stats: SalienceStats,
+    kind: str = "salience",
+    schedule: str = "linear",
+    log_a: float = 4.0,
+) -> list[str]:
+    """The K target descriptions for one caption, coarse to fine; the last is the full caption."""
+    words = caption_words(caption)
+    if kind == "full":
+        return [" ".join(words)] * num_steps
+    if kind != "salience":
+        raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
+    counts = scheduled_word_counts(len(words), schedule_fractions(num_steps, schedule, log_a))
+    order = salience_order(words, stats)
+    return [" ".join(words[i] for i in sorted(order[:count])) for count in counts]

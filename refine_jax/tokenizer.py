@@ -1,0 +1,123 @@
+"""Sentencepiece tokenizer trained on the caption corpus, saved with the salience statistics.
+
+A tokenizer directory holds `spm.model` and `salience.json` (word frequencies used to order
+coarse-to-fine targets). Special ids are fixed: pad (also the blank canvas) 0, unk 1, bos 2,
+eos 3. Normalisation is the identity with byte fallback, so decode(encode(s)) == s exactly.
+
+Command: python -m refine_jax.tokenizer --captions=shapes|SHARD_PATH --output_dir=DIR
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from refine_jax.targets import SalienceStats
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_FILE = "spm.model"
+SALIENCE_FILE = "salience.json"
+
+
+class Tokenizer:
+    """Text <-> ids with the project's fixed special ids, plus the caption salience stats."""
+
+    def __init__(self, model_proto: bytes, salience: SalienceStats):
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.model_proto = model_proto
+        self.salience = salience
+        for name, expected in (("pad", PAD_ID), ("unk", UNK_ID), ("bos", BOS_ID), ("eos", EOS_ID)):
+            actual = getattr(self._sp, f"{name}_id")()
+            if actual != expected:
+                raise ValueError(f"tokenizer {name}_id is {actual}; refine_jax needs {expected}")
+
+    def __getstate__(self) -> dict:  # grain worker processes receive a pickled copy
+        return {"model_proto": self.model_proto, "salience": self.salience}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"], state["salience"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of an id sequence; pad, bos and eos ids are dropped, as on the canvas."""
+        return self._sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MODEL_FILE).write_bytes(self.model_proto)
+        self.salience.save(directory / SALIENCE_FILE)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        directory = Path(directory)
+        if not (directory / MODEL_FILE).exists():
+            raise FileNotFoundError(f"no tokenizer at {directory} (expected {MODEL_FILE})")
+        return cls(
+            (directory / MODEL_FILE).read_bytes(),
+            SalienceStats.load(directory / SALIENCE_FILE),
+        )
+
+
+def train_tokenizer(captions: Sequence[str], vocab_size: int = 1000) -> Tokenizer:
+    """Trains a unigram sentencepiece model and the salience statistics on `captions`."""
+    captions = [c for c in captions if c.strip()]
+    if not captions:
+        raise ValueError("cannot train a tokenizer on no captions")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return Tokenizer(model.getvalue(), SalienceStats.from_captions(captions))
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from refine_jax.data import training_captions
+    from refine_jax.data.shapes import ShapesSource
+
+    if FLAGS.captions == "shapes":
+        source = ShapesSource("train", FLAGS.max_captions)
+    else:
+        from refine_jax.data.shards import TarShardSource
+
+        source = TarShardSource(FLAGS.captions)
+    captions = training_captions(source, FLAGS.max_captions)
+    tokenizer = train_tokenizer(captions, FLAGS.vocab_size)
+    tokenizer.save(FLAGS.output_dir)
+    print(f"trained on {len(captions)} captions: {tokenizer.vocab_size} pieces -> {FLAGS.output_dir}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("captions", None, "'shapes' or a shard folder/glob to read captions from.")
+    flags.DEFINE_string("output_dir", None, "Where to write spm.model and salience.json.")
+    flags.DEFINE_integer("vocab_size", 1000, "Sentencepiece vocabulary size (an upper bound).")
+    flags.DEFINE_integer("max_captions", 20_000, "Read at most this many samples' captions.")
+    flags.mark_flags_as_required(["captions", "output_dir"])
+    FLAGS = flags.FLAGS
+    app.run(main)

@@ -1,0 +1,213 @@
+"""The trainer: one linear function, read top to bottom.
+
+setup (config, mesh, data, tokenizer, model) -> sharded state -> jitted train step ->
+loop (log, evaluate) -> describe the held-out split into samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from refine_jax import sharding
+from refine_jax.config import validate_config
+from refine_jax.data import make_sources, training_captions
+from refine_jax.data.pipeline import CaptionFeatures, train_batches
+from refine_jax.evaluation.captioning import describe_split, exact_match_rates
+from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
+from refine_jax.models import build_model
+from refine_jax.targets import schedule_fractions
+from refine_jax.tokenizer import Tokenizer, train_tokenizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: Path, source) -> Tokenizer:
+    """The configured tokenizer, or one trained on the training captions and kept in workdir."""
+    if config.tokenizer.path:
+        return Tokenizer.load(config.tokenizer.path)
+    local = workdir / "tokenizer"
+    if (local / "spm.model").exists():
+        return Tokenizer.load(local)
+    tokenizer = train_tokenizer(training_captions(source), config.tokenizer.vocab_size)
+    if jax.process_index() == 0:
+        tokenizer.save(local)
+    return tokenizer
+
+
+def check_canvas_fits(config: ml_collections.ConfigDict, tokenizer: Tokenizer, source) -> None:
+    """A canvas shorter than the longest target the data can produce is a config error."""
+    if not hasattr(source, "longest_caption"):
+        return  # open-ended sources: over-long captions are cut and counted by the pipeline
+    longest = source.longest_caption()
+    need = len(tokenizer.encode(longest))
+    if need > config.model.canvas_length:
+        raise ValueError(
+            f"config.model.canvas_length = {config.model.canvas_length} is shorter than the "
+            f"longest target ({need} tokens: {longest!r}); raise it to at least {need}"
+        )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1)
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),
+    ), schedule
+
+
+def init_variables(model: nn.Module, config: ml_collections.ConfigDict, vocab_size: int):
+    """Parameters from dummy inputs of the configured shapes (used under eval_shape/jit)."""
+    m = config.model
+    images = jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32)
+    rng = jax.random.key(config.seed)
+    if m.kind == "refine":
+        targets = jnp.zeros((1, m.num_refine_steps, m.canvas_length), jnp.int32)
+        fractions = jnp.zeros((m.num_refine_steps,), jnp.float32)
+        return model.init(rng, images, targets, fractions, jnp.zeros((1,), bool))["params"]
+    return model.init(rng, images, jnp.zeros((1, m.canvas_length), jnp.int32))["params"]
+
+
+def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, config, weights,
+               fractions):
+    """One update. A non-finite loss or gradient skips the update and is counted."""
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    dropout_rng, self_condition_rng = jax.random.split(rng)
+    batch_size = batch["image"].shape[0]
+
+    def loss_fn(params):
+        rngs = {"dropout": dropout_rng}
+        if config.model.kind == "refine":
+            self_condition = jax.random.bernoulli(
+                self_condition_rng, config.targets.self_condition_rate, (batch_size,)
+            )
+            outputs = model.apply({"params": params}, batch["image"], batch["targets"], fractions,
+                                  self_condition, deterministic=False, rngs=rngs)
+            return refine_loss(outputs, weights, batch["scheduled_lengths"], batch["mask"],
+                               config.model.canvas_length, config.targets.length_loss_weight)
+        outputs = model.apply({"params": params}, batch["image"], batch["caption"],
+                              deterministic=False, rngs=rngs)
+        return autoregressive_loss(outputs, batch["mask"])
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(state.step + 1, keep(params, state.params),
+                           keep(opt_state, state.opt_state))
+    metrics.update(
+        grad_norm=grad_norm,
+        learning_rate=schedule(state.step),
+        skipped_nonfinite=1.0 - finite.astype(jnp.float32),
+        truncated_captions=jnp.sum(batch["truncated"] & batch["mask"]),
+    )
+    return new_state, metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains as configured, logging to workdir/metrics.jsonl; returns the final eval summary."""
+    # --- Setup: everything that can fail on bad input fails here, before compilation.
+    validate_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    rules = tuple(map(tuple, config.mesh.axis_rules))
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"batch_size {config.batch_size} does not divide over "
+                         f"{jax.process_count()} processes")
+    train_source, eval_source = make_sources(config)
+    tokenizer = load_or_train_tokenizer(config, workdir, train_source)
+    check_canvas_fits(config, tokenizer, train_source)
+    m, t = config.model, config.targets
+    features = CaptionFeatures(tokenizer, m.num_refine_steps, m.canvas_length, m.image_size,
+                               t.kind, t.schedule, t.log_a, config.data.random_crop)
+    fractions = jnp.asarray(schedule_fractions(m.num_refine_steps, t.schedule, t.log_a), jnp.float32)
+    weights = jnp.asarray(step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio),
+                          jnp.float32)
+    model = build_model(config, tokenizer.vocab_size)
+    optimizer, schedule = make_optimizer(config)
+    is_logger = jax.process_index() == 0
+
+    # --- State, created already sharded on the mesh.
+    def init_state():
+        params = init_variables(model, config, tokenizer.vocab_size)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(nn.unbox(params)))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, state_shardings = sharding.create_sharded(init_state, mesh, rules)
+        num_params = sum(x.size for x in jax.tree.leaves(state.params))
+        if is_logger:
+            print(f"{m.kind} model: {num_params:,} parameters on mesh {dict(mesh.shape)}")
+
+        step_fn = jax.jit(
+            functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
+                              config=config, weights=weights, fractions=fractions),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+        put_batch = lambda batch: sharding.global_batch(batch, mesh, rules)
+        batches = train_batches(train_source, features, config.batch_size // jax.process_count(),
+                                config.seed, config.data.num_threads)
+
+        def evaluate() -> tuple[list[dict], dict]:
+            samples = describe_split(model, state.params, eval_source, features, tokenizer,
+                                     config.batch_size, fractions, put_batch)
+            return samples, exact_match_rates(samples)
+
+        # --- Training loop.
+        log_file = open(workdir / "metrics.jsonl", "a") if is_logger else None
+        start_step = int(state.step)
+        last_time, last_step = time.time(), start_step
+        for step in range(start_step + 1, config.total_steps + 1):
+            state, metrics = step_fn(state, put_batch(next(batches)))
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.time()
+                steps_per_second = (step - last_step) / (now - last_time)
+                last_time, last_step = now, step
+                record = {"step": step, **metrics, "steps_per_second": steps_per_second,
+                          "examples_per_second": steps_per_second * config.batch_size}
+                if step % config.eval_every_steps == 0 or step == config.total_steps:
+                    _, rates = evaluate()
+                    record.update({f"eval/{k}": v for k, v in rates.items()})
+                    last_time = time.time()  # evaluation time is not training time
+                if is_logger:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    eta = (config.total_steps - step) / max(steps_per_second, 1e-9)
+                    print(f"step {step}/{config.total_steps} loss {record['loss']:.4f} "
+                          f"{steps_per_second:.2f} steps/s ETA {eta:.0f}s", flush=True)
+
+        # --- Describe the held-out split.
+        samples, rates = evaluate()
+    if is_logger:
+        log_file.close()
+        with open(workdir / "samples.jsonl", "w") as f:
+            for sample in samples:
+                f.write(json.dumps(sample) + "\n")
+        for sample in samples[: config.num_samples_to_print]:
+            print(f"\n{sample['image_id']}  reference: {sample['references'][0]}")
+            for k, text in enumerate(sample["steps"], 1):
+                print(f"  step {k}: {text}")
+        print("\n" + json.dumps(rates, indent=1))
+    return rates
