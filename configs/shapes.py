@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.data.eval_size = 500
     config.data.random_crop = False
 
-    config.tokenizer.vocab_size = 320
+    config.tokenizer.vocab_size = 400
 
     m = config.model
     m.image_size = 48
@@ -39,7 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     m.encoder_depth = 3
     m.detailer_depth = 2
     m.num_refine_steps = 4
-    m.canvas_length = 24
+    m.canvas_length = 16
 
     config.targets.self_condition_rate = 0.25
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from refine_jax.models.autoregressive import AutoregressiveCaptioner
+from refine_jax.models.autoregressive import AutoregressiveCaptioner, next_token_logits
 from refine_jax.models.refine import RefineCaptioner
 from refine_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -51,7 +51,7 @@ def greedy_decode(model: AutoregressiveCaptioner, params, images: jax.Array) -> 
             method=AutoregressiveCaptioner.logits,
             mutable=["cache"],
         )
-        next_token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        next_token = jnp.argmax(next_token_logits(logits[:, 0]), axis=-1).astype(jnp.int32)
         next_token = jnp.where(done, PAD_ID, next_token)
         done = done | (next_token == EOS_ID)
         return (mutated["cache"], next_token, done), next_token
@@ -88,7 +88,8 @@ def beam_decode(
             method=AutoregressiveCaptioner.logits,
             mutable=["cache"],
         )
-        log_probs = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(batch, width, -1)
+        log_probs = jax.nn.log_softmax(next_token_logits(logits[:, 0].astype(jnp.float32)))
+        log_probs = log_probs.reshape(batch, width, -1)
         # A finished beam continues only with pad, at no cost.
         pad_only = jnp.full((vocab,), -jnp.inf).at[PAD_ID].set(0.0)
         log_probs = jnp.where(done[..., None], pad_only, log_probs)

@@ -68,7 +68,9 @@ class Tokenizer:
         )
 
 
-def train_tokenizer(captions: Sequence[str], vocab_size: int = 1000) -> Tokenizer:
+def train_tokenizer(
+    captions: Sequence[str], vocab_size: int = 1000, model_type: str = "bpe"
+) -> Tokenizer:
     """Trains a unigram sentencepiece model and the salience statistics on `captions`."""
     captions = [c for c in captions if c.strip()]
     if not captions:
@@ -78,7 +80,7 @@ def train_tokenizer(captions: Sequence[str], vocab_size: int = 1000) -> Tokenize
         sentence_iterator=iter(captions),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type=model_type,
         character_coverage=1.0,
         byte_fallback=True,
         normalization_rule_name="identity",

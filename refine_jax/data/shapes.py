@@ -134,5 +134,5 @@ class ShapesSource:
     def __repr__(self) -> str:
         return f"ShapesSource(split={self.split!r}, size={self.size}, seed={self.seed})"
 
-    def captions(self) -> list[str]:
-        return [self[i]["captions"][0] for i in range(len(self))]
+    def longest_caption(self) -> str:
+        return longest_caption()

@@ -70,6 +70,11 @@ class CausalDecoder(nn.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
 
+def next_token_logits(logits: jax.Array) -> jax.Array:
+    """Logits over the tokens a caption may continue with: never pad or bos."""
+    return logits.at[..., PAD_ID].set(-jnp.inf).at[..., BOS_ID].set(-jnp.inf)
+
+
 def shift_right(tokens: jax.Array) -> jax.Array:
     """Teacher-forcing inputs: bos followed by the tokens, dropping the last position."""
     bos = jnp.full_like(tokens[:, :1], BOS_ID)

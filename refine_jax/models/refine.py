@@ -60,6 +60,7 @@ class DetailerStep(nn.Module):
     canvas_length: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    keep_logits: bool = False
 
     @nn.compact
     def __call__(
@@ -97,6 +98,8 @@ class DetailerStep(nn.Module):
             "exact_match": jnp.all(prediction == target, axis=-1),  # [B]
             "token_accuracy": jnp.mean(prediction == target, axis=-1),  # [B]
         }
+        if self.keep_logits:  # inspection and tests only: this is the [K, B, L, V] tensor
+            outputs["logits"] = logits
         next_canvas = jnp.where(self_condition[:, None], prediction, target)
         return next_canvas, outputs
 
@@ -118,6 +121,7 @@ class RefineCaptioner(nn.Module):
     dropout_rate: float = 0.0
     remat: str = "none"
     scan: bool = True
+    keep_logits: bool = False  # also return every step's logits (tests and inspection only)
 
     def setup(self):
         self.encoder = ViTEncoder(
@@ -147,6 +151,7 @@ class RefineCaptioner(nn.Module):
             canvas_length=self.canvas_length,
             dtype=self.dtype,
             dropout_rate=self.dropout_rate,
+            keep_logits=self.keep_logits,
         )
         if self.scan:
             step_cls = nn.scan(

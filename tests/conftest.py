@@ -1,0 +1,31 @@
+"""Shared test setup: the JAX CPU backend, 8 fake devices, and tiny configs."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_config(name: str, arg: str = ""):
+    """`configs/NAME.py`'s get_config(arg), unlocked so a test can adjust it."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture
+def flickr8k_dir() -> Path:
+    path = SHARED_DATA / "flickr8k"
+    if not path.exists():
+        pytest.skip(f"Flickr8k shards not found at {path} (shared data is not checked out)")
+    return path

@@ -1,0 +1,83 @@
+"""Bad configs fail with a message naming the problem, before anything is compiled."""
+
+import subprocess
+import sys
+
+import jax
+import pytest
+from conftest import REPO, load_config
+
+from refine_jax import train
+from refine_jax.config import parse_variants, validate_config
+
+
+@pytest.fixture
+def no_compilation(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("compilation started before the config was checked")
+
+    monkeypatch.setattr(jax, "jit", refuse)
+
+
+def run_main(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, "-m", "refine_jax.main", "--config=configs/shapes.py:tiny",
+         f"--workdir={tmp_path}", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_unknown_config_key_on_the_command_line_is_rejected_with_a_suggestion(tmp_path):
+    result = run_main(tmp_path, "--config.model.widht=64")
+    assert result.returncode != 0
+    assert "widht" in result.stderr and 'Did you mean "width"' in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unknown_key_set_in_code_is_rejected():
+    config = load_config("shapes", "tiny")
+    with pytest.raises(AttributeError, match="num_refine_step"):
+        config.model.num_refine_step = 3
+
+
+def test_unknown_config_variant_is_rejected():
+    with pytest.raises(ValueError, match="unknown config variant.*'huge'"):
+        parse_variants("tiny,huge", ("tiny", "autoregressive"))
+
+
+def test_k_below_one_is_rejected_before_compilation(tmp_path, no_compilation):
+    config = load_config("shapes", "tiny")
+    config.model.num_refine_steps = 0
+    with pytest.raises(ValueError, match=r"num_refine_steps \(K\) must be >= 1, got 0"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_canvas_shorter_than_longest_target_is_rejected_before_compilation(tmp_path, no_compilation):
+    config = load_config("shapes", "tiny")
+    config.model.canvas_length = 12
+    with pytest.raises(ValueError, match="canvas_length = 12 is shorter than the longest target"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("model.kind", "diffusion", "model.kind = 'diffusion' is not one of"),
+        ("targets.schedule", "cubic", "targets.schedule = 'cubic' is not one of"),
+        ("targets.self_condition_rate", 1.5, "self_condition_rate must be in"),
+        ("model.patch_size", 7, "not divisible by patch_size 7"),
+    ],
+)
+def test_invalid_values_name_the_key(key, value, message):
+    config = load_config("shapes", "tiny")
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        validate_config(config)
+
+
+def test_mesh_that_does_not_fit_the_devices_is_rejected(tmp_path, no_compilation):
+    config = load_config("shapes", "tiny")
+    config.mesh.shape = (3, 1, 1)
+    with pytest.raises(ValueError, match=r"mesh shape \(3, 1, 1\) needs 3 devices but 8 are present"):
+        train.train_and_evaluate(config, str(tmp_path))

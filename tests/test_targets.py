@@ -1,0 +1,83 @@
+"""Coarse-to-fine targets: nested, on schedule, ending at the full caption (DESIGN §3)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refine_jax.data.shapes import generate
+from refine_jax.targets import (
+    FUNCTION_WORDS,
+    SalienceStats,
+    caption_words,
+    coarse_to_fine,
+    schedule_fractions,
+    scheduled_word_counts,
+)
+
+VOCABULARY = ["dog", "man", "red", "ball", "grass", "running", "small", "park", "two", "water"]
+WORDS = st.sampled_from(VOCABULARY + sorted(FUNCTION_WORDS)[:20])
+CAPTIONS = st.lists(WORDS, min_size=1, max_size=30).map(" ".join)
+STATS = SalienceStats.from_captions(
+    ["a dog running on grass", "a man with a red ball", "two dogs in the water", "a dog"]
+)
+
+
+def is_subsequence(short: list[str], long: list[str]) -> bool:
+    it = iter(long)
+    return all(word in it for word in short)
+
+
+@settings(max_examples=300, deadline=None)
+@given(caption=CAPTIONS, num_steps=st.integers(1, 8), schedule=st.sampled_from(["linear", "log"]))
+def test_targets_are_nested_follow_the_schedule_and_end_at_the_caption(caption, num_steps, schedule):
+    steps = coarse_to_fine(caption, num_steps, STATS, "salience", schedule)
+    words = caption_words(caption)
+    assert len(steps) == num_steps
+    assert steps[-1] == " ".join(words)
+    expected = scheduled_word_counts(len(words), schedule_fractions(num_steps, schedule))
+    assert [len(s.split()) for s in steps] == expected
+    for coarse, fine in zip(steps, steps[1:], strict=False):
+        assert is_subsequence(coarse.split(), fine.split())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "log"])
+def test_word_counts_are_round_n_times_schedule(schedule):
+    fractions = schedule_fractions(5, schedule)
+    counts = scheduled_word_counts(20, fractions)
+    assert counts == [max(1, int(np.floor(20 * f + 0.5))) for f in fractions]
+    assert counts[-1] == 20
+
+
+def test_log_schedule_front_loads_words():
+    linear, log = schedule_fractions(6, "linear"), schedule_fractions(6, "log", 4.0)
+    assert np.all(log[:-1] > linear[:-1]) and log[-1] == pytest.approx(1.0)
+    assert np.allclose(log, np.log1p(4.0 * np.arange(1, 7)) / np.log1p(24.0))
+
+
+def test_heads_come_before_modifiers_and_articles_join_them():
+    stats = SalienceStats.from_captions(generate(0, "train", i)["captions"][0] for i in range(500))
+    steps = coarse_to_fine("a large red circle above a small blue square", 4, stats)
+    assert steps[0] == "a circle"
+    assert steps[1] == "a circle above a square"
+    assert steps[-1] == "a large red circle above a small blue square"
+
+
+def test_full_kind_targets_the_whole_caption_at_every_step():
+    assert coarse_to_fine("A dog  runs", 3, STATS, kind="full") == ["a dog runs"] * 3
+
+
+def test_bad_schedule_and_kind_are_rejected():
+    with pytest.raises(ValueError, match="num_refine_steps must be >= 1"):
+        schedule_fractions(0)
+    with pytest.raises(ValueError, match="unknown length schedule"):
+        schedule_fractions(3, "cubic")
+    with pytest.raises(ValueError, match="unknown target kind"):
+        coarse_to_fine("a dog", 3, STATS, kind="random")
+
+
+def test_salience_stats_round_trip(tmp_path):
+    STATS.save(tmp_path / "salience.json")
+    loaded = SalienceStats.load(tmp_path / "salience.json")
+    assert loaded.word_counts == STATS.word_counts and loaded.num_captions == 4
+    assert loaded.frequency("dog") == pytest.approx(2 / 4)  # "dogs" is another word

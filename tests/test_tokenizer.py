@@ -1,0 +1,77 @@
+"""The sentencepiece tokenizer: fixed special ids, exact round trip, saved with salience stats."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from refine_jax.data import training_captions
+from refine_jax.data.shapes import ShapesSource
+from refine_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+
+
+def flickr_captions(flickr8k_dir, split):
+    references = json.loads((flickr8k_dir / split / "references.json").read_text())
+    return [a["caption"] for a in references["annotations"]]
+
+
+@pytest.fixture(scope="module")
+def shapes_tokenizer():
+    return train_tokenizer(training_captions(ShapesSource("train", 3000)), 400)
+
+
+def test_round_trip_is_exact_on_shapes_captions(shapes_tokenizer):
+    captions = training_captions(ShapesSource("eval", 2000))
+    for caption in captions:
+        assert shapes_tokenizer.decode(shapes_tokenizer.encode(caption)) == caption
+
+
+def test_round_trip_is_exact_on_every_flickr8k_caption(flickr8k_dir):
+    train = flickr_captions(flickr8k_dir, "train")
+    val = flickr_captions(flickr8k_dir, "val")
+    assert len(train) == 30000 and len(val) == 5000
+    tokenizer = train_tokenizer(train, 2000)
+    for caption in train + val:
+        assert tokenizer.decode(tokenizer.encode(caption)) == caption
+
+
+def test_round_trip_survives_unseen_characters_and_spacing(shapes_tokenizer):
+    for text in ["  two  spaces ", "ünïcödé ☃ 猫", "tab\tand\nnewline", "A Dog."]:
+        assert shapes_tokenizer.decode(shapes_tokenizer.encode(text)) == text
+
+
+def test_special_ids_are_fixed_and_dropped_on_decode(shapes_tokenizer):
+    assert (PAD_ID, UNK_ID, BOS_ID, EOS_ID) == (0, 1, 2, 3)
+    ids = shapes_tokenizer.encode("a red circle")
+    assert shapes_tokenizer.decode([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID]) == "a red circle"
+    assert min(ids) > EOS_ID
+
+
+def test_save_and_load_keep_model_and_salience(shapes_tokenizer, tmp_path):
+    shapes_tokenizer.save(tmp_path / "tok")
+    loaded = Tokenizer.load(tmp_path / "tok")
+    assert loaded.encode("a large red circle") == shapes_tokenizer.encode("a large red circle")
+    assert loaded.salience.word_counts == shapes_tokenizer.salience.word_counts
+
+
+def test_loading_a_missing_tokenizer_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        Tokenizer.load(tmp_path)
+
+
+def test_training_on_no_captions_is_an_error():
+    with pytest.raises(ValueError, match="no captions"):
+        train_tokenizer(["", "  "])
+
+
+def test_command_trains_and_saves_a_tokenizer(tmp_path):
+    out = tmp_path / "tok"
+    subprocess.run(
+        [sys.executable, "-m", "refine_jax.tokenizer", "--captions=shapes", f"--output_dir={out}",
+         "--vocab_size=400", "--max_captions=500"],
+        check=True, capture_output=True,
+    )
+    tokenizer = Tokenizer.load(out)
+    assert tokenizer.salience.num_captions == 500
+    assert tokenizer.decode(tokenizer.encode("a small blue square")) == "a small blue square"
