@@ -1,0 +1,752 @@
+"""Random access over webdataset / img2dataset tar shards of image–caption samples.
+
+A shard is a plain (uncompressed) tar whose members are grouped into samples by KEY, the member
+name up to the first dot of its base name: ``KEY.jpg`` / ``.jpeg`` / ``.png`` / ``.webp`` (the
+image), ``KEY.txt`` (one caption) and optionally ``KEY.json`` (metadata; its ``captions`` list,
+when present, holds all references). Other members are ignored.
+
+Grain shuffles globally only over a random-access source, and a tar has no table of contents. So
+:class:`TarShardSource` scans each shard's headers once and keeps a member index (for every sample:
+the byte offset and size of its image, txt and json members), cached as JSON next to the shard
+(``00000.tar.index.json``) or, when that folder is read-only, in a cache directory. The cache is
+keyed by shard path + size + mtime, so a changed shard is re-indexed. Reading a sample then reads
+only its byte ranges.
+
+Bad data is never fatal and never silent. Structural problems are found while indexing and kept in
+the index (so they are counted again on every open, without a rescan):
+
+* ``truncated_shard``: a sample whose member data runs past the end of a cut-off tar, or the
+  unreadable remainder after the last complete member (one per cut header / unreadable tail);
+* ``missing_image``: captions but no image member; ``missing_caption``: an image but neither
+  ``.txt`` nor ``.json``; ``duplicate_member`` (dropped part): a repeated KEY.ext, first one kept.
+
+Content problems are found when a sample is read, which returns either a good record or a skip
+marker (see :mod:`refine_jax.data.records`): bad captions (``empty_caption``,
+``whitespace_caption``, ``non_utf8_caption``, ``bad_json``, ``missing_caption`` when a json has
+no captions and there is no txt) are checked first, then the image is fully decoded
+(``corrupt_image``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob as globlib
+import hashlib
+import json
+import operator
+import os
+import stat
+import tarfile
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, SupportsIndex
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+from refine_jax.data.records import (
+    CorruptImageError,
+    Record,
+    SkipCounter,
+    Skipped,
+    SkipReason,
+    captions_from_members,
+    decode_image,
+    skipped,
+)
+
+PathsArg = str | os.PathLike | Sequence[str | os.PathLike]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+META_EXTENSION = "json"
+INDEX_SUFFIX = ".index.json"
+INDEX_VERSION = 1
+_BLOCK = 512
+# Member ranges of one sample closer together than this are fetched with a single read.
+_MERGE_GAP = 64 * 1024
+_GLOB_CHARS = "*?["
+
+
+class NoSamplesError(ValueError):
+    """Raised when a source holds no readable sample at all."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _glob(pattern: str) -> list[str]:
+    """Sorted matches of a local or remote (``gs://``) glob pattern."""
+    if not _is_remote(pattern):
+        return sorted(globlib.glob(pattern, recursive=True))
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.split("/")
+    first = next(i for i, p in enumerate(parts) if any(c in p for c in _GLOB_CHARS))
+    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
+    return sorted(os.fspath(p) for p in base.glob("/".join(parts[first:])))
+
+
+def expand_paths(paths: PathsArg, suffix: str) -> list[str]:
+    """Turns a directory, a glob, a file, or a list of them into a list of file paths.
+
+    A directory yields its ``*{suffix}`` files. Raises FileNotFoundError naming the path for a
+    missing path, an empty glob or a directory without such files.
+    """
+    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    if not items:
+        raise FileNotFoundError("no shard paths given (empty list)")
+    out: list[str] = []
+    for item in items:
+        s = os.fspath(item)
+        if not _is_remote(s):
+            s = os.path.abspath(os.path.expanduser(s))
+        if any(c in s for c in _GLOB_CHARS):
+            matches = _glob(s)
+            if not matches:
+                raise FileNotFoundError(f"no files match the glob {s!r}")
+            out.extend(matches)
+        elif epath.Path(s).is_dir():
+            matches = _glob(f"{s.rstrip('/')}/*{suffix}")
+            if not matches:
+                raise FileNotFoundError(f"no *{suffix} files in directory {s!r}")
+            out.extend(matches)
+        elif epath.Path(s).exists():
+            out.append(s)
+        else:
+            raise FileNotFoundError(f"shard path does not exist: {s!r}")
+    return out
+
+
+def _stat(path: str) -> tuple[int, int]:
+    """(size in bytes, mtime in ns) of a shard."""
+    if _is_remote(path):
+        st = epath.Path(path).stat()
+        return int(st.length), int(st.mtime) * 1_000_000_000
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """Splits a member name into (KEY, lower-case extension) at the base name's first dot."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1 or dot == len(name) - 1:
+        return None
+    return name[:dot], name[dot + 1 :].lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Member index
+
+
+@dataclass
+class ShardIndex:
+    """Where every sample of one shard lies, and what was wrong with the shard's structure.
+
+    ``spans[i]`` is ``(image_offset, image_size, txt_offset, txt_size, json_offset, json_size)``
+    of sample ``keys[i]`` (offset -1 when the member is absent).
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    keys: list[str]
+    spans: np.ndarray
+    skipped: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> str:
+        samples = [[k, *map(int, s)] for k, s in zip(self.keys, self.spans, strict=True)]
+        return json.dumps(
+            {
+                "version": INDEX_VERSION,
+                "shard": self.path,
+                "size": self.size,
+                "mtime_ns": self.mtime_ns,
+                "skipped": self.skipped,
+                "dropped": self.dropped,
+                "error": self.error,
+                "samples": samples,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardIndex:
+        d = json.loads(text)
+        if d.get("version") != INDEX_VERSION:
+            raise ValueError(f"index version {d.get('version')} != {INDEX_VERSION}")
+        samples = d["samples"]
+        spans = np.array([s[1:] for s in samples], dtype=np.int64).reshape(len(samples), 6)
+        return cls(
+            path=d["shard"],
+            size=int(d["size"]),
+            mtime_ns=int(d["mtime_ns"]),
+            keys=[s[0] for s in samples],
+            spans=spans,
+            skipped={k: int(v) for k, v in d["skipped"].items()},
+            dropped={k: int(v) for k, v in d["dropped"].items()},
+            error=d["error"],
+        )
+
+
+def _open_binary(path: str) -> BinaryIO:
+    return epath.Path(path).open("rb") if _is_remote(path) else open(path, "rb")
+
+
+def _first_nonzero(f: BinaryIO, start: int, end: int) -> int | None:
+    """Offset of the first non-zero byte in [start, end), or None."""
+    f.seek(start)
+    pos = start
+    while pos < end:
+        chunk = f.read(min(1 << 20, end - pos))
+        if not chunk:
+            break
+        stripped = chunk.lstrip(b"\0")
+        if stripped:
+            return pos + len(chunk) - len(stripped)
+        pos += len(chunk)
+    return None
+
+
+def _partial_header_name(f: BinaryIO, offset: int, end: int) -> tuple[str, bool]:
+    """Name field of the (possibly cut) header at ``offset`` and whether the name is complete."""
+    f.seek(offset)
+    raw = f.read(min(100, end - offset))  # the ustar name field
+    complete = b"\0" in raw or len(raw) == 100
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), complete
+
+
+def scan_tar(path: str) -> ShardIndex:
+    """Builds a shard's member index by reading its tar headers (not the member data).
+
+    A truncated or partly unreadable tar keeps every sample fully present before the damage; the
+    damaged sample(s) are counted as ``truncated_shard`` (see the module docstring).
+    """
+    size, mtime_ns = _stat(path)
+    members: list[tarfile.TarInfo] = []
+    error: str | None = None
+    with _open_binary(path) as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except (tarfile.TarError, EOFError, ValueError) as e:
+            return ShardIndex(
+                path,
+                size,
+                mtime_ns,
+                [],
+                np.zeros((0, 6), np.int64),
+                error=f"not a readable tar file: {e}",
+            )
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, EOFError, ValueError) as e:
+                error = f"unreadable tar data: {e}"
+                break
+            if info is None:
+                break
+            members.append(info)
+
+        lost: set[str] = set()
+        extra_lost = 0
+        cut = [m for m in members if m.offset_data + m.size > size]
+        for m in cut:  # only the last member can be cut; its whole sample is lost
+            parts = split_member_name(m.name)
+            if parts is not None:
+                lost.add(parts[0])
+            else:
+                extra_lost += 1
+        if cut:
+            error = f"truncated: member data runs past the end of the file ({size} bytes)"
+        else:
+            if members:
+                final = members[-1]
+                tail_start = final.offset_data + -(-final.size // _BLOCK) * _BLOCK
+            else:
+                tail_start = 0
+            bad = _first_nonzero(f, tail_start, size) if tail_start < size else None
+            if bad is not None:
+                # A cut header, or a header tarfile could not parse: the rest is unreadable.
+                error = f"truncated or unreadable tar data from byte {bad} of {size}"
+                name, complete = _partial_header_name(f, bad, size)
+                last = split_member_name(members[-1].name) if members else None
+                parts = split_member_name(name) if complete else None
+                if last is not None and (
+                    (parts is not None and parts[0] == last[0])
+                    or (not complete and name.startswith(last[0] + "."))
+                ):
+                    lost.add(last[0])  # the cut member belongs to the last sample: incomplete
+                else:
+                    extra_lost += 1
+            elif size - tail_start < 2 * _BLOCK:
+                # All data present but the end-of-archive marker is cut or missing.
+                error = f"truncated: no end-of-archive marker ({size} bytes)"
+
+    groups: dict[str, dict[str, tuple[int, int]]] = {}
+    dropped: Counter[str] = Counter()
+    for m in members:
+        if not m.isreg():
+            continue
+        parts = split_member_name(m.name)
+        if parts is None:
+            continue
+        key, ext = parts
+        if key in lost:
+            continue
+        if ext in IMAGE_EXTENSIONS:
+            ext = "image"
+        elif ext not in (CAPTION_EXTENSION, META_EXTENSION):
+            continue
+        group = groups.setdefault(key, {})
+        if ext in group:
+            dropped[SkipReason.DUPLICATE_MEMBER] += 1
+            continue
+        group[ext] = (m.offset_data, m.size)
+
+    skipped_counts: Counter[str] = Counter()
+    skipped_counts[SkipReason.TRUNCATED_SHARD] += len(lost) + extra_lost
+    keys: list[str] = []
+    rows: list[tuple[int, ...]] = []
+    absent = (-1, 0)
+    for key, group in groups.items():
+        if "image" not in group:
+            skipped_counts[SkipReason.MISSING_IMAGE] += 1
+        elif CAPTION_EXTENSION not in group and META_EXTENSION not in group:
+            skipped_counts[SkipReason.MISSING_CAPTION] += 1
+        else:
+            keys.append(key)
+            rows.append(
+                (
+                    *group["image"],
+                    *group.get(CAPTION_EXTENSION, absent),
+                    *group.get(META_EXTENSION, absent),
+                )
+            )
+    spans = np.array(rows, dtype=np.int64).reshape(len(rows), 6)
+    return ShardIndex(
+        path=path,
+        size=size,
+        mtime_ns=mtime_ns,
+        keys=keys,
+        spans=spans,
+        skipped={str(k): v for k, v in sorted(skipped_counts.items()) if v},
+        dropped={str(k): v for k, v in sorted(dropped.items()) if v},
+        error=error,
+    )
+
+
+def default_cache_dir() -> str:
+    """Where indexes of read-only shards go by default (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "refine_jax", "tar_index")
+
+
+def sidecar_index_path(shard: str) -> str:
+    """The index file next to a shard: ``00000.tar.index.json``."""
+    return shard + INDEX_SUFFIX
+
+
+def cache_index_path(shard: str, cache_dir: str) -> str:
+    """The index file of a shard in a cache directory, named after a hash of the shard's path."""
+    digest = hashlib.sha1(shard.encode("utf-8")).hexdigest()[:16]
+    base = shard.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.join(cache_dir, f"{base}.{digest}{INDEX_SUFFIX}")
+
+
+def _dir_is_writable(directory: str) -> bool:
+    """False for a folder marked read-only (no write bit, even for root) or not writable."""
+    if _is_remote(directory):
+        return True  # tried, and a failure falls back to the cache directory
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    return bool(st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(
+        directory, os.W_OK
+    )
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        if _is_remote(path):
+            return epath.Path(path).read_text()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Writes via a temporary name then rename, so readers never see a partial index."""
+    if _is_remote(path):
+        epath.Path(path).write_text(text)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_or_build_index(shard: str, cache_dir: str | None = None) -> tuple[ShardIndex, bool]:
+    """Returns ``(index, built)``: a valid cached index, or a fresh scan (then cached).
+
+    A cached index is valid when its version, shard size and mtime match. It is looked for next
+    to the shard and in the cache directory. A new one is written to ``cache_dir`` when given,
+    otherwise next to the shard when that folder is writable, otherwise to
+    :func:`default_cache_dir`.
+    """
+    size, mtime_ns = _stat(shard)
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    sidecar = sidecar_index_path(shard)
+    cached = cache_index_path(shard, cache)
+    for candidate, check_path in ((sidecar, False), (cached, True)):
+        text = _read_text(candidate)
+        if text is None:
+            continue
+        try:
+            index = ShardIndex.from_json(text)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            logging.warning("Ignoring unreadable index %s: %s", candidate, e)
+            continue
+        same_shard = index.path == shard if check_path else True
+        if same_shard and index.size == size and index.mtime_ns == mtime_ns:
+            index.path = shard
+            return index, False
+
+    index = scan_tar(shard)
+    text = index.to_json()
+    targets = [cached] if cache_dir is not None else []
+    if cache_dir is None:
+        if _dir_is_writable(os.path.dirname(shard)):
+            targets.append(sidecar)
+        targets.append(cached)
+    for target in targets:
+        try:
+            _write_atomically(target, text)
+            break
+        except OSError as e:
+            logging.warning("Cannot write index %s (%s); trying the next place.", target, e)
+    else:
+        logging.warning("Index of %s could not be cached; it will be rebuilt next time.", shard)
+    if index.error:
+        logging.warning("Shard %s: %s; skipped %s", shard, index.error, index.skipped)
+    return index, True
+
+
+# ---------------------------------------------------------------------------------------------
+# The source
+
+
+class TarShardSource:
+    """Grain ``RandomAccessDataSource`` over image–caption tar shards.
+
+    ``source[i]`` returns a :class:`~refine_jax.data.records.Record`, or a skip marker
+    ``{"key", "skip_reason"}`` for a sample whose content is bad (filter with
+    :func:`~refine_jax.data.records.is_record`, count with ``SkipCounter.observe``). Samples with
+    structural problems are not in the index at all; :meth:`structural_counts` reports them.
+
+    Args:
+      paths: a directory of ``*.tar`` shards, a glob, a shard path, or a list of these; local or
+        any ``etils.epath`` location (``gs://...``).
+      cache_dir: where to write member indexes; default: next to the shards when writable, else
+        ``~/.cache/refine_jax/tar_index``.
+      verify_images: fully decode each image when read, so corrupt ones become skip markers.
+    """
+
+    def __init__(
+        self,
+        paths: PathsArg,
+        cache_dir: str | os.PathLike | None = None,
+        verify_images: bool = True,
+    ) -> None:
+        self._shards = expand_paths(paths, ".tar")
+        self._cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
+        self.verify_images = verify_images
+        workers = min(16, len(self._shards))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                results = list(
+                    pool.map(lambda s: load_or_build_index(s, self._cache_dir), self._shards)
+                )
+        else:
+            results = [load_or_build_index(s, self._cache_dir) for s in self._shards]
+        indexes = [r[0] for r in results]
+        #: Shards whose index was (re)built by this open, rather than loaded from the cache.
+        self.rebuilt_shards = [
+            s for s, (_, built) in zip(self._shards, results, strict=True) if built
+        ]
+        self._structural = SkipCounter()
+        for index in indexes:
+            for reason, n in index.skipped.items():
+                self._structural.skip(reason, n)
+            for reason, n in index.dropped.items():
+                self._structural.drop(reason, n)
+            if index.error:
+                self._structural.shard_errors[index.path] = index.error
+        self._keys = [k for index in indexes for k in index.keys]
+        self._spans = (
+            np.concatenate([index.spans for index in indexes])
+            if indexes
+            else np.zeros((0, 6), np.int64)
+        )
+        self._starts = [0]
+        for index in indexes:
+            self._starts.append(self._starts[-1] + len(index.keys))
+        if not self._keys:
+            raise NoSamplesError(
+                f"no readable image-caption samples in {paths!r} "
+                f"({len(self._shards)} shard(s): {', '.join(self._shards[:5])}"
+                f"{' ...' if len(self._shards) > 5 else ''}); "
+                f"problems: {self._structural.to_json()}"
+            )
+        self._init_handles()
+
+    # -- per-process file handles ---------------------------------------------------------------
+
+    def _init_handles(self) -> None:
+        self._handles: dict[int, Any] = {}
+        self._locks: dict[int, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_handles", "_locks", "_lock", "_pid"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_handles()
+
+    def _handle(self, shard: int) -> tuple[Any, threading.Lock]:
+        if self._pid != os.getpid():  # forked: never share the parent's descriptors
+            for inherited in self._handles.values():
+                if isinstance(inherited, int):
+                    try:
+                        os.close(inherited)  # the child's copy only; the parent's stays open
+                    except OSError:
+                        pass
+            self._init_handles()
+        handle = self._handles.get(shard)
+        if handle is None:
+            with self._lock:
+                handle = self._handles.get(shard)
+                if handle is None:
+                    path = self._shards[shard]
+                    if _is_remote(path):
+                        handle = epath.Path(path).open("rb")
+                    else:
+                        handle = os.open(path, os.O_RDONLY)
+                    self._locks[shard] = threading.Lock()
+                    self._handles[shard] = handle
+        return handle, self._locks[shard]
+
+    def _read_range(self, shard: int, offset: int, size: int) -> bytes:
+        handle, lock = self._handle(shard)
+        if isinstance(handle, int):
+            data = os.pread(handle, size, offset)
+            while len(data) < size:
+                more = os.pread(handle, size - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        else:
+            with lock:
+                handle.seek(offset)
+                data = handle.read(size)
+        if len(data) != size:
+            raise OSError(
+                f"short read from {self._shards[shard]} at byte {offset}: the shard changed "
+                "since it was indexed; reopen the source to re-index it"
+            )
+        return data
+
+    def _read_members(self, shard: int, ranges: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        """Reads several members of one sample, in one read when they lie close together."""
+        present = [(o, n) for o, n in ranges if o >= 0]
+        if not present:
+            return [None] * len(ranges)
+        lo = min(o for o, _ in present)
+        hi = max(o + n for o, n in present)
+        if hi - lo <= sum(n for _, n in present) + _MERGE_GAP:
+            blob = self._read_range(shard, lo, hi - lo)
+            return [blob[o - lo : o - lo + n] if o >= 0 else None for o, n in ranges]
+        return [self._read_range(shard, o, n) if o >= 0 else None for o, n in ranges]
+
+    def close(self) -> None:
+        """Closes this process's open shard files (they reopen lazily on the next read)."""
+        handles, self._handles = getattr(self, "_handles", {}), {}
+        if getattr(self, "_pid", None) != os.getpid():
+            return
+        for handle in handles.values():
+            try:
+                os.close(handle) if isinstance(handle, int) else handle.close()
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # never raise from a finaliser
+            pass
+
+    def __enter__(self) -> TarShardSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- random access ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _locate(self, index: SupportsIndex) -> tuple[int, int]:
+        i = operator.index(index)
+        n = len(self._keys)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {operator.index(index)} out of range [0, {n})")
+        return bisect.bisect_right(self._starts, i) - 1, i
+
+    def key(self, index: SupportsIndex) -> str:
+        """The KEY of sample ``index``."""
+        return self._keys[self._locate(index)[1]]
+
+    def read(self, index: SupportsIndex, verify_image: bool | None = None) -> Record | Skipped:
+        """The record of sample ``index``, or a skip marker naming what is wrong with it."""
+        shard, i = self._locate(index)
+        key = self._keys[i]
+        io_, isz, to, ts, jo, js = (int(v) for v in self._spans[i])
+        image, txt, meta = self._read_members(shard, [(io_, isz), (to, ts), (jo, js)])
+        captions, dropped, reason = captions_from_members(txt, meta)
+        if reason is not None:
+            return skipped(key, reason)
+        assert image is not None
+        verify = self.verify_images if verify_image is None else verify_image
+        if not image:
+            return skipped(key, SkipReason.CORRUPT_IMAGE)
+        if verify:
+            try:
+                decode_image(image)
+            except CorruptImageError:
+                return skipped(key, SkipReason.CORRUPT_IMAGE)
+        record: Record = {"key": key, "image_bytes": image, "captions": captions}
+        if dropped:
+            record["dropped"] = [str(r) for r in dropped]
+        return record
+
+    def __getitem__(self, index: SupportsIndex) -> Record | Skipped:
+        return self.read(index)
+
+    def read_captions(self, index: SupportsIndex) -> tuple[list[str], list[str], str | None]:
+        """Captions of sample ``index``, image not read: ``(captions, dropped, reason)``."""
+        shard, i = self._locate(index)
+        _, _, to, ts, jo, js = (int(v) for v in self._spans[i])
+        txt, meta = self._read_members(shard, [(to, ts), (jo, js)])
+        captions, dropped, reason = captions_from_members(txt, meta)
+        return captions, [str(r) for r in dropped], (str(reason) if reason else None)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    @property
+    def shard_paths(self) -> list[str]:
+        """The shard files of this source, in order."""
+        return list(self._shards)
+
+    def structural_counts(self) -> SkipCounter:
+        """Samples (and parts) left out while indexing, with shard-level errors. A fresh copy."""
+        return SkipCounter().merge(self._structural)
+
+    def __repr__(self) -> str:
+        first = self._shards[0] if self._shards else ""
+        return f"TarShardSource({len(self._shards)} shards from {first!r}, {len(self)} samples)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def iter_records(source: Any, counter: SkipCounter | None = None) -> Iterator[Record]:
+    """Yields every good record of a source in order, counting everything into ``counter``.
+
+    The counter first receives the source's structural counts (when it has any), then one count
+    per element, so after a full pass it holds the exact totals.
+    """
+    counter = counter if counter is not None else SkipCounter()
+    if hasattr(source, "structural_counts"):
+        counter.merge(source.structural_counts())
+    for i in range(len(source)):
+        element = source[i]
+        if counter.observe(element):
+            yield element
+
+
+def iter_captions(source: Any, counter: SkipCounter | None = None) -> Iterator[str]:
+    """Yields every caption of every sample, e.g. to train the tokenizer.
+
+    On a :class:`TarShardSource` only caption members are read (images are neither read nor
+    checked, so ``corrupt_image`` is not counted by this pass).
+    """
+    counter = counter if counter is not None else SkipCounter()
+    if hasattr(source, "structural_counts"):
+        counter.merge(source.structural_counts())
+    if hasattr(source, "read_captions"):
+        for i in range(len(source)):
+            captions, dropped, reason = source.read_captions(i)
+            if reason is not None:
+                counter.skip(reason)
+                continue
+            counter.good += 1
+            for r in dropped:
+                counter.drop(r)
+            yield from captions
+    else:
+        for i in range(len(source)):
+            element = source[i]
+            if counter.observe(element):
+                yield from element["captions"]
+
+
+def load_references(path: str | os.PathLike) -> dict[str, list[str]]:
+    """A split's COCO-style references: ``{image id as str: [captions in file order]}``.
+
+    ``path`` is the ``references.json`` file, the split folder holding it beside the shards, or a
+    shard file / glob in that folder. Images listed without annotations map to ``[]``.
+    """
+    s = os.fspath(path)
+    if s.endswith(".json"):
+        ref_path = s
+    elif any(c in s for c in _GLOB_CHARS) or not epath.Path(s).is_dir():
+        ref_path = os.path.join(os.path.dirname(s), "references.json")
+    else:
+        ref_path = os.path.join(s, "references.json")
+    p = epath.Path(ref_path)
+    if not p.exists():
+        raise FileNotFoundError(f"references file does not exist: {ref_path!r}")
+    data = json.loads(p.read_text())
+    refs: dict[str, list[str]] = {}
+    for image in data.get("images", []):
+        refs.setdefault(str(image["id"]), [])
+    for ann in data.get("annotations", []):
+        refs.setdefault(str(ann["image_id"]), []).append(ann["caption"])
+    return refs
