@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 500
     config.eval_every_steps = 500
     config.num_samples_to_print = 5
+    config.keep_checkpoints = 3
+    config.best_checkpoint_metric = ""  # e.g. "eval/final_matches_reference": also keep the best
+    config.max_consecutive_nonfinite = 20  # stop when this many updates in a row are skipped
 
     config.learning_rate = 1e-3
     config.warmup_steps = 100

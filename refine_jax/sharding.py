@@ -29,7 +29,7 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
         if num_devices % known:
             raise ValueError(f"mesh shape {shape} does not divide the {num_devices} devices")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
-    if int(np.prod(shape)) != num_devices:
+    if int(np.prod(shape)) > num_devices:
         raise ValueError(
             f"mesh shape {shape} needs {int(np.prod(shape))} devices but {num_devices} are present"
         )
@@ -37,8 +37,18 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ('data', 'fsdp', 'tensor') mesh. A single process may use fewer devices than it has
+    (the first ones, e.g. a (1, 1, 1) debugging mesh); several processes must use them all."""
     devices = list(devices if devices is not None else jax.devices())
     resolved = resolve_mesh_shape(shape, len(devices))
+    used = int(np.prod(resolved))
+    if used < len(devices):
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"mesh shape {resolved} uses {used} of the {len(devices)} devices; a "
+                "multi-process run must use every device"
+            )
+        devices = devices[:used]
     return jax.make_mesh(
         resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )

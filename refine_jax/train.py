@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 
 from refine_jax import sharding
+from refine_jax.checkpointing import Checkpointer, model_signature
 from refine_jax.config import validate_config
 from refine_jax.data import make_sources, training_captions
 from refine_jax.data.pipeline import CaptionFeatures, train_batches
@@ -132,9 +134,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(map(tuple, config.mesh.axis_rules))
-    if config.batch_size % jax.process_count():
-        raise ValueError(f"batch_size {config.batch_size} does not divide over "
-                         f"{jax.process_count()} processes")
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % batch_shards or config.batch_size % jax.process_count():
+        raise ValueError(
+            f"batch_size {config.batch_size} must divide evenly over the {batch_shards} batch "
+            f"shards of mesh {dict(mesh.shape)} and the {jax.process_count()} processes")
     train_source, eval_source = make_sources(config)
     tokenizer = load_or_train_tokenizer(config, workdir, train_source)
     check_canvas_fits(config, tokenizer, train_source)
@@ -166,20 +170,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             donate_argnums=0,
         )
         put_batch = lambda batch: sharding.global_batch(batch, mesh, rules)
-        batches = train_batches(train_source, features, config.batch_size // jax.process_count(),
-                                config.seed, config.data.num_threads)
+        batches = train_batches(train_source, features, config.batch_size, config.seed,
+                                config.data.num_threads, jax.process_index(), jax.process_count())
 
         def evaluate() -> tuple[list[dict], dict]:
             samples = describe_split(model, state.params, eval_source, features, tokenizer,
                                      config.batch_size, fractions, put_batch)
             return samples, exact_match_rates(samples)
 
-        # --- Training loop.
+        # --- Resume from the latest checkpoint, if any (a re-run of the same command resumes).
+        checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint_every_steps,
+                                    config.keep_checkpoints, config.best_checkpoint_metric or None)
+        signature = model_signature(config, state.params)
+        if checkpointer.latest_step() is not None:
+            state = checkpointer.restore(checkpointer.latest_step(), state, state_shardings,
+                                         batches, signature)
+            if is_logger:
+                print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
+
+        # --- Training loop. SIGTERM (preemption) saves a checkpoint and ends the run cleanly.
+        stop_requested = []
+        signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
         log_file = open(workdir / "metrics.jsonl", "a") if is_logger else None
         start_step = int(state.step)
-        last_time, last_step = time.time(), start_step
+        last_time, last_step, eval_rates, samples = time.time(), start_step, {}, None
+        previous_metrics, nonfinite_streak = None, 0
         for step in range(start_step + 1, config.total_steps + 1):
+            if stop_requested:
+                checkpointer.save(step - 1, state, batches, signature, force=True)
+                checkpointer.wait()
+                if is_logger:
+                    print(f"SIGTERM: saved a checkpoint at step {step - 1}; exiting", flush=True)
+                checkpointer.close()
+                return {"stopped_at_step": step - 1}
             state, metrics = step_fn(state, put_batch(next(batches)))
+            if previous_metrics is not None:  # checked one step late, so dispatch never waits
+                skipped = bool(previous_metrics["skipped_nonfinite"])
+                nonfinite_streak = nonfinite_streak + 1 if skipped else 0
+                if nonfinite_streak >= config.max_consecutive_nonfinite:
+                    checkpointer.wait()
+                    raise RuntimeError(
+                        f"{nonfinite_streak} consecutive updates had a non-finite loss or "
+                        f"gradient (up to step {step - 1}); stopping. The last good checkpoint "
+                        f"is step {checkpointer.latest_step()} in {workdir / 'checkpoints'}")
+            previous_metrics = metrics
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
@@ -188,8 +222,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 record = {"step": step, **metrics, "steps_per_second": steps_per_second,
                           "examples_per_second": steps_per_second * config.batch_size}
                 if step % config.eval_every_steps == 0 or step == config.total_steps:
-                    _, rates = evaluate()
-                    record.update({f"eval/{k}": v for k, v in rates.items()})
+                    samples, rates = evaluate()
+                    eval_rates = {f"eval/{k}": v for k, v in rates.items()}
+                    record.update(eval_rates)
                     last_time = time.time()  # evaluation time is not training time
                 if is_logger:
                     log_file.write(json.dumps(record) + "\n")
@@ -197,9 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     eta = (config.total_steps - step) / max(steps_per_second, 1e-9)
                     print(f"step {step}/{config.total_steps} loss {record['loss']:.4f} "
                           f"{steps_per_second:.2f} steps/s ETA {eta:.0f}s", flush=True)
+            checkpointer.save(step, state, batches, signature, metrics=eval_rates or None,
+                              force=step == config.total_steps)
 
-        # --- Describe the held-out split.
-        samples, rates = evaluate()
+        # --- Describe the held-out split (already done if the last step was evaluated).
+        if samples is None or last_step != config.total_steps:
+            samples, rates = evaluate()
+        checkpointer.wait()
+        checkpointer.close()
     if is_logger:
         log_file.close()
         with open(workdir / "samples.jsonl", "w") as f:

@@ -78,6 +78,6 @@ def test_invalid_values_name_the_key(key, value, message):
 
 def test_mesh_that_does_not_fit_the_devices_is_rejected(tmp_path, no_compilation):
     config = load_config("shapes", "tiny")
-    config.mesh.shape = (3, 1, 1)
-    with pytest.raises(ValueError, match=r"mesh shape \(3, 1, 1\) needs 3 devices but 8 are present"):
+    config.mesh.shape = (4, 4, 1)
+    with pytest.raises(ValueError, match=r"mesh shape \(4, 4, 1\) needs 16 devices but 8 are"):
         train.train_and_evaluate(config, str(tmp_path))

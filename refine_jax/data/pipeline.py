@@ -105,18 +105,35 @@ def _decode(image_bytes: bytes) -> np.ndarray:
 
 
 def train_batches(
-    source, features: CaptionFeatures, batch_size: int, seed: int, num_threads: int = 2
+    source,
+    features: CaptionFeatures,
+    global_batch_size: int,
+    seed: int,
+    num_threads: int = 2,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator of shuffled training batches (reshuffled each epoch)."""
+    """An endless, checkpointable iterator of this process's part of each training batch.
+
+    All processes shuffle identically (reshuffled each epoch); global batch b is examples
+    [b·G, (b+1)·G) of that order, and process p reads its contiguous 1/P of it, so the
+    processes read disjoint slices that together cover every example once per epoch, and the
+    global batch does not depend on how many processes assemble it.
+    """
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} does not divide over {process_count} processes"
+        )
+    local_batch_size = global_batch_size // process_count
     dataset = (
         grain.MapDataset.source(source)
         .seed(seed)
         .shuffle()
         .repeat()
         .random_map(features)
-        .batch(batch_size, drop_remainder=True)
-    )
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size)
+        .batch(local_batch_size, drop_remainder=True)
+    )[process_index::process_count]
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
     return iter(dataset.to_iter_dataset(read))
 
 

@@ -1,0 +1,245 @@
+"""Refinement metrics (DESIGN §4): how good each step's caption is and how evenly the steps get
+from the blank description to the final one.
+
+For images i with step captions c_1..c_K (c_0 is the blank description), references, the ideal
+schedule s(k) and the loss weights w_k:
+
+- CIDEr-D and BLEU-4 at every step (corpus scores, coco-caption scale, same IDF at every step:
+  that of the references), `final_cider` = the CIDEr of step K.
+- Weighted quality Q_w = sum_k w_k * CIDEr_k.
+- Gradualness G: with e(c) the text encoding (default: CIDEr's TF-IDF n-gram vector, from the
+  references, of the eval-tokenised caption; the blank caption is the zero vector) and d the
+  cosine distance (1 whenever one side is the zero vector), progress
+  p_k = 1 - d(c_k, c_K) / d(c_0, c_K) and G_i = 1 - mean_k |p_k - s(k)|; G = mean_i G_i.
+  Because d(c_0, c_K) = 1 for any non-blank final caption, p_k = cos(e(c_k), e(c_K)).
+- Length adherence A_i = 1 - mean_k |len_k / len_K - s(k)| (len: words after eval tokenisation);
+  A = mean_i A_i.
+- Refine score R = Q_w * G, and `monotonic_fraction`: the fraction of images whose per-image CIDEr
+  never drops from one step to the next (a drop of at most 1e-9 relative is float noise).
+
+Conventions (stated because the formulas leave them open):
+
+- Blank final caption: progress and length ratios are undefined, so that image's G_i and A_i
+  are 0 (worst); it still counts in every average, and `num_blank_final` counts such images.
+  G_i is 0 whenever the final encoding is the zero vector: a blank caption, one made only of
+  n-grams that occur in every image's references (zero IDF), or, with `step_vectors`, an
+  all-zero final vector. With a single image every IDF is 0 (as CIDEr is), so G is 0 there.
+- Each step's deviation |p_k - s(k)| or |len_k/len_K - s(k)| is capped at 1, which keeps G and A in
+  [0, 1] as DESIGN §4 states, also for model state vectors (cosine < 0) and intermediate captions
+  longer than the final one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from refine_jax.evaluation.caption_metrics import (
+    CiderD,
+    CiderVectorizer,
+    bleu,
+    cosine_distance,
+    prepare_captions,
+    tokenize_many,
+)
+
+_MONOTONE_RTOL = 1e-9
+
+
+def _as_step_array(values: Any, num_steps: int, name: str) -> np.ndarray:
+    """A finite float vector of length K, or a ValueError naming `name`."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.shape[0] != num_steps:
+        raise ValueError(f"{name} must have one value per step: expected shape ({num_steps},), "
+                         f"got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {arr.tolist()}")
+    return arr
+
+
+def _check_trajectories(
+    trajectories: Mapping[Hashable, Sequence[str]], name: str = "trajectories"
+) -> tuple[list[Hashable], int]:
+    """Image ids (in order) and the common number of steps K, or a clear ValueError."""
+    ids = list(trajectories)
+    if not ids:
+        raise ValueError(f"{name} is empty: no images to evaluate")
+    lengths = {}
+    for i in ids:
+        steps = trajectories[i]
+        if isinstance(steps, str) or not isinstance(steps, Sequence):
+            raise ValueError(f"{name}[{i!r}] must be a sequence of K step captions, "
+                             f"got {type(steps).__name__}")
+        if not all(isinstance(c, str) for c in steps):
+            raise ValueError(f"{name}[{i!r}]: every step caption must be a string")
+        lengths[i] = len(steps)
+    num_steps = lengths[ids[0]]
+    if num_steps == 0:
+        raise ValueError(f"{name}[{ids[0]!r}] has no steps")
+    bad = [(i, n) for i, n in lengths.items() if n != num_steps]
+    if bad:
+        raise ValueError(f"every trajectory must have the same number of steps K={num_steps} "
+                         f"(that of {ids[0]!r}); these differ: {bad[:5]}")
+    return ids, num_steps
+
+
+def _step_vectors(
+    step_vectors: np.ndarray | Mapping[Hashable, Any], ids: list[Hashable], num_steps: int
+) -> np.ndarray:
+    """The caller's per-step encodings as an array [num_images, K, D] in `ids` order."""
+    if isinstance(step_vectors, Mapping):
+        if set(step_vectors) != set(ids):
+            raise ValueError("step_vectors must have exactly the image ids of trajectories")
+        arr = np.stack([np.asarray(step_vectors[i], dtype=np.float64) for i in ids])
+    else:
+        arr = np.asarray(step_vectors, dtype=np.float64)
+    if arr.ndim != 3 or arr.shape[:2] != (len(ids), num_steps):
+        raise ValueError(f"step_vectors must have shape [num_images={len(ids)}, K={num_steps}, D], "
+                         f"got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("step_vectors must be finite")
+    return arr
+
+
+def _gradualness(distances_to_final: np.ndarray, final_blank: np.ndarray,
+                 schedule: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image G_i and progress p_k from d(c_k, c_K) [N, K] (d(c_0, c_K) = 1 when c_K is not
+    blank, since c_0 is the zero vector)."""
+    progress = 1.0 - distances_to_final
+    deviation = np.minimum(1.0, np.abs(progress - schedule[None, :]))
+    per_image = np.where(final_blank, 0.0, 1.0 - deviation.mean(axis=1))
+    return per_image, progress
+
+
+def _length_adherence(lengths: np.ndarray, schedule: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image A_i and the ratios len_k / len_K from word counts [N, K]."""
+    final = lengths[:, -1:]
+    blank = final[:, 0] == 0
+    ratios = lengths / np.where(final == 0, 1, final)
+    deviation = np.minimum(1.0, np.abs(ratios - schedule[None, :]))
+    return np.where(blank, 0.0, 1.0 - deviation.mean(axis=1)), ratios
+
+
+def refinement_metrics(
+    trajectories: Mapping[Hashable, Sequence[str]],
+    references: Mapping[Hashable, Sequence[str]],
+    schedule: Sequence[float] | np.ndarray,
+    weights: Sequence[float] | np.ndarray,
+    tokenize: bool = True,
+    step_vectors: np.ndarray | Mapping[Hashable, Any] | None = None,
+) -> dict[str, Any]:
+    """DESIGN §4 refinement metrics of K-step caption trajectories (JSON-serialisable).
+
+    trajectories: image id -> K captions (step 1..K); references: image id -> its references
+    (same ids); schedule: the ideal progress s(k), k = 1..K, in [0, 1]; weights: the loss
+    weights w_k (non-negative, sum 1). tokenize: eval-tokenise captions as coco-caption does.
+    step_vectors: optional encodings e(c_k) to use for gradualness instead of the CIDEr TF-IDF
+    vectors, an array [num_images, K, D] in the iteration order of `trajectories` or a mapping
+    image id -> [K, D] (e.g. the model's pooled text state).
+
+    Returns num_images, num_steps, cider_per_step, bleu4_per_step, final_cider, final_bleu4,
+    weighted_quality (Q_w), gradualness (G), progress_per_step (mean p_k over images with a
+    non-zero final encoding, None if none), length_adherence (A), length_ratio_per_step (mean
+    len_k/len_K over images with a non-blank final), refine_score (R = Q_w * G),
+    monotonic_fraction and num_blank_final.
+    """
+    ids, num_steps = _check_trajectories(trajectories)
+    if set(ids) != set(references):
+        raise ValueError("trajectories and references must have the same image ids")
+    sched = _as_step_array(schedule, num_steps, "schedule")
+    if np.any(sched < 0) or np.any(sched > 1):
+        raise ValueError(f"schedule values are ideal progress fractions in [0, 1], "
+                         f"got {sched.tolist()}")
+    w = _as_step_array(weights, num_steps, "weights")
+    if np.any(w < 0) or abs(w.sum() - 1.0) > 1e-6:
+        raise ValueError(f"weights must be non-negative and sum to 1, got {w.tolist()} "
+                         f"(sum {w.sum()})")
+    vectors = None if step_vectors is None else _step_vectors(step_vectors, ids, num_steps)
+
+    # Tokenise every step as one batch (as coco-caption would score each step's results file).
+    ordered_refs = {i: references[i] for i in ids}
+    _, ref_groups, _ = prepare_captions(ordered_refs, {i: "" for i in ids}, tokenize=tokenize)
+    steps: list[list[str]] = []  # [K][N]
+    for k in range(num_steps):
+        captions = [trajectories[i][k] for i in ids]
+        steps.append(tokenize_many(captions) if tokenize else captions)
+
+    cider = CiderD(ref_groups)
+    cider_per_step, bleu4_per_step, per_image_cider = [], [], []
+    for k in range(num_steps):
+        mean, scores = cider.score(steps[k])
+        cider_per_step.append(mean)
+        per_image_cider.append(scores)
+        bleu4_per_step.append(bleu(ref_groups, steps[k])[0][3])
+    per_image_cider_arr = np.stack(per_image_cider, axis=1)  # [N, K]
+    drops = np.diff(per_image_cider_arr, axis=1) < -_MONOTONE_RTOL * np.maximum(
+        1.0, np.abs(per_image_cider_arr[:, :-1]))
+    monotonic = ~drops.any(axis=1)
+
+    lengths = np.array([[len(steps[k][n].split()) for k in range(num_steps)]
+                        for n in range(len(ids))], dtype=np.float64)
+    if vectors is None:
+        vectorizer: CiderVectorizer = cider.vectorizer
+        distances = np.empty((len(ids), num_steps), dtype=np.float64)
+        final_blank = np.empty(len(ids), dtype=bool)
+        for n in range(len(ids)):
+            encoded = [vectorizer.encode(steps[k][n]) for k in range(num_steps)]
+            final_blank[n] = not any(encoded[-1].values())
+            distances[n] = [cosine_distance(e, encoded[-1]) for e in encoded]
+    else:
+        final_blank = ~np.any(vectors[:, -1, :] != 0, axis=1)
+        distances = np.array([[cosine_distance(vectors[n, k], vectors[n, -1])
+                               for k in range(num_steps)] for n in range(len(ids))])
+    grad, progress = _gradualness(distances, final_blank, sched)
+    adherence, ratios = _length_adherence(lengths, sched)
+
+    weighted_quality = float(np.dot(w, cider_per_step))
+    gradualness = float(grad.mean())
+    kept, has_words = ~final_blank, lengths[:, -1] > 0
+    return {
+        "num_images": len(ids),
+        "num_steps": num_steps,
+        "cider_per_step": [float(x) for x in cider_per_step],
+        "bleu4_per_step": [float(x) for x in bleu4_per_step],
+        "final_cider": float(cider_per_step[-1]),
+        "final_bleu4": float(bleu4_per_step[-1]),
+        "weighted_quality": weighted_quality,
+        "gradualness": gradualness,
+        "progress_per_step": progress[kept].mean(axis=0).tolist() if kept.any() else None,
+        "length_adherence": float(adherence.mean()),
+        "length_ratio_per_step": (ratios[has_words].mean(axis=0).tolist() if has_words.any()
+                                  else None),
+        "refine_score": weighted_quality * gradualness,
+        "monotonic_fraction": float(monotonic.mean()),
+        "num_blank_final": int((~has_words).sum()),
+    }
+
+
+def _normalize_whitespace(text: str) -> str:
+    """Collapses runs of whitespace to one space and strips the ends."""
+    return " ".join(text.split())
+
+
+def chain_agreement(
+    trajectories: Mapping[Hashable, Sequence[str]],
+    true_chains: Mapping[Hashable, Sequence[str]],
+) -> list[float]:
+    """Per step k, the fraction of images whose step-k caption equals the generator's true step-k
+    caption exactly after whitespace normalisation (for synthetic data with a known chain)."""
+    ids, num_steps = _check_trajectories(trajectories)
+    if set(ids) != set(true_chains):
+        raise ValueError("trajectories and true_chains must have the same image ids")
+    _, true_steps = _check_trajectories(true_chains, "true_chains")
+    if true_steps != num_steps:
+        raise ValueError(f"trajectories have K={num_steps} steps but true_chains have "
+                         f"K={true_steps}")
+    hits = np.array([[_normalize_whitespace(trajectories[i][k])
+                      == _normalize_whitespace(true_chains[i][k]) for k in range(num_steps)]
+                     for i in ids])
+    return [float(x) for x in hits.mean(axis=0)]
+
+
+__all__ = ["chain_agreement", "refinement_metrics"]

@@ -1,0 +1,200 @@
+"""Refinement metrics (DESIGN §4) on hand-made trajectories with exact expected values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from refine_jax.evaluation.caption_metrics import score_captions
+from refine_jax.evaluation.refinement_metrics import chain_agreement, refinement_metrics
+
+LINEAR4 = np.array([0.25, 0.5, 0.75, 1.0])
+UNIFORM4 = np.full(4, 0.25)
+
+# Two images whose captions share no n-gram: every n-gram of a reference has document frequency
+# 1 of 2 images, and a caption equal to all of its image's references scores CIDEr-D = 10.
+CAPTION_A = "man rides brown horse"
+CAPTION_B = "two dogs play outside"
+REFS = {"a": [CAPTION_A, CAPTION_A], "b": [CAPTION_B, CAPTION_B]}
+GROWING_A = ["man", "man rides", "man rides brown", CAPTION_A]  # nested prefixes, 1..4 words
+GROWING_B = ["two", "two dogs", "two dogs play", CAPTION_B]
+
+
+def test_evenly_growing_chain_with_exact_progress_vectors_has_g_1() -> None:
+    # Vectors with cos(e_k, e_K) = k/K, so p_k = k/K = s(k) exactly under the linear schedule.
+    frac = np.arange(1, 5) / 4
+    vecs_a = np.stack([frac, np.sqrt(1 - frac ** 2)], axis=1)
+    vecs_b = vecs_a[:, ::-1] * 3.0  # another direction and scale, same angles
+    out = refinement_metrics({"a": GROWING_A, "b": GROWING_B}, REFS, LINEAR4, UNIFORM4,
+                             step_vectors=np.stack([vecs_a, vecs_b]))
+    assert out["gradualness"] == pytest.approx(1.0, abs=1e-12)
+    assert out["progress_per_step"] == pytest.approx(list(LINEAR4), abs=1e-12)
+    # Word counts 1, 2, 3, 4 of 4: len_k / len_K = k/K.
+    assert out["length_adherence"] == pytest.approx(1.0, abs=1e-12)
+    assert out["length_ratio_per_step"] == pytest.approx(list(LINEAR4))
+    by_id = refinement_metrics({"a": GROWING_A, "b": GROWING_B}, REFS, LINEAR4, UNIFORM4,
+                               step_vectors={"b": vecs_b, "a": vecs_a})
+    assert by_id == out
+
+
+def test_evenly_growing_chain_with_the_default_tfidf_encoding() -> None:
+    # Every n-gram has weight log 2 (document frequency 1 of 2 images), so for the prefix chain
+    # cos(e_k, e_K) = sqrt(m_k / m_K), m_k = number of 1..4-grams of k words = 1, 3, 6, 10.
+    out = refinement_metrics({"a": GROWING_A, "b": GROWING_B}, REFS, LINEAR4, UNIFORM4)
+    progress = np.sqrt(np.array([1, 3, 6, 10]) / 10)
+    assert out["progress_per_step"] == pytest.approx(list(progress), rel=1e-12)
+    expected_g = 1 - np.mean(np.abs(progress - LINEAR4))  # 0.96536...
+    assert out["gradualness"] == pytest.approx(expected_g, rel=1e-12)
+    assert out["length_adherence"] == pytest.approx(1.0)
+    assert out["monotonic_fraction"] == 1.0
+    assert out["final_cider"] == pytest.approx(10.0)
+    assert out["refine_score"] == pytest.approx(out["weighted_quality"] * expected_g)
+
+
+def test_two_step_tfidf_progress_by_hand() -> None:
+    # e("red") = (L), e("red car") = (L, L, L) over red / car / "red car": cos = 1/sqrt(3).
+    refs = {"a": ["a red car"], "b": ["a blue sky"]}
+    out = refinement_metrics({"a": ["red", "red car"], "b": ["blue", "blue sky"]}, refs,
+                             [0.5, 1.0], [0.5, 0.5])
+    assert out["progress_per_step"] == pytest.approx([1 / math.sqrt(3), 1.0])
+    assert out["gradualness"] == pytest.approx(1 - abs(1 / math.sqrt(3) - 0.5) / 2)
+
+
+def test_blank_until_the_last_step() -> None:
+    # p = (0, 0, 0, 1) and len ratios (0, 0, 0, 1): 1 - (0.25 + 0.5 + 0.75 + 0) / 4 = 0.625.
+    # (DESIGN §4's G gives a jump at the end (K+1)/(2K), not 0: blank steps sit at the c_0 end.)
+    trajectories = {"a": ["", "", "", CAPTION_A], "b": ["", " ", "", CAPTION_B]}
+    out = refinement_metrics(trajectories, REFS, LINEAR4, UNIFORM4)
+    assert out["gradualness"] == pytest.approx(0.625)
+    assert out["length_adherence"] == pytest.approx(0.625)
+    assert out["cider_per_step"] == pytest.approx([0.0, 0.0, 0.0, 10.0])
+    assert out["weighted_quality"] == pytest.approx(2.5)
+    assert out["refine_score"] == pytest.approx(2.5 * 0.625)
+    assert out["monotonic_fraction"] == 1.0
+    assert out["num_blank_final"] == 0
+
+
+def test_complete_at_step_one_then_unchanged() -> None:
+    # p = (1, 1, 1, 1): 1 - (0.75 + 0.5 + 0.25 + 0) / 4 = 0.625; the same for the length ratios.
+    trajectories = {"a": [CAPTION_A] * 4, "b": [CAPTION_B] * 4}
+    out = refinement_metrics(trajectories, REFS, LINEAR4, UNIFORM4)
+    assert out["gradualness"] == pytest.approx(0.625)
+    assert out["length_adherence"] == pytest.approx(0.625)
+    assert out["cider_per_step"] == pytest.approx([10.0] * 4)
+    assert out["weighted_quality"] == pytest.approx(10.0)
+    assert out["monotonic_fraction"] == 1.0
+    # Under a log schedule s(k) = log(1 + a k) / log(1 + a K), a = 3: G = mean_k s(k).
+    log_schedule = np.log1p(3 * np.arange(1, 5)) / np.log1p(12)
+    out_log = refinement_metrics(trajectories, REFS, log_schedule, UNIFORM4)
+    assert out_log["gradualness"] == pytest.approx(np.mean(log_schedule))
+
+
+def test_length_adherence_counts_eval_tokens() -> None:
+    # "Man." is 1 word and "A man rides brown horse." 5 after tokenisation: ratios 1/5, 1.
+    out = refinement_metrics({"a": ["Man.", "A man rides brown horse."], "b": ["", CAPTION_B]},
+                             REFS, [0.5, 1.0], [0.5, 0.5])
+    # a: 1 - (|0.2 - 0.5| + 0) / 2 = 0.85; b: 1 - (0.5 + 0) / 2 = 0.75.
+    assert out["length_adherence"] == pytest.approx((0.85 + 0.75) / 2)
+    assert out["length_ratio_per_step"] == pytest.approx([0.1, 1.0])
+
+
+def test_weighted_quality_monotonicity_and_blank_final() -> None:
+    # a goes blank -> exact (CIDEr 0 -> 10), b goes exact -> blank (10 -> 0).
+    out = refinement_metrics({"a": ["", CAPTION_A], "b": [CAPTION_B, ""]}, REFS,
+                             [0.5, 1.0], [0.25, 0.75])
+    assert out["cider_per_step"] == pytest.approx([5.0, 5.0])
+    assert out["weighted_quality"] == pytest.approx(5.0)
+    assert out["final_cider"] == pytest.approx(5.0)
+    assert out["monotonic_fraction"] == 0.5
+    # b's final caption is blank: G_b = A_b = 0. a: p = (0, 1), G_a = 1 - 0.5 / 2 = 0.75.
+    assert out["num_blank_final"] == 1
+    assert out["gradualness"] == pytest.approx(0.375)
+    assert out["length_adherence"] == pytest.approx(0.375)
+    assert out["refine_score"] == pytest.approx(5.0 * 0.375)
+    assert out["progress_per_step"] == pytest.approx([0.0, 1.0])  # over images with a final
+
+    rising = refinement_metrics({"a": ["", CAPTION_A], "b": ["", CAPTION_B]}, REFS,
+                                [0.5, 1.0], [0.25, 0.75])
+    assert rising["cider_per_step"] == pytest.approx([0.0, 10.0])
+    assert rising["weighted_quality"] == pytest.approx(0.75 * 10.0)
+
+    all_blank = refinement_metrics({"a": ["x", ""], "b": ["y", ""]}, REFS, [0.5, 1.0],
+                                   [0.5, 0.5])
+    assert all_blank["gradualness"] == 0.0 and all_blank["length_adherence"] == 0.0
+    assert all_blank["progress_per_step"] is None and all_blank["length_ratio_per_step"] is None
+    assert all_blank["num_blank_final"] == 2
+    json.dumps(all_blank, allow_nan=False)
+
+
+def test_step_quality_matches_score_captions() -> None:
+    references = {
+        "1": ["A dog runs on the grass.", "A brown dog is running outside."],
+        "2": ["Two children play in the snow.", "Kids are playing in snow."],
+        "3": ["A man rides a bike down a hill.", "A cyclist on a hill."],
+    }
+    trajectories = {
+        "1": ["dog", "a dog runs", "A brown dog runs on the grass ."],
+        "2": ["children", "children in snow", "Two kids play in the snow."],
+        "3": ["man", "a man on a bike", "a man rides a bike down the hill"],
+    }
+    out = refinement_metrics(trajectories, references, [1 / 3, 2 / 3, 1.0], [0.2, 0.3, 0.5])
+    for k in range(3):
+        scores = score_captions(references, {i: t[k] for i, t in trajectories.items()})
+        assert out["cider_per_step"][k] == pytest.approx(scores["CIDEr"], abs=1e-12)
+        assert out["bleu4_per_step"][k] == pytest.approx(scores["Bleu_4"], abs=1e-12)
+    assert out["weighted_quality"] == pytest.approx(np.dot([0.2, 0.3, 0.5], out["cider_per_step"]))
+    assert out["num_images"] == 3 and out["num_steps"] == 3
+    json.dumps(out, allow_nan=False)
+
+
+def test_model_vectors_pointing_away_are_capped() -> None:
+    # cos = -1 gives p = -1; the deviation |p - s| = 1.5 counts as 1, so G = 1 - (1 + 0) / 2.
+    vectors = np.array([[[-1.0, 0.0], [1.0, 0.0]], [[-2.0, 0.0], [3.0, 0.0]]])
+    out = refinement_metrics({"a": ["man", CAPTION_A], "b": ["two", CAPTION_B]}, REFS,
+                             [0.5, 1.0], [0.5, 0.5], step_vectors=vectors)
+    assert out["gradualness"] == pytest.approx(0.5)
+    zero_final = vectors.copy()
+    zero_final[1, 1] = 0.0
+    out = refinement_metrics({"a": ["man", CAPTION_A], "b": ["two", CAPTION_B]}, REFS,
+                             [0.5, 1.0], [0.5, 0.5], step_vectors=zero_final)
+    assert out["gradualness"] == pytest.approx(0.25)  # b's zero final vector: G_b = 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"trajectories": {"a": GROWING_A, "b": GROWING_B[:3]}}, "same number of steps"),
+        ({"schedule": [0.5, 1.0]}, "schedule must have one value per step"),
+        ({"weights": [0.5, 0.5]}, "weights must have one value per step"),
+        ({"weights": [0.5, 0.5, 0.5, 0.5]}, "sum to 1"),
+        ({"weights": [-0.5, 0.5, 0.5, 0.5]}, "non-negative"),
+        ({"schedule": [0.5, 1.0, 1.5, 2.0]}, r"in \[0, 1\]"),
+        ({"schedule": [0.25, float("nan"), 0.75, 1.0]}, "finite"),
+        ({"references": {"a": [CAPTION_A]}}, "same image ids"),
+        ({"trajectories": {}}, "empty"),
+        ({"trajectories": {"a": CAPTION_A, "b": GROWING_B}}, "sequence of K step captions"),
+        ({"step_vectors": np.zeros((2, 3, 5))}, "step_vectors must have shape"),
+        ({"step_vectors": {"a": np.zeros((4, 2))}}, "step_vectors must have exactly"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs: dict, message: str) -> None:
+    args = {"trajectories": {"a": GROWING_A, "b": GROWING_B}, "references": REFS,
+            "schedule": LINEAR4, "weights": UNIFORM4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        refinement_metrics(**args)
+
+
+def test_chain_agreement() -> None:
+    true_chains = {"a": ["man", "man rides", CAPTION_A], "b": ["two", "two dogs", CAPTION_B]}
+    trajectories = {
+        "a": [" man ", "man  rides", CAPTION_A],       # equal after whitespace normalisation
+        "b": ["two", "Two dogs", CAPTION_B + " ."],    # case and punctuation count
+    }
+    assert chain_agreement(trajectories, true_chains) == [1.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="K=2"):
+        chain_agreement({k: v[:2] for k, v in trajectories.items()}, true_chains)
+    with pytest.raises(ValueError, match="same image ids"):
+        chain_agreement({"a": trajectories["a"]}, true_chains)

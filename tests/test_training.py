@@ -1,0 +1,112 @@
+"""Sharded training: mesh equivalence, sharding layout, checkpoint restore, non-finite skips."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from refine_jax import train
+from refine_jax.data import training_captions
+from refine_jax.data.pipeline import CaptionFeatures, eval_batches
+from refine_jax.data.shapes import ShapesSource
+from refine_jax.losses import step_weights
+from refine_jax.models import build_model
+from refine_jax.targets import schedule_fractions
+from refine_jax.tokenizer import train_tokenizer
+
+
+def short_config(steps=3, mesh=(1, 1, 1), **model):
+    config = load_config("shapes", "tiny")
+    config.total_steps = steps
+    config.log_every_steps = 1
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 2
+    config.data.eval_size = 8
+    config.mesh.shape = mesh
+    for key, value in model.items():
+        config.model[key] = value
+    return config
+
+
+def losses(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}  # a resumed step's last record wins
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("single")
+    train.train_and_evaluate(short_config(), str(workdir))
+    return losses(workdir)
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_training_matches_a_single_device(tmp_path, single_device_losses, mesh):
+    config = short_config(mesh=mesh)
+    # Same global batch on every mesh; (1, 1, 1) uses one of the 8 devices.
+    train.train_and_evaluate(config, str(tmp_path))
+    sharded = losses(tmp_path)
+    assert sharded.keys() == single_device_losses.keys() == {1, 2, 3}
+    for step, loss in single_device_losses.items():
+        assert sharded[step] == pytest.approx(loss, abs=1e-5, rel=1e-5)
+
+
+def test_single_device_mesh_uses_one_device():
+    from refine_jax.sharding import make_mesh, resolve_mesh_shape
+
+    assert resolve_mesh_shape((1, 1, 1), 1) == (1, 1, 1)
+    assert resolve_mesh_shape((-1, 2, 2), 8) == (2, 2, 2)
+    assert make_mesh((1, 1, 1), jax.devices()[:1]).devices.size == 1
+
+
+def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path, single_device_losses):
+    train.train_and_evaluate(short_config(steps=2, mesh=(8, 1, 1)), str(tmp_path))
+    train.train_and_evaluate(short_config(steps=3, mesh=(2, 2, 2)), str(tmp_path))
+    assert losses(tmp_path)[3] == pytest.approx(single_device_losses[3], abs=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [({"width": 48}, "model.width: checkpoint has 32, config has 48"),
+     ({"num_refine_steps": 5}, "model.num_refine_steps: checkpoint has 4, config has 5")],
+)
+def test_restoring_into_another_model_shape_names_the_mismatch(tmp_path, change, named):
+    train.train_and_evaluate(short_config(steps=2), str(tmp_path))
+    with pytest.raises(ValueError, match="written by a different model") as error:
+        train.train_and_evaluate(short_config(steps=3, **change), str(tmp_path))
+    assert named in str(error.value)
+    if "width" in change:
+        assert "parameter ['detailer']['final_norm']['scale']" in str(error.value)
+
+
+def test_a_nan_batch_skips_the_update_and_is_counted():
+    config = short_config()
+    m = config.model
+    tokenizer = train_tokenizer(training_captions(ShapesSource("train", 500)), 400)
+    features = CaptionFeatures(tokenizer, m.num_refine_steps, m.canvas_length, m.image_size)
+    batch, _ = next(eval_batches(ShapesSource("train", 4), features, 4))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    model = build_model(config, tokenizer.vocab_size)
+    optimizer, schedule = train.make_optimizer(config)
+    params = train.init_variables(model, config, tokenizer.vocab_size)
+    state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    step = jax.jit(functools.partial(
+        train.train_step, model=model, optimizer=optimizer, schedule=schedule, config=config,
+        weights=jnp.asarray(step_weights(m.num_refine_steps)),
+        fractions=jnp.asarray(schedule_fractions(m.num_refine_steps), jnp.float32)))
+    poisoned = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
+    new_state, metrics = step(state, poisoned)
+    assert not np.isfinite(float(metrics["loss"]))
+    assert float(metrics["skipped_nonfinite"]) == 1.0
+    assert int(new_state.step) == 1
+    for before, after in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params),
+                             strict=True):
+        np.testing.assert_array_equal(before, after)
+    good_state, metrics = step(new_state, batch)
+    assert float(metrics["skipped_nonfinite"]) == 0.0
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(good_state.params), jax.tree.leaves(new_state.params)))
