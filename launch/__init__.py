@@ -1,0 +1,1 @@
+"""Launch tooling for Cloud TPU VM pods (see launch/README.md)."""
