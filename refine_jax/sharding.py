@@ -87,3 +87,23 @@ def global_batch(batch: dict, mesh: Mesh, rules) -> dict:
         k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
         for k, v in batch.items()
     }
+
+
+def global_batch_from_full(batch: dict, mesh: Mesh, rules) -> dict:
+    """A batch every process holds whole (evaluation) -> global arrays; each process
+    contributes its contiguous 1/P of the rows."""
+    index, count = jax.process_index(), jax.process_count()
+    local = {}
+    for key, value in batch.items():
+        rows = value.shape[0] // count
+        local[key] = value[index * rows : (index + 1) * rows]
+    return global_batch(local, mesh, rules)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) global array as NumPy, on every process."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

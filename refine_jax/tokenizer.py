@@ -54,8 +54,13 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / MODEL_FILE).write_bytes(self.model_proto)
-        self.salience.save(directory / SALIENCE_FILE)
+        # Salience first, model last, each renamed into place: a directory with spm.model in
+        # it is complete even while another process is reading it.
+        for name, write in ((SALIENCE_FILE, self.salience.save),
+                            (MODEL_FILE, lambda p: Path(p).write_bytes(self.model_proto))):
+            partial = directory / f".{name}.partial"
+            write(partial)
+            partial.replace(directory / name)
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:

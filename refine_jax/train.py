@@ -170,12 +170,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             donate_argnums=0,
         )
         put_batch = lambda batch: sharding.global_batch(batch, mesh, rules)
+        put_full_batch = lambda batch: sharding.global_batch_from_full(batch, mesh, rules)
         batches = train_batches(train_source, features, config.batch_size, config.seed,
                                 config.data.num_threads, jax.process_index(), jax.process_count())
 
         def evaluate() -> tuple[list[dict], dict]:
             samples = describe_split(model, state.params, eval_source, features, tokenizer,
-                                     config.batch_size, fractions, put_batch)
+                                     config.batch_size, fractions, put_full_batch)
             return samples, exact_match_rates(samples)
 
         # --- Resume from the latest checkpoint, if any (a re-run of the same command resumes).

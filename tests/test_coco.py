@@ -254,6 +254,10 @@ def test_tfds_restval_config_and_unprepared(coco_files: tuple[Path, Path], tmp_p
     assert sorted(builder.info.splits) == ["restval", "test", "train", "val"]
     source = coco.TfdsCaptionSource("restval", data_dir, config="restval_split")
     assert [source[i]["key"] for i in range(len(source))] == ["30", "42"]
+    by_dir = coco.TfdsCaptionSource("restval", builder_dir=builder.data_dir)
+    assert [by_dir[i] for i in range(2)] == [source[i] for i in range(2)]
+    with pytest.raises(FileNotFoundError, match="no_builder_dir"):
+        coco.TfdsCaptionSource("train", builder_dir=tmp_path / "no_builder_dir")
     with pytest.raises(FileNotFoundError, match="not prepared"):
         coco.TfdsCaptionSource("train", tmp_path / "empty")
 

@@ -425,7 +425,8 @@ class TfdsCaptionSource:
     """Grain random-access source of records from the prepared :class:`CocoKarpathyCaptions`.
 
     ``source[i]`` is a record (or a skip marker for a sample without usable captions), with the
-    JPEG bytes undecoded. Images are not decoded here; the pipeline decodes them.
+    JPEG bytes undecoded (the pipeline decodes them). The dataset is found by ``data_dir`` and
+    ``config`` name, or by ``builder_dir`` (the version folder, for any config).
     """
 
     def __init__(
@@ -433,14 +434,19 @@ class TfdsCaptionSource:
         split: str,
         data_dir: str | os.PathLike | None = None,
         config: str | None = None,
+        builder_dir: str | os.PathLike | None = None,
     ) -> None:
-        name = "coco_karpathy_captions" + (f"/{config}" if config else "")
-        builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir else None)
-        if not builder.is_prepared():
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}; "
-                "build it with refine_jax.data.coco.prepare_tfds (or --format=tfds)"
-            )
+        if builder_dir is not None:  # e.g. a custom config: .../coco_karpathy_captions/CFG/1.0.0
+            path = require_path(builder_dir, "TFDS dataset folder", is_dir=True)
+            builder = tfds.builder_from_directory(path)
+        else:
+            name = "coco_karpathy_captions" + (f"/{config}" if config else "")
+            builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir else None)
+            if not builder.is_prepared():
+                raise FileNotFoundError(
+                    f"TFDS dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}; "
+                    "build it with refine_jax.data.coco.prepare_tfds (or --format=tfds)"
+                )
         self.split = split
         self._source = builder.as_data_source(
             split=split, decoders={"image": tfds.decode.SkipDecoding()}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
 from refine_jax.decoding import decode_batch
+from refine_jax.sharding import to_host
 from refine_jax.targets import normalize_caption
 from refine_jax.tokenizer import Tokenizer
 
@@ -23,12 +23,12 @@ def describe_split(
 ) -> list[dict]:
     """Per image: `image_id`, `references`, `steps` (the decoded description of each step),
     `targets` (the coarse-to-fine targets of its first reference) and `chain` when the source
-    knows the true one. `put_batch` places a host batch on the devices (the trainer's mesh)."""
+    knows the true one. `put_batch` places a host batch, which every process holds whole, on the devices."""
     samples = []
     for arrays, records in eval_batches(source, features, batch_size):
         canvases = decode_batch(model, params, put_batch({"image": arrays["image"]})["image"],
                                 np.asarray(fractions, np.float32))
-        canvases = np.asarray(jax.device_get(canvases))  # [B, K, L]
+        canvases = to_host(canvases)  # [B, K, L]
         for i, record in enumerate(records):
             sample = {
                 "image_id": record["key"],
