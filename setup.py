@@ -24,6 +24,9 @@ setup(
         "numpy>=1.26,<3",
         "pillow>=10.0,<13",
         "absl-py>=2.1,<3",
+        "etils[epath]>=1.7,<2",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         "test": [
@@ -31,6 +34,7 @@ setup(
             "hypothesis>=6.100,<7",
             "pycocoevalcap>=1.2,<2",
             "ruff>=0.6,<1",
+            "portpicker>=1.6,<2",
         ],
     },
 )

@@ -9,7 +9,6 @@ restored straight into the target shardings, which may belong to a different mes
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -17,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 # Keys of config.model that change no parameter shape and may differ on restore.
@@ -52,14 +52,14 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | epath.PathLike,
         save_every: int,
         keep: int = 3,
         best_metric: str | None = None,
         best_mode: str = "max",
         async_save: bool = True,
     ):
-        self.directory = Path(directory)
+        self.directory = epath.Path(directory)
         policies = [checkpoint_managers.LatestN(keep)]
         if best_metric:
             policies.append(
@@ -70,7 +70,8 @@ class Checkpointer:
                 )
             )
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+            self.directory if str(self.directory).startswith("gs://")
+            else self.directory.absolute(),
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=save_every,
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),

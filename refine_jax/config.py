@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.best_checkpoint_metric = ""  # e.g. "eval/final_matches_reference": also keep the best
     config.max_consecutive_nonfinite = 20  # stop when this many updates in a row are skipped
+    config.profile_steps = (0, 0)  # (first, last) step of a JAX profiler trace; (0, 0): none
 
     config.learning_rate = 1e-3
     config.warmup_steps = 100

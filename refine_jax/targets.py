@@ -20,9 +20,9 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 # Closed-class English words: articles, prepositions, conjunctions, pronouns, auxiliaries and
 # punctuation. They carry little content on their own and join the content words around them.
@@ -99,13 +99,13 @@ class SalienceStats:
     def frequency(self, word: str) -> float:
         return self.word_counts.get(word, 0) / max(self.num_captions, 1)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | epath.PathLike) -> None:
         payload = {"num_captions": self.num_captions, "word_counts": self.word_counts}
-        Path(path).write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
+        epath.Path(path).write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> SalienceStats:
-        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    def load(cls, path: str | epath.PathLike) -> SalienceStats:
+        payload = json.loads(epath.Path(path).read_text(encoding="utf-8"))
         return cls(word_counts=payload["word_counts"], num_captions=payload["num_captions"])
 
 

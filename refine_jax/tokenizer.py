@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import sentencepiece as spm
+from etils import epath
 
 from refine_jax.targets import SalienceStats
 
@@ -51,20 +51,20 @@ class Tokenizer:
         """Text of an id sequence; pad, bos and eos ids are dropped, as on the canvas."""
         return self._sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
 
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
+    def save(self, directory: str | epath.PathLike) -> None:
+        directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Salience first, model last, each renamed into place: a directory with spm.model in
         # it is complete even while another process is reading it.
         for name, write in ((SALIENCE_FILE, self.salience.save),
-                            (MODEL_FILE, lambda p: Path(p).write_bytes(self.model_proto))):
+                            (MODEL_FILE, lambda p: epath.Path(p).write_bytes(self.model_proto))):
             partial = directory / f".{name}.partial"
             write(partial)
             partial.replace(directory / name)
 
     @classmethod
-    def load(cls, directory: str | Path) -> Tokenizer:
-        directory = Path(directory)
+    def load(cls, directory: str | epath.PathLike) -> Tokenizer:
+        directory = epath.Path(directory)
         if not (directory / MODEL_FILE).exists():
             raise FileNotFoundError(f"no tokenizer at {directory} (expected {MODEL_FILE})")
         return cls(

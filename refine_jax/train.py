@@ -10,7 +10,6 @@ import functools
 import json
 import signal
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import flax.struct
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from refine_jax import sharding
 from refine_jax.checkpointing import Checkpointer, model_signature
@@ -26,7 +26,9 @@ from refine_jax.config import validate_config
 from refine_jax.data import make_sources, training_captions
 from refine_jax.data.pipeline import CaptionFeatures, train_batches
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
+from refine_jax.flops import training_flops_per_example
 from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
+from refine_jax.metric_writer import MetricWriter
 from refine_jax.models import build_model
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import Tokenizer, train_tokenizer
@@ -39,7 +41,9 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: Path, source) -> Tokenizer:
+def load_or_train_tokenizer(
+    config: ml_collections.ConfigDict, workdir: epath.Path, source
+) -> Tokenizer:
     """The configured tokenizer, or one trained on the training captions and kept in workdir."""
     if config.tokenizer.path:
         return Tokenizer.load(config.tokenizer.path)
@@ -130,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as configured, logging to workdir/metrics.jsonl; returns the final eval summary."""
     # --- Setup: everything that can fail on bad input fails here, before compilation.
     validate_config(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # local or gs://
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(map(tuple, config.mesh.axis_rules))
@@ -192,7 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # --- Training loop. SIGTERM (preemption) saves a checkpoint and ends the run cleanly.
         stop_requested = []
         signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-        log_file = open(workdir / "metrics.jsonl", "a") if is_logger else None
+        writer = MetricWriter(workdir, enabled=is_logger)
+        flops_per_step = training_flops_per_example(config, tokenizer.vocab_size) * config.batch_size
+        profile_start, profile_stop = config.profile_steps
         start_step = int(state.step)
         last_time, last_step, eval_rates, samples = time.time(), start_step, {}, None
         previous_metrics, nonfinite_streak = None, 0
@@ -204,7 +210,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     print(f"SIGTERM: saved a checkpoint at step {step - 1}; exiting", flush=True)
                 checkpointer.close()
                 return {"stopped_at_step": step - 1}
+            if step == profile_start:
+                jax.profiler.start_trace(str(workdir / "profile"))
             state, metrics = step_fn(state, put_batch(next(batches)))
+            if step == profile_stop:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
             if previous_metrics is not None:  # checked one step late, so dispatch never waits
                 skipped = bool(previous_metrics["skipped_nonfinite"])
                 nonfinite_streak = nonfinite_streak + 1 if skipped else 0
@@ -220,16 +231,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 now = time.time()
                 steps_per_second = (step - last_step) / (now - last_time)
                 last_time, last_step = now, step
-                record = {"step": step, **metrics, "steps_per_second": steps_per_second,
-                          "examples_per_second": steps_per_second * config.batch_size}
+                record = {**metrics, "steps_per_second": steps_per_second,
+                          "examples_per_second": steps_per_second * config.batch_size,
+                          "model_flops_per_second": steps_per_second * flops_per_step}
                 if step % config.eval_every_steps == 0 or step == config.total_steps:
                     samples, rates = evaluate()
                     eval_rates = {f"eval/{k}": v for k, v in rates.items()}
                     record.update(eval_rates)
                     last_time = time.time()  # evaluation time is not training time
+                writer.write(step, record)
                 if is_logger:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
                     eta = (config.total_steps - step) / max(steps_per_second, 1e-9)
                     print(f"step {step}/{config.total_steps} loss {record['loss']:.4f} "
                           f"{steps_per_second:.2f} steps/s ETA {eta:.0f}s", flush=True)
@@ -241,9 +252,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             samples, rates = evaluate()
         checkpointer.wait()
         checkpointer.close()
+    writer.close()
     if is_logger:
-        log_file.close()
-        with open(workdir / "samples.jsonl", "w") as f:
+        with (workdir / "samples.jsonl").open("w") as f:
             for sample in samples:
                 f.write(json.dumps(sample) + "\n")
         for sample in samples[: config.num_samples_to_print]:

@@ -12,7 +12,7 @@ from conftest import REPO
 def test_main_trains_and_writes_metrics_and_samples(tmp_path, variant, num_steps):
     result = subprocess.run(
         [sys.executable, "-m", "refine_jax.main", f"--config=configs/shapes.py:{variant}",
-         f"--workdir={tmp_path}"],
+         f"--workdir={tmp_path}", "--config.profile_steps=(41,42)"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -28,3 +28,6 @@ def test_main_trains_and_writes_metrics_and_samples(tmp_path, variant, num_steps
         assert len(sample["steps"]) == num_steps and len(sample["references"]) == 1
     assert "step 1:" in result.stdout
     assert (tmp_path / "tokenizer" / "spm.model").exists()
+    assert metrics[-1]["model_flops_per_second"] > 0 and metrics[-1]["grad_norm"] > 0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))  # the opt-in profiler trace
