@@ -159,7 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- State, created already sharded on the mesh.
     def init_state():
         params = init_variables(model, config, tokenizer.vocab_size)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(nn.unbox(params)))
+        # The optimizer state is built from the boxed params, so it inherits their axis names.
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, state_shardings = sharding.create_sharded(init_state, mesh, rules)
