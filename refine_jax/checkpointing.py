@@ -20,7 +20,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 # Keys of config.model that change no parameter shape and may differ on restore.
-SHAPE_NEUTRAL_MODEL_KEYS = ("dropout_rate", "dtype", "remat", "scan_detailer")
+SHAPE_NEUTRAL_MODEL_KEYS = ("dropout_rate", "dtype", "remat", "scan_detailer", "pretrained_encoder")
 
 
 def model_signature(config: ml_collections.ConfigDict, params: Any) -> dict:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from refine_jax.data.labels import DEFAULT_TEMPLATES
 from refine_jax.losses import WEIGHTINGS
 from refine_jax.models.refine import REMAT_POLICIES
 from refine_jax.targets import SCHEDULES, TARGET_KINDS
@@ -76,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     config.model.remat = "none"
     config.model.scan_detailer = True
+    config.model.pretrained_encoder = ""  # a big_vision ViT .npz to start the encoder from
 
     config.targets = ml_collections.ConfigDict()
     config.targets.kind = "salience"
@@ -87,12 +89,31 @@ def base_config() -> ml_collections.ConfigDict:
     config.targets.length_loss_weight = 0.1
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "shapes"
+    config.data.name = "shapes"  # shapes | shards | tfds_coco | labels | mixture (data/__init__)
+    # Root of the data: a folder with one sub-folder per split (shards, labels), a TFDS data_dir
+    # (tfds_coco), `tfds:NAME` (labels), or the root of a mixture's relative paths.
     config.data.path = ""
-    config.data.train_size = 50_000
-    config.data.eval_size = 500
-    config.data.random_crop = False
-    config.data.num_threads = 2
+    config.data.train_path = ""  # optional: this split's folder / glob / file list instead
+    config.data.eval_path = ""
+    config.data.train_split = "train"
+    config.data.eval_split = "val"
+    config.data.train_size = 50_000  # shapes only
+    config.data.eval_size = 500  # shapes only
+    config.data.max_eval_examples = 0  # > 0: evaluate on the first N held-out examples only
+    config.data.index_cache_dir = ""  # tar member indexes; empty: next to shards or ~/.cache
+    config.data.random_crop = False  # training: random square crop (never a flip)
+    config.data.crop_min_scale = 1.0  # random crop side, as a fraction of the shorter side
+    config.data.num_threads = 2  # grain read threads (per worker process when there are any)
+    config.data.num_workers = 0  # grain worker processes; 0: threads in the trainer's process
+    config.data.worker_buffer_size = 2  # batches each worker process prepares ahead
+    config.data.tfds_config = ""  # tfds_coco builder config (default: restval_in_train)
+    config.data.label_templates = DEFAULT_TEMPLATES  # labels as text: templates with {label}
+    config.data.label_mode = "one"  # one template per image, or "all" as references
+    config.data.label_names = ""  # optional file mapping class ids to words
+    # Mixture: ((name, weight, kind, path), ...), kind in shards | tfds_coco | labels; weights
+    # are normalised; relative paths are under data.path.
+    config.data.mixture = ()
+    config.data.mixture_eval = ""  # the component whose held-out split evaluates; "": first
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.path = ""  # empty: train one on the training captions into the workdir

@@ -30,6 +30,7 @@ from refine_jax.flops import training_flops_per_example
 from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
 from refine_jax.metric_writer import MetricWriter
 from refine_jax.models import build_model
+from refine_jax.models.pretrained import load_pretrained_encoder
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import Tokenizer, train_tokenizer
 
@@ -193,6 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          batches, signature)
             if is_logger:
                 print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
+        elif m.pretrained_encoder:
+            state = state.replace(params=load_pretrained_encoder(state.params, m.pretrained_encoder))
+            if is_logger:
+                print(f"encoder initialised from {m.pretrained_encoder}")
 
         # --- Training loop. SIGTERM (preemption) saves a checkpoint and ends the run cleanly.
         stop_requested = []
