@@ -26,6 +26,7 @@ from refine_jax.config import validate_config
 from refine_jax.data import make_sources, training_captions
 from refine_jax.data.pipeline import CaptionFeatures, train_batches
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
+from refine_jax.evaluation.evaluate import evaluate_samples
 from refine_jax.flops import training_flops_per_example
 from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
 from refine_jax.metric_writer import MetricWriter
@@ -183,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         def evaluate() -> tuple[list[dict], dict]:
             samples = describe_split(model, state.params, eval_source, features, tokenizer,
                                      config.batch_size, fractions, put_full_batch)
-            return samples, exact_match_rates(samples)
+            return samples, {**exact_match_rates(samples), **evaluate_samples(samples, config)}
 
         # --- Resume from the latest checkpoint, if any (a re-run of the same command resumes).
         checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint_every_steps,

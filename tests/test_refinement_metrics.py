@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 
 from refine_jax.evaluation.caption_metrics import score_captions
-from refine_jax.evaluation.refinement_metrics import chain_agreement, refinement_metrics
+from refine_jax.evaluation.refinement_metrics import (
+    chain_agreement,
+    degenerate_deviation,
+    refinement_metrics,
+)
 
 LINEAR4 = np.array([0.25, 0.5, 0.75, 1.0])
 UNIFORM4 = np.full(4, 0.25)
+# Under the linear schedule at K = 4 both degenerate paths deviate by (0.25 + 0.5 + 0.75) / 4.
+D_LINEAR4 = 0.375
+# The log schedule s(k) = log(1 + a k) / log(1 + a K), a = 3, K = 4: 0.5405, 0.7587, 0.8977, 1.
+LOG4 = np.log1p(3 * np.arange(1, 5)) / np.log1p(12)
 
 # Two images whose captions share no n-gram: every n-gram of a reference has document frequency
 # 1 of 2 images, and a caption equal to all of its image's references scores CIDEr-D = 10.
@@ -31,6 +39,7 @@ def test_evenly_growing_chain_with_exact_progress_vectors_has_g_1() -> None:
     out = refinement_metrics({"a": GROWING_A, "b": GROWING_B}, REFS, LINEAR4, UNIFORM4,
                              step_vectors=np.stack([vecs_a, vecs_b]))
     assert out["gradualness"] == pytest.approx(1.0, abs=1e-12)
+    assert out["gradualness_raw"] == pytest.approx(1.0, abs=1e-12)
     assert out["progress_per_step"] == pytest.approx(list(LINEAR4), abs=1e-12)
     # Word counts 1, 2, 3, 4 of 4: len_k / len_K = k/K.
     assert out["length_adherence"] == pytest.approx(1.0, abs=1e-12)
@@ -46,7 +55,9 @@ def test_evenly_growing_chain_with_the_default_tfidf_encoding() -> None:
     out = refinement_metrics({"a": GROWING_A, "b": GROWING_B}, REFS, LINEAR4, UNIFORM4)
     progress = np.sqrt(np.array([1, 3, 6, 10]) / 10)
     assert out["progress_per_step"] == pytest.approx(list(progress), rel=1e-12)
-    expected_g = 1 - np.mean(np.abs(progress - LINEAR4))  # 0.96536...
+    deviation = np.mean(np.abs(progress - LINEAR4))  # 0.03464...
+    assert out["gradualness_raw"] == pytest.approx(1 - deviation, rel=1e-12)
+    expected_g = 1 - deviation / D_LINEAR4  # 0.90762...
     assert out["gradualness"] == pytest.approx(expected_g, rel=1e-12)
     assert out["length_adherence"] == pytest.approx(1.0)
     assert out["monotonic_fraction"] == 1.0
@@ -60,44 +71,113 @@ def test_two_step_tfidf_progress_by_hand() -> None:
     out = refinement_metrics({"a": ["red", "red car"], "b": ["blue", "blue sky"]}, refs,
                              [0.5, 1.0], [0.5, 0.5])
     assert out["progress_per_step"] == pytest.approx([1 / math.sqrt(3), 1.0])
-    assert out["gradualness"] == pytest.approx(1 - abs(1 / math.sqrt(3) - 0.5) / 2)
+    deviation = abs(1 / math.sqrt(3) - 0.5) / 2
+    assert out["gradualness_raw"] == pytest.approx(1 - deviation)
+    # K = 2, s = (0.5, 1): both degenerate paths deviate by 0.5 / 2 = 0.25.
+    assert out["gradualness"] == pytest.approx(1 - deviation / 0.25)
+
+
+def test_degenerate_deviation() -> None:
+    assert degenerate_deviation(LINEAR4) == pytest.approx(D_LINEAR4)
+    dev_end, dev_start = LOG4[:3].sum() / 4, np.mean(1 - LOG4)
+    assert dev_end == pytest.approx(0.5492106, rel=1e-6)
+    assert dev_start == pytest.approx(0.2007894, rel=1e-6)
+    assert degenerate_deviation(LOG4) == pytest.approx(dev_end)
+    assert degenerate_deviation([1.0]) == 0.0
 
 
 def test_blank_until_the_last_step() -> None:
-    # p = (0, 0, 0, 1) and len ratios (0, 0, 0, 1): 1 - (0.25 + 0.5 + 0.75 + 0) / 4 = 0.625.
-    # (DESIGN §4's G gives a jump at the end (K+1)/(2K), not 0: blank steps sit at the c_0 end.)
+    # p = (0, 0, 0, 1) and len ratios (0, 0, 0, 1): raw 1 - (0.25 + 0.5 + 0.75 + 0) / 4 = 0.625
+    # (DESIGN §4's formula), normalised 1 - 0.375 / 0.375 = 0.
     trajectories = {"a": ["", "", "", CAPTION_A], "b": ["", " ", "", CAPTION_B]}
     out = refinement_metrics(trajectories, REFS, LINEAR4, UNIFORM4)
-    assert out["gradualness"] == pytest.approx(0.625)
-    assert out["length_adherence"] == pytest.approx(0.625)
+    assert out["gradualness"] == 0.0 and out["length_adherence"] == 0.0
+    assert out["gradualness_raw"] == pytest.approx(0.625)
+    assert out["length_adherence_raw"] == pytest.approx(0.625)
     assert out["cider_per_step"] == pytest.approx([0.0, 0.0, 0.0, 10.0])
     assert out["weighted_quality"] == pytest.approx(2.5)
-    assert out["refine_score"] == pytest.approx(2.5 * 0.625)
-    assert out["monotonic_fraction"] == 1.0
+    assert out["refine_score"] == 0.0
+    assert out["monotonic_fraction"] == 1.0  # CIDEr 0, 0, 0, 10 never drops
     assert out["num_blank_final"] == 0
+    # Under the log schedule this is the worse degenerate path: 0 again.
+    out_log = refinement_metrics(trajectories, REFS, LOG4, UNIFORM4)
+    assert out_log["gradualness"] == 0.0 and out_log["length_adherence"] == 0.0
+    assert out_log["gradualness_raw"] == pytest.approx(1 - LOG4[:3].sum() / 4)
 
 
 def test_complete_at_step_one_then_unchanged() -> None:
-    # p = (1, 1, 1, 1): 1 - (0.75 + 0.5 + 0.25 + 0) / 4 = 0.625; the same for the length ratios.
+    # p = (1, 1, 1, 1): raw 1 - (0.75 + 0.5 + 0.25 + 0) / 4 = 0.625, normalised exactly 0 under
+    # the linear schedule; the same for the length ratios.
     trajectories = {"a": [CAPTION_A] * 4, "b": [CAPTION_B] * 4}
     out = refinement_metrics(trajectories, REFS, LINEAR4, UNIFORM4)
-    assert out["gradualness"] == pytest.approx(0.625)
-    assert out["length_adherence"] == pytest.approx(0.625)
+    assert out["gradualness"] == 0.0 and out["length_adherence"] == 0.0
+    assert out["gradualness_raw"] == pytest.approx(0.625)
+    assert out["length_adherence_raw"] == pytest.approx(0.625)
     assert out["cider_per_step"] == pytest.approx([10.0] * 4)
     assert out["weighted_quality"] == pytest.approx(10.0)
+    assert out["refine_score"] == 0.0
     assert out["monotonic_fraction"] == 1.0
-    # Under a log schedule s(k) = log(1 + a k) / log(1 + a K), a = 3: G = mean_k s(k).
-    log_schedule = np.log1p(3 * np.arange(1, 5)) / np.log1p(12)
-    out_log = refinement_metrics(trajectories, REFS, log_schedule, UNIFORM4)
-    assert out_log["gradualness"] == pytest.approx(np.mean(log_schedule))
+    # Under the log schedule: raw G = mean_k s(k); normalised 1 - dev_start / dev_end.
+    out_log = refinement_metrics(trajectories, REFS, LOG4, UNIFORM4)
+    assert out_log["gradualness_raw"] == pytest.approx(np.mean(LOG4))
+    expected = 1 - np.mean(1 - LOG4) / (LOG4[:3].sum() / 4)
+    assert expected == pytest.approx(0.6344037, rel=1e-6)
+    assert out_log["gradualness"] == pytest.approx(expected, rel=1e-12)
+    assert out_log["length_adherence"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_half_way_chain_by_hand() -> None:
+    # p = (0.5, 0.5, 1, 1), words 2, 2, 4, 4: deviation (0.25 + 0 + 0.25 + 0) / 4 = 0.125 under
+    # the linear schedule: G = A = 1 - 0.125 / 0.375 = 2/3 (raw 0.875).
+    angles = np.arccos([0.5, 0.5, 1.0, 1.0])
+    vecs = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    chains = {"a": ["man rides", "man rides", CAPTION_A, CAPTION_A],
+              "b": ["two dogs", "two dogs", CAPTION_B, CAPTION_B]}
+    out = refinement_metrics(chains, REFS, LINEAR4, UNIFORM4, step_vectors=np.stack([vecs, vecs]),
+                             per_image=True)
+    assert out["gradualness"] == pytest.approx(2 / 3)
+    assert out["gradualness_raw"] == pytest.approx(0.875)
+    assert out["length_adherence"] == pytest.approx(2 / 3)
+    assert out["refine_score"] == pytest.approx(out["weighted_quality"] * 2 / 3)
+    first = out["per_image"][0]
+    assert first["image_id"] == "a" and first["monotonic"]
+    assert first["progress"] == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert first["length_ratio"] == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert first["gradualness"] == pytest.approx(2 / 3)
+    assert first["cider"][-1] == pytest.approx(10.0)
+    # The same chain under the log schedule: deviations |0.5 - s| + |0.5 - s| + |1 - s| + 0.
+    out_log = refinement_metrics(chains, REFS, LOG4, UNIFORM4, step_vectors=np.stack([vecs, vecs]))
+    deviation = (abs(0.5 - LOG4[0]) + abs(0.5 - LOG4[1]) + abs(1 - LOG4[2])) / 4
+    assert out_log["gradualness"] == pytest.approx(1 - deviation / (LOG4[:3].sum() / 4))
+
+
+def test_single_step_scores_one() -> None:
+    # K = 1 (the autoregressive baseline): nothing to spread, G = A = 1 for a non-blank final.
+    out = refinement_metrics({"a": [CAPTION_A], "b": [""]}, REFS, [1.0], [1.0])
+    assert out["gradualness"] == pytest.approx(0.5)  # b's blank final scores 0
+    assert out["length_adherence"] == pytest.approx(0.5)
+    one = refinement_metrics({"a": [CAPTION_A], "b": [CAPTION_B]}, REFS, [1.0], [1.0])
+    assert one["gradualness"] == 1.0 and one["gradualness_raw"] == 1.0
+    assert one["monotonic_fraction"] == 1.0
+
+
+def test_monotonicity_on_hand_made_trajectories() -> None:
+    # a improves at every step; b gets worse at step 3 (a wrong word replaces a right one).
+    chains = {"a": GROWING_A, "b": ["two", "two dogs", "two cats", CAPTION_B]}
+    out = refinement_metrics(chains, REFS, LINEAR4, UNIFORM4, per_image=True)
+    assert out["monotonic_fraction"] == 0.5
+    assert [p["monotonic"] for p in out["per_image"]] == [True, False]
+    cider_b = out["per_image"][1]["cider"]
+    assert cider_b[2] < cider_b[1]
 
 
 def test_length_adherence_counts_eval_tokens() -> None:
     # "Man." is 1 word and "A man rides brown horse." 5 after tokenisation: ratios 1/5, 1.
     out = refinement_metrics({"a": ["Man.", "A man rides brown horse."], "b": ["", CAPTION_B]},
                              REFS, [0.5, 1.0], [0.5, 0.5])
-    # a: 1 - (|0.2 - 0.5| + 0) / 2 = 0.85; b: 1 - (0.5 + 0) / 2 = 0.75.
-    assert out["length_adherence"] == pytest.approx((0.85 + 0.75) / 2)
+    # a: deviation (|0.2 - 0.5| + 0) / 2 = 0.15; b: (0.5 + 0) / 2 = 0.25. D = 0.25.
+    assert out["length_adherence_raw"] == pytest.approx((0.85 + 0.75) / 2)
+    assert out["length_adherence"] == pytest.approx((1 - 0.15 / 0.25 + 0.0) / 2)
     assert out["length_ratio_per_step"] == pytest.approx([0.1, 1.0])
 
 
@@ -109,11 +189,13 @@ def test_weighted_quality_monotonicity_and_blank_final() -> None:
     assert out["weighted_quality"] == pytest.approx(5.0)
     assert out["final_cider"] == pytest.approx(5.0)
     assert out["monotonic_fraction"] == 0.5
-    # b's final caption is blank: G_b = A_b = 0. a: p = (0, 1), G_a = 1 - 0.5 / 2 = 0.75.
+    # b's final caption is blank: G_b = A_b = 0. a: p = (0, 1), raw G_a = 1 - 0.5 / 2 = 0.75,
+    # normalised 0 (all at the last step).
     assert out["num_blank_final"] == 1
-    assert out["gradualness"] == pytest.approx(0.375)
-    assert out["length_adherence"] == pytest.approx(0.375)
-    assert out["refine_score"] == pytest.approx(5.0 * 0.375)
+    assert out["gradualness_raw"] == pytest.approx(0.375)
+    assert out["length_adherence_raw"] == pytest.approx(0.375)
+    assert out["gradualness"] == 0.0 and out["length_adherence"] == 0.0
+    assert out["refine_score"] == 0.0
     assert out["progress_per_step"] == pytest.approx([0.0, 1.0])  # over images with a final
 
     rising = refinement_metrics({"a": ["", CAPTION_A], "b": ["", CAPTION_B]}, REFS,
@@ -124,6 +206,7 @@ def test_weighted_quality_monotonicity_and_blank_final() -> None:
     all_blank = refinement_metrics({"a": ["x", ""], "b": ["y", ""]}, REFS, [0.5, 1.0],
                                    [0.5, 0.5])
     assert all_blank["gradualness"] == 0.0 and all_blank["length_adherence"] == 0.0
+    assert all_blank["gradualness_raw"] == 0.0 and all_blank["length_adherence_raw"] == 0.0
     assert all_blank["progress_per_step"] is None and all_blank["length_ratio_per_step"] is None
     assert all_blank["num_blank_final"] == 2
     json.dumps(all_blank, allow_nan=False)
@@ -151,16 +234,18 @@ def test_step_quality_matches_score_captions() -> None:
 
 
 def test_model_vectors_pointing_away_are_capped() -> None:
-    # cos = -1 gives p = -1; the deviation |p - s| = 1.5 counts as 1, so G = 1 - (1 + 0) / 2.
+    # cos = -1 gives p = -1; the deviation |p - s| = 1.5 counts as 1, so raw G = 1 - (1 + 0) / 2;
+    # normalised 1 - 0.5 / 0.25 < 0 is clipped to 0.
     vectors = np.array([[[-1.0, 0.0], [1.0, 0.0]], [[-2.0, 0.0], [3.0, 0.0]]])
     out = refinement_metrics({"a": ["man", CAPTION_A], "b": ["two", CAPTION_B]}, REFS,
                              [0.5, 1.0], [0.5, 0.5], step_vectors=vectors)
-    assert out["gradualness"] == pytest.approx(0.5)
+    assert out["gradualness_raw"] == pytest.approx(0.5)
+    assert out["gradualness"] == 0.0
     zero_final = vectors.copy()
     zero_final[1, 1] = 0.0
     out = refinement_metrics({"a": ["man", CAPTION_A], "b": ["two", CAPTION_B]}, REFS,
                              [0.5, 1.0], [0.5, 0.5], step_vectors=zero_final)
-    assert out["gradualness"] == pytest.approx(0.25)  # b's zero final vector: G_b = 0
+    assert out["gradualness_raw"] == pytest.approx(0.25)  # b's zero final vector: G_b = 0
 
 
 @pytest.mark.parametrize(

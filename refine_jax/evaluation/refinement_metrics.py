@@ -10,23 +10,43 @@ schedule s(k) and the loss weights w_k:
 - Gradualness G: with e(c) the text encoding (default: CIDEr's TF-IDF n-gram vector, from the
   references, of the eval-tokenised caption; the blank caption is the zero vector) and d the
   cosine distance (1 whenever one side is the zero vector), progress
-  p_k = 1 - d(c_k, c_K) / d(c_0, c_K) and G_i = 1 - mean_k |p_k - s(k)|; G = mean_i G_i.
+  p_k = 1 - d(c_k, c_K) / d(c_0, c_K) and the mean deviation dev_i = mean_k |p_k - s(k)|.
   Because d(c_0, c_K) = 1 for any non-blank final caption, p_k = cos(e(c_k), e(c_K)).
-- Length adherence A_i = 1 - mean_k |len_k / len_K - s(k)| (len: words after eval tokenisation);
-  A = mean_i A_i.
-- Refine score R = Q_w * G, and `monotonic_fraction`: the fraction of images whose per-image CIDEr
-  never drops from one step to the next (a drop of at most 1e-9 relative is float noise).
+  DESIGN §4's G_i = 1 - dev_i is reported as `gradualness_raw`.
+- Length adherence: the same with the length ratios r_k = len_k / len_K (len: words after eval
+  tokenisation) in place of p_k; DESIGN §4's A_i = 1 - mean_k |r_k - s(k)| is
+  `length_adherence_raw`.
+- Refine score R = Q_w * G (the normalised G below), and `monotonic_fraction`: the fraction of
+  images whose per-image CIDEr never drops from one step to the next (a drop of at most 1e-9
+  relative is float noise).
+
+Normalised G and A (`gradualness`, `length_adherence`). The raw 1 - dev does not separate a
+gradual chain from the two degenerate ones: at K = 4 under the linear schedule both "blank until
+the last step" (p = 0, 0, 0, 1) and "complete at step 1, then unchanged" (p = 1, 1, 1, 1) score
+0.625, although neither refines at all. So the deviation is measured against the worse of these
+two paths under the same schedule:
+
+    D = max(dev_end, dev_start),  dev_end = mean_k |e_k - s(k)| with e = (0, ..., 0, 1),
+                                  dev_start = mean_k |1 - s(k)|,
+    G_i = clip(1 - dev_i / D, 0, 1)   (G_i = 1 when K = 1 or D = 0),
+
+and likewise A_i from the length deviations. With s(K) = 1, dev_end = (1/K) sum_{k<K} s(k).
+A chain that follows the schedule exactly scores 1; the worse degenerate path scores 0, the
+other one 1 - dev_other / D. Under the linear schedule the two are equally bad, so both score
+exactly 0; under a log schedule, which front-loads progress, "blank until the last step" scores
+0 and "complete at step 1" 1 - dev_start / dev_end > 0. G = mean_i G_i, A = mean_i A_i.
 
 Conventions (stated because the formulas leave them open):
 
 - Blank final caption: progress and length ratios are undefined, so that image's G_i and A_i
-  are 0 (worst); it still counts in every average, and `num_blank_final` counts such images.
+  are 0 (worst), raw and normalised; it still counts in every average, and `num_blank_final`
+  counts such images.
   G_i is 0 whenever the final encoding is the zero vector: a blank caption, one made only of
   n-grams that occur in every image's references (zero IDF), or, with `step_vectors`, an
   all-zero final vector. With a single image every IDF is 0 (as CIDEr is), so G is 0 there.
-- Each step's deviation |p_k - s(k)| or |len_k/len_K - s(k)| is capped at 1, which keeps G and A in
-  [0, 1] as DESIGN §4 states, also for model state vectors (cosine < 0) and intermediate captions
-  longer than the final one.
+- Each step's deviation |p_k - s(k)| or |len_k/len_K - s(k)| is capped at 1, which keeps the raw G
+  and A in [0, 1] as DESIGN §4 states, also for model state vectors (cosine < 0) and intermediate
+  captions longer than the final one. The normalised values are clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -103,24 +123,30 @@ def _step_vectors(
     return arr
 
 
-def _gradualness(distances_to_final: np.ndarray, final_blank: np.ndarray,
-                 schedule: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image G_i and progress p_k from d(c_k, c_K) [N, K] (d(c_0, c_K) = 1 when c_K is not
-    blank, since c_0 is the zero vector)."""
-    progress = 1.0 - distances_to_final
-    deviation = np.minimum(1.0, np.abs(progress - schedule[None, :]))
-    per_image = np.where(final_blank, 0.0, 1.0 - deviation.mean(axis=1))
-    return per_image, progress
+def degenerate_deviation(schedule: Sequence[float] | np.ndarray) -> float:
+    """D = max(dev_end, dev_start): the mean deviation from `schedule` of the worse of the two
+    paths that do not refine (all at the last step, all at step 1); each step's deviation capped
+    at 1 as for real chains."""
+    sched = np.asarray(schedule, dtype=np.float64)
+    all_at_end = np.zeros_like(sched)
+    all_at_end[-1] = 1.0
+    dev_end = float(np.minimum(1.0, np.abs(all_at_end - sched)).mean())
+    dev_start = float(np.minimum(1.0, np.abs(1.0 - sched)).mean())
+    return max(dev_end, dev_start)
 
 
-def _length_adherence(lengths: np.ndarray, schedule: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image A_i and the ratios len_k / len_K from word counts [N, K]."""
-    final = lengths[:, -1:]
-    blank = final[:, 0] == 0
-    ratios = lengths / np.where(final == 0, 1, final)
-    deviation = np.minimum(1.0, np.abs(ratios - schedule[None, :]))
-    return np.where(blank, 0.0, 1.0 - deviation.mean(axis=1)), ratios
+def _adherence(values: np.ndarray, blank: np.ndarray, schedule: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (normalised, raw) scores of trajectories `values` [N, K] against `schedule`;
+    0 for images whose final is blank."""
+    deviation = np.minimum(1.0, np.abs(values - schedule[None, :])).mean(axis=1)
+    raw = np.where(blank, 0.0, 1.0 - deviation)
+    denominator = degenerate_deviation(schedule)
+    if len(schedule) == 1 or denominator == 0.0:
+        normalised = np.ones_like(deviation)
+    else:
+        normalised = np.clip(1.0 - deviation / denominator, 0.0, 1.0)
+    return np.where(blank, 0.0, normalised), raw
 
 
 def refinement_metrics(
@@ -130,6 +156,7 @@ def refinement_metrics(
     weights: Sequence[float] | np.ndarray,
     tokenize: bool = True,
     step_vectors: np.ndarray | Mapping[Hashable, Any] | None = None,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """DESIGN §4 refinement metrics of K-step caption trajectories (JSON-serialisable).
 
@@ -141,10 +168,13 @@ def refinement_metrics(
     image id -> [K, D] (e.g. the model's pooled text state).
 
     Returns num_images, num_steps, cider_per_step, bleu4_per_step, final_cider, final_bleu4,
-    weighted_quality (Q_w), gradualness (G), progress_per_step (mean p_k over images with a
-    non-zero final encoding, None if none), length_adherence (A), length_ratio_per_step (mean
+    weighted_quality (Q_w), gradualness (normalised G), gradualness_raw (DESIGN's 1 - mean
+    deviation), progress_per_step (mean p_k over images with a non-zero final encoding, None if
+    none), length_adherence (normalised A), length_adherence_raw, length_ratio_per_step (mean
     len_k/len_K over images with a non-blank final), refine_score (R = Q_w * G),
-    monotonic_fraction and num_blank_final.
+    monotonic_fraction and num_blank_final. With `per_image`, also `per_image`: one dict per
+    image in the order of `trajectories` (image_id, cider [K], progress [K], length_ratio [K],
+    gradualness, gradualness_raw, length_adherence, length_adherence_raw, monotonic).
     """
     ids, num_steps = _check_trajectories(trajectories)
     if set(ids) != set(references):
@@ -193,13 +223,17 @@ def refinement_metrics(
         final_blank = ~np.any(vectors[:, -1, :] != 0, axis=1)
         distances = np.array([[cosine_distance(vectors[n, k], vectors[n, -1])
                                for k in range(num_steps)] for n in range(len(ids))])
-    grad, progress = _gradualness(distances, final_blank, sched)
-    adherence, ratios = _length_adherence(lengths, sched)
+    progress = 1.0 - distances
+    final = lengths[:, -1:]
+    has_words = final[:, 0] > 0
+    ratios = lengths / np.where(final == 0, 1, final)
+    grad, grad_raw = _adherence(progress, final_blank, sched)
+    adherence, adherence_raw = _adherence(ratios, ~has_words, sched)
 
     weighted_quality = float(np.dot(w, cider_per_step))
     gradualness = float(grad.mean())
-    kept, has_words = ~final_blank, lengths[:, -1] > 0
-    return {
+    kept = ~final_blank
+    out: dict[str, Any] = {
         "num_images": len(ids),
         "num_steps": num_steps,
         "cider_per_step": [float(x) for x in cider_per_step],
@@ -208,14 +242,32 @@ def refinement_metrics(
         "final_bleu4": float(bleu4_per_step[-1]),
         "weighted_quality": weighted_quality,
         "gradualness": gradualness,
+        "gradualness_raw": float(grad_raw.mean()),
         "progress_per_step": progress[kept].mean(axis=0).tolist() if kept.any() else None,
         "length_adherence": float(adherence.mean()),
+        "length_adherence_raw": float(adherence_raw.mean()),
         "length_ratio_per_step": (ratios[has_words].mean(axis=0).tolist() if has_words.any()
                                   else None),
         "refine_score": weighted_quality * gradualness,
         "monotonic_fraction": float(monotonic.mean()),
         "num_blank_final": int((~has_words).sum()),
     }
+    if per_image:
+        out["per_image"] = [
+            {
+                "image_id": image_id,
+                "cider": per_image_cider_arr[n].tolist(),
+                "progress": progress[n].tolist(),
+                "length_ratio": ratios[n].tolist(),
+                "gradualness": float(grad[n]),
+                "gradualness_raw": float(grad_raw[n]),
+                "length_adherence": float(adherence[n]),
+                "length_adherence_raw": float(adherence_raw[n]),
+                "monotonic": bool(monotonic[n]),
+            }
+            for n, image_id in enumerate(ids)
+        ]
+    return out
 
 
 def _normalize_whitespace(text: str) -> str:
@@ -242,4 +294,4 @@ def chain_agreement(
     return [float(x) for x in hits.mean(axis=0)]
 
 
-__all__ = ["chain_agreement", "refinement_metrics"]
+__all__ = ["chain_agreement", "degenerate_deviation", "refinement_metrics"]

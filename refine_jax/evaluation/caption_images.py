@@ -1,0 +1,136 @@
+"""`--mode=caption`: describe a user's images with a trained checkpoint, every step readable.
+
+    python -m refine_jax.main --config=C --workdir=DIR --mode=caption \\
+        --images=FOLDER_OR_GLOB_OR_FILE [--output=FILE.jsonl] [--checkpoint_step=N]
+
+JPEG, PNG and WebP images of any size are resized and centre-cropped to the model's input
+(`preprocess_image`). Files that cannot be decoded are reported on stderr, listed under `skipped`
+in the summary, and left out. Writes one JSON line per image ({"file", "steps"}) to --output
+(default DIR/captions/NAME.jsonl, NAME the images' folder name) and the summary beside it
+(NAME.summary.json), and prints every step of every description.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import ml_collections
+import numpy as np
+
+from refine_jax.data.pipeline import preprocess_image
+from refine_jax.data.records import CorruptImageError, decode_image
+from refine_jax.decoding import decode_batch
+from refine_jax.evaluation.evaluate import LoadedModel, load_model
+from refine_jax.sharding import to_host
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def list_images(spec: str | os.PathLike) -> list[Path]:
+    """The image files `spec` names: a folder (its *.jpg/.jpeg/.png/.webp files, any case,
+    sorted), a glob (every matching file, sorted) or one file."""
+    text = os.path.expanduser(os.fspath(spec))
+    if any(c in text for c in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(text, recursive=True)) if os.path.isfile(p)]
+        if not paths:
+            raise FileNotFoundError(f"no files match {text!r}")
+        return paths
+    path = Path(text)
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.is_file()
+                       and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {path}")
+        return paths
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"no such image, folder or glob: {text!r}")
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """The model input [size, size, 3] in [-1, 1] of an image file; CorruptImageError (or
+    OSError) when it cannot be read."""
+    return preprocess_image(decode_image(path.read_bytes()), size)
+
+
+def default_output(workdir: str | os.PathLike, spec: str | os.PathLike) -> Path:
+    """DIR/captions/NAME.jsonl, NAME the folder the images are in (or the folder given)."""
+    text = os.path.abspath(os.path.expanduser(os.fspath(spec)))
+    wildcard = min((text.index(c) for c in "*?[" if c in text), default=None)
+    if wildcard is not None:
+        folder = os.path.dirname(text[:wildcard])
+    else:
+        folder = text if os.path.isdir(text) else os.path.dirname(text)
+    name = os.path.basename(folder.rstrip("/")) or "images"
+    return Path(workdir) / "captions" / f"{name}.jsonl"
+
+
+def describe_images(loaded: LoadedModel, images: np.ndarray) -> list[list[str]]:
+    """Every step's description of each image in `images` [n, S, S, 3], in batches of the
+    config's batch size (the last one padded, so one compilation serves them all)."""
+    batch_size = loaded.config.batch_size
+    out: list[list[str]] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+        with loaded.context():
+            canvases = decode_batch(loaded.model, loaded.params,
+                                    loaded.put_batch({"image": padded})["image"],
+                                    loaded.fractions)
+        canvases = to_host(canvases)
+        out.extend([loaded.tokenizer.decode(c) for c in canvases[i]] for i in range(len(chunk)))
+    return out
+
+
+def caption_images(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    images: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    checkpoint_step: int | None = None,
+    loaded: LoadedModel | None = None,
+    stdout: TextIO = sys.stdout,
+    stderr: TextIO = sys.stderr,
+) -> dict[str, Any]:
+    """Captions the images `images` names; returns the summary {output, num_captioned,
+    checkpoint_step, skipped: [{file, error}]} and writes the JSONL and summary files."""
+    paths = list_images(images)
+    loaded = loaded or load_model(config, workdir, checkpoint_step)
+    size = config.model.image_size
+    good: list[Path] = []
+    arrays: list[np.ndarray] = []
+    skipped: list[dict[str, str]] = []
+    for path in paths:
+        try:
+            arrays.append(read_image(path, size))
+            good.append(path)
+        except (CorruptImageError, OSError) as e:
+            skipped.append({"file": str(path), "error": str(e)})
+            print(f"skipping {path}: {e}", file=stderr)
+    descriptions = describe_images(loaded, np.stack(arrays)) if arrays else []
+
+    output = Path(output) if output else default_output(workdir, images)
+    summary = {"output": str(output), "num_captioned": len(good),
+               "checkpoint_step": loaded.step, "skipped": skipped}
+    if jax.process_index() != 0:
+        return summary
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        for path, steps in zip(good, descriptions, strict=True):
+            f.write(json.dumps({"file": str(path), "steps": steps}) + "\n")
+    for path, steps in zip(good, descriptions, strict=True):
+        print(str(path), file=stdout)
+        for k, text in enumerate(steps, 1):
+            print(f"  step {k}: {text}", file=stdout)
+    output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary), file=stdout)
+    return summary
+
+
+__all__ = ["caption_images", "describe_images", "list_images", "read_image"]

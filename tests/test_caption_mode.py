@@ -1,0 +1,93 @@
+"""`--mode=caption` on a folder of user images: JPEG, PNG and WebP of odd sizes are described at
+every step; a corrupt file is reported and skipped."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import load_config
+from PIL import Image
+from test_evaluate import run_main, trained_workdir
+
+from refine_jax.evaluation.caption_images import caption_images, default_output, list_images
+from refine_jax.evaluation.evaluate import load_model
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_workdir(tmp_path_factory, "tiny")
+
+
+def make_images(folder: Path) -> list[str]:
+    """Good images of several formats and sizes, one corrupt file and one non-image; returns the
+    good file names."""
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    good = {"wide.jpg": ((301, 97), "RGB", "JPEG"), "tall.PNG": ((23, 200), "RGBA", "PNG"),
+            "grey.webp": ((64, 64), "L", "WEBP"), "small.jpeg": ((5, 7), "RGB", "JPEG")}
+    for name, ((width, height), mode, fmt) in good.items():
+        channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+        pixels = rng.integers(0, 255, (height, width, channels), dtype=np.uint8)
+        image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        (folder / name).write_bytes(buffer.getvalue())
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(200)))
+    (folder / "notes.txt").write_text("not an image")
+    return sorted(good)
+
+
+def test_caption_mode_describes_good_images_and_reports_the_bad_one(workdir, tmp_path):
+    names = make_images(tmp_path / "photos")
+    output = tmp_path / "out" / "captions.jsonl"
+    result = run_main("--config=configs/shapes.py:tiny", f"--workdir={workdir}", "--mode=caption",
+                      f"--images={tmp_path / 'photos'}", f"--output={output}")
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(Path(r["file"]).name for r in rows) == names
+    for row in rows:
+        assert len(row["steps"]) == 4 and all(isinstance(s, str) for s in row["steps"])
+    assert "corrupt.jpg" in result.stderr
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    assert summary["num_captioned"] == 4 and summary["checkpoint_step"] == 20
+    assert [Path(s["file"]).name for s in summary["skipped"]] == ["corrupt.jpg"]
+    assert "step 4:" in result.stdout and "wide.jpg" in result.stdout
+
+
+def test_caption_glob_default_output_and_batches(workdir, tmp_path):
+    make_images(tmp_path / "photos")
+    config = load_config("shapes", "tiny")
+    config.batch_size = 8  # more images than one batch: two batches, the last padded
+    loaded = load_model(config, workdir)
+    for i in range(9):
+        Image.new("RGB", (50 + i, 60), (i * 20, 0, 0)).save(tmp_path / "photos" / f"red{i}.png")
+    out, err = io.StringIO(), io.StringIO()
+    summary = caption_images(config, workdir, str(tmp_path / "photos" / "*.*"), loaded=loaded,
+                             stdout=out, stderr=err)
+    assert summary["output"] == str(workdir / "captions" / "photos.jsonl")
+    rows = [json.loads(line) for line in Path(summary["output"]).read_text().splitlines()]
+    assert len(rows) == 13 and summary["num_captioned"] == 13  # a glob takes every file...
+    skipped = sorted(Path(s["file"]).name for s in summary["skipped"])
+    assert skipped == ["corrupt.jpg", "notes.txt"]  # ...and reports those it cannot read
+    assert "notes.txt" in err.getvalue()
+    # Same pixels, same description, whichever batch an image lands in.
+    by_name = {Path(r["file"]).name: r["steps"] for r in rows}
+    single = caption_images(config, workdir, str(tmp_path / "photos" / "red8.png"),
+                            output=tmp_path / "one.jsonl", loaded=loaded, stdout=out, stderr=err)
+    one = json.loads(Path(single["output"]).read_text())
+    assert one["steps"] == by_name["red8.png"]
+
+
+def test_list_images_and_default_output(tmp_path):
+    make_images(tmp_path / "photos")
+    listed = [p.name for p in list_images(tmp_path / "photos")]
+    assert listed == sorted(["corrupt.jpg", "grey.webp", "small.jpeg", "tall.PNG", "wide.jpg"])
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        list_images(str(tmp_path / "photos" / "*.gif"))
+    with pytest.raises(FileNotFoundError, match="no such image"):
+        list_images(tmp_path / "missing")
+    assert default_output("/w", tmp_path / "photos") == Path("/w/captions/photos.jsonl")
+    assert default_output("/w", tmp_path / "photos" / "a.jpg") == Path("/w/captions/photos.jsonl")
