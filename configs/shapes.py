@@ -16,10 +16,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.seed = 0
     config.batch_size = 64
-    config.total_steps = 3000
+    config.total_steps = 2500
     config.log_every_steps = 100
-    config.checkpoint_every_steps = 1000
-    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 500
+    config.eval_every_steps = 500
     config.learning_rate = 1e-3
     config.warmup_steps = 200
 
@@ -32,7 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     m = config.model
     m.image_size = 48
-    m.patch_size = 8
+    m.patch_size = 16  # one patch per cell of the shapes' 3x3 grid
     m.width = 128
     m.num_heads = 4
     m.mlp_dim = 256
