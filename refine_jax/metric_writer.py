@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from absl import logging
 from etils import epath
@@ -31,7 +32,8 @@ class MetricWriter:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self._tensorboard is not None:
             for name, value in metrics.items():
-                self._tensorboard.add_scalar(name, value, step)
+                if math.isfinite(value):  # a skipped non-finite step is in metrics.jsonl
+                    self._tensorboard.add_scalar(name, value, step)
             self._tensorboard.flush()
 
     def close(self) -> None:

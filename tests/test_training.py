@@ -110,3 +110,33 @@ def test_a_nan_batch_skips_the_update_and_is_counted():
     assert float(metrics["skipped_nonfinite"]) == 0.0
     assert any(not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(good_state.params), jax.tree.leaves(new_state.params)))
+
+
+def test_too_many_nonfinite_updates_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
+        tmp_path, monkeypatch):
+    from refine_jax import sharding
+
+    calls = []
+    real_global_batch = sharding.global_batch
+
+    def poison_after_step_three(batch, mesh, rules):
+        calls.append(1)
+        if len(calls) > 3:  # every batch from step 4 on carries a NaN pixel
+            batch = dict(batch, image=batch["image"].copy())
+            batch["image"][0, 0, 0, 0] = np.nan
+        return real_global_batch(batch, mesh, rules)
+
+    monkeypatch.setattr(sharding, "global_batch", poison_after_step_three)
+    config = short_config(steps=30)
+    config.max_consecutive_nonfinite = 3
+    with pytest.raises(RuntimeError, match="3 consecutive updates had a non-finite loss") as error:
+        train.train_and_evaluate(config, str(tmp_path))
+    logged = losses(tmp_path)
+    assert all(np.isfinite(logged[s]) for s in (1, 2, 3)) and not np.isfinite(logged[4])
+    # Skipped updates never touch the parameters, so every checkpoint left behind is good:
+    # once the data is clean again, the same command resumes and trains on.
+    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert f"last good checkpoint is step {saved}" in str(error.value)
+    monkeypatch.setattr(sharding, "global_batch", real_global_batch)
+    train.train_and_evaluate(short_config(steps=saved + 2), str(tmp_path))
+    assert np.isfinite(losses(tmp_path)[saved + 2])
