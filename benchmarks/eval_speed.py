@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def flickr8k_config(data: Path):
     """configs/flickr8k.py's default config (unlocked), reading `data`."""
-    spec = importlib.util.spec_from_file_location("flickr8k_config", REPO / "configs" /
-                                                  "flickr8k.py")
+    spec = importlib.util.spec_from_file_location(
+        "flickr8k_config", REPO / "configs" / "flickr8k.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("")
@@ -44,8 +45,11 @@ def flickr8k_config(data: Path):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="128 images, 10 in the report")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flickr8k"),
-                        help="the Flickr8k shard folder (with train/ and val/)")
+    parser.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "flickr8k"),
+        help="the Flickr8k shard folder (with train/ and val/)",
+    )
     parser.add_argument("--output", default=None, help="where to save the JSON result")
     args = parser.parse_args(argv)
 
@@ -57,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(args.data)
     if not (data / "val" / "references.json").exists():
-        print(f"no Flickr8k shards at {data} (expected val/ with references.json)",
-              file=sys.stderr)
+        print(f"no Flickr8k shards at {data} (expected val/ with references.json)", file=sys.stderr)
         return 2
     config = flickr8k_config(data)
     num_images = 128 if args.quick else 0
@@ -75,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(config, workdir, random_init=True, tokenizer=tokenizer)
         init_seconds = time.perf_counter() - start
         tick = time.perf_counter()
-        summary = evaluate_checkpoint(config, workdir, eval_data=str(data / "val"),
-                                      max_report_images=report_images, loaded=loaded,
-                                      num_threads=os.cpu_count() or 2)
+        summary = evaluate_checkpoint(
+            config,
+            workdir,
+            eval_data=str(data / "val"),
+            max_report_images=report_images,
+            loaded=loaded,
+            num_threads=os.cpu_count() or 2,
+        )
         eval_seconds = time.perf_counter() - tick
         report_bytes = (Path(summary["output_dir"]) / "report.html").stat().st_size
 
@@ -95,19 +103,33 @@ def main(argv: list[str] | None = None) -> int:
         "report_images": report_images,
         "report_megabytes": round(report_bytes / 1e6, 2),
         "final_cider_random_init": round(summary["final_cider"], 4),
-        "config": {"file": "configs/flickr8k.py", "image_size": m.image_size,
-                   "patch_size": m.patch_size, "width": m.width,
-                   "encoder_depth": m.encoder_depth, "detailer_depth": m.detailer_depth,
-                   "num_refine_steps": m.num_refine_steps, "canvas_length": m.canvas_length,
-                   "vocab_size": tokenizer.vocab_size, "batch_size": config.batch_size},
-        "machine": {"backend": jax.default_backend(), "devices": jax.device_count(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "jax": jax.__version__},
+        "config": {
+            "file": "configs/flickr8k.py",
+            "image_size": m.image_size,
+            "patch_size": m.patch_size,
+            "width": m.width,
+            "encoder_depth": m.encoder_depth,
+            "detailer_depth": m.detailer_depth,
+            "num_refine_steps": m.num_refine_steps,
+            "canvas_length": m.canvas_length,
+            "vocab_size": tokenizer.vocab_size,
+            "batch_size": config.batch_size,
+        },
+        "machine": {
+            "backend": jax.default_backend(),
+            "devices": jax.device_count(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+        },
     }
     text = json.dumps(result, indent=1)
     print(text)
-    output = Path(args.output) if args.output else (
-        REPO / "benchmarks" / "results" / f"{result['benchmark']}.json")
+    output = (
+        Path(args.output)
+        if args.output
+        else (REPO / "benchmarks" / "results" / f"{result['benchmark']}.json")
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text + "\n")
     print(f"saved {output}", file=sys.stderr)

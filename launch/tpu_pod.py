@@ -78,12 +78,14 @@ def parse_accelerator(accelerator_type: str) -> tuple[str, int]:
     if not match:
         raise LaunchError(
             f"--accelerator_type={accelerator_type!r} is not of the form FAMILY-SIZE "
-            f"(e.g. v4-32, v5litepod-16)")
+            f"(e.g. v4-32, v5litepod-16)"
+        )
     family, size = match.group(1), int(match.group(2))
     if family not in RUNTIME_VERSIONS:
         raise LaunchError(
             f"unknown accelerator family {family!r} in --accelerator_type={accelerator_type}; "
-            f"known families: {', '.join(RUNTIME_VERSIONS)}")
+            f"known families: {', '.join(RUNTIME_VERSIONS)}"
+        )
     if size < 1:
         raise LaunchError(f"--accelerator_type={accelerator_type}: size must be positive")
     return family, size
@@ -118,7 +120,8 @@ def check_name_and_zone(args: argparse.Namespace) -> None:
     if not NAME_RE.fullmatch(args.name):
         raise LaunchError(
             f"--name={args.name!r}: use lowercase letters, digits and hyphens, starting with a "
-            f"letter and not ending with a hyphen (at most 63 characters)")
+            f"letter and not ending with a hyphen (at most 63 characters)"
+        )
     if not args.zone:
         raise LaunchError("--zone is required (e.g. --zone=us-central2-b)")
     if not ZONE_RE.fullmatch(args.zone):
@@ -134,7 +137,8 @@ def check_config_file(config: str, repo: Path) -> None:
         dirs = " or ".join(d + "/" for d in CONFIG_DIRS)
         raise LaunchError(
             f"--config={config}: give a path relative to the repository under {dirs} (e.g. "
-            f"configs/shapes.py); the workers run from the copy that `setup` ships")
+            f"configs/shapes.py); the workers run from the copy that `setup` ships"
+        )
     if not (repo / path).is_file():
         raise LaunchError(f"--config={config}: {repo / path} does not exist")
 
@@ -152,9 +156,13 @@ def check_workdir(args: argparse.Namespace) -> None:
             f"--workdir={workdir!r} is not a gs:// path. On a pod every worker needs the same "
             f"workdir (checkpoints are written jointly and resumed from there), and a VM's disk "
             f"is lost when it is deleted or preempted. Use gs://BUCKET/PATH, or pass "
-            f"--allow_local_workdir to use a path on each worker's own disk anyway")
-    consequence = ("each of the pod's workers will write its own, partial checkpoints" if multi
-                   else "checkpoints stay on the VM's disk and are lost with the VM")
+            f"--allow_local_workdir to use a path on each worker's own disk anyway"
+        )
+    consequence = (
+        "each of the pod's workers will write its own, partial checkpoints"
+        if multi
+        else "checkpoints stay on the VM's disk and are lost with the VM"
+    )
     print(f"warning: --workdir={workdir} is not on GCS: {consequence}", file=sys.stderr)
 
 
@@ -162,8 +170,9 @@ def check_workdir(args: argparse.Namespace) -> None:
 # Command builders: pure functions from flags to argv lists.
 
 
-def gcloud_tpu(group: str, verb: str, positional: Sequence[str], args: argparse.Namespace,
-               *flags: str) -> list[str]:
+def gcloud_tpu(
+    group: str, verb: str, positional: Sequence[str], args: argparse.Namespace, *flags: str
+) -> list[str]:
     """`gcloud compute tpus GROUP VERB POSITIONAL --zone=Z [--project=P] FLAGS...`."""
     argv = ["gcloud", "compute", "tpus", group, verb, *positional, f"--zone={args.zone}"]
     if args.project:
@@ -173,16 +182,20 @@ def gcloud_tpu(group: str, verb: str, positional: Sequence[str], args: argparse.
 
 def ssh(args: argparse.Namespace, worker: str, script: str) -> list[str]:
     """Runs the shell SCRIPT on one worker (or 'all', in parallel) of the TPU VM."""
-    return gcloud_tpu("tpu-vm", "ssh", [args.name], args, f"--worker={worker}",
-                      f"--command={script}")
+    return gcloud_tpu(
+        "tpu-vm", "ssh", [args.name], args, f"--worker={worker}", f"--command={script}"
+    )
 
 
 def create_commands(args: argparse.Namespace) -> list[list[str]]:
     """`tpu-vm create` (blocks until READY), or `queued-resources create` (polled separately)."""
     runtime = args.runtime_version or default_runtime_version(args.accelerator_type)
     if args.queued:
-        flags = [f"--node-id={args.name}", f"--accelerator-type={args.accelerator_type}",
-                 f"--runtime-version={runtime}"]
+        flags = [
+            f"--node-id={args.name}",
+            f"--accelerator-type={args.accelerator_type}",
+            f"--runtime-version={runtime}",
+        ]
         if args.spot:
             flags.append("--spot")
         return [gcloud_tpu("queued-resources", "create", [args.name], args, *flags)]
@@ -196,8 +209,9 @@ def create_commands(args: argparse.Namespace) -> list[list[str]]:
 
 def queued_state_command(args: argparse.Namespace) -> list[str]:
     """Prints just the queued resource's state (WAITING_FOR_RESOURCES, ..., ACTIVE)."""
-    return gcloud_tpu("queued-resources", "describe", [args.name], args,
-                      "--format=value(state.state)")
+    return gcloud_tpu(
+        "queued-resources", "describe", [args.name], args, "--format=value(state.state)"
+    )
 
 
 def default_tarball(name: str) -> str:
@@ -207,21 +221,26 @@ def default_tarball(name: str) -> str:
 
 def running_guard() -> str:
     """Shell snippet that fails when a job started by `run` is still alive on this worker."""
-    return (f"if [ -f {REMOTE_PID} ] && kill -0 -- \"-$(cat {REMOTE_PID})\" 2>/dev/null; then "
-            f"echo \"a refine_jax job is still running on $(hostname); stop it first\" >&2; "
-            f"exit 1; fi")
+    return (
+        f'if [ -f {REMOTE_PID} ] && kill -0 -- "-$(cat {REMOTE_PID})" 2>/dev/null; then '
+        f'echo "a refine_jax job is still running on $(hostname); stop it first" >&2; '
+        f"exit 1; fi"
+    )
 
 
-def install_script(jax_requirement: str, python: str, fresh_venv: bool,
-                   extra_packages: Sequence[str] = ()) -> str:
+def install_script(
+    jax_requirement: str, python: str, fresh_venv: bool, extra_packages: Sequence[str] = ()
+) -> str:
     """Unpacks the tarball, makes a venv and pip-installs jax[tpu] and the package into it."""
     py = shlex.quote(python)
     steps = ["set -e", running_guard()]
     if re.fullmatch(r"python3\.[0-9]+", python):
         # Ubuntu images may lack this Python or its venv module: install them from apt.
         apt = "sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q"
-        steps.append(f"if ! {py} -c 'import ensurepip, venv' >/dev/null 2>&1; then "
-                     f"{apt} update && {apt} install -y {py} {py}-venv; fi")
+        steps.append(
+            f"if ! {py} -c 'import ensurepip, venv' >/dev/null 2>&1; then "
+            f"{apt} update && {apt} install -y {py} {py}-venv; fi"
+        )
     if fresh_venv:
         steps.append(f"rm -rf {REMOTE_VENV}")
     pip = f"{REMOTE_VENV}/bin/python -m pip install -q"
@@ -244,12 +263,26 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     requirement = jax_tpu_requirement(repo / "setup.py")
     tarball = args.tarball or default_tarball(args.name)
     return [
-        ["tar", "-czf", tarball, "--exclude=__pycache__", "--exclude=*.pyc", "-C", str(repo),
-         *SHIPPED_PATHS],
-        gcloud_tpu("tpu-vm", "scp", [tarball, f"{args.name}:{REMOTE_TARBALL}"], args,
-                   "--worker=all"),
-        ssh(args, "all", install_script(requirement, args.python, args.fresh_venv,
-                                        shlex.split(args.extra_packages))),
+        [
+            "tar",
+            "-czf",
+            tarball,
+            "--exclude=__pycache__",
+            "--exclude=*.pyc",
+            "-C",
+            str(repo),
+            *SHIPPED_PATHS,
+        ],
+        gcloud_tpu(
+            "tpu-vm", "scp", [tarball, f"{args.name}:{REMOTE_TARBALL}"], args, "--worker=all"
+        ),
+        ssh(
+            args,
+            "all",
+            install_script(
+                requirement, args.python, args.fresh_venv, shlex.split(args.extra_packages)
+            ),
+        ),
     ]
 
 
@@ -257,8 +290,16 @@ def train_command(args: argparse.Namespace, overrides: Sequence[str]) -> str:
     """The one simple command each worker runs: the refine_jax trainer, or `bash -c COMMAND`."""
     if args.command:
         return shlex.join(["bash", "-c", args.command])
-    return shlex.join(["python", "-m", "refine_jax.main", f"--config={args.config}",
-                       f"--workdir={args.workdir}", *overrides])
+    return shlex.join(
+        [
+            "python",
+            "-m",
+            "refine_jax.main",
+            f"--config={args.config}",
+            f"--workdir={args.workdir}",
+            *overrides,
+        ]
+    )
 
 
 def run_script(command: str) -> str:
@@ -268,14 +309,14 @@ def run_script(command: str) -> str:
     job's pid and also its process-group id: `stop` signals that group, i.e. the whole job.
     """
     return (
-        f"cd {REMOTE_SRC} || {{ echo \"no ~/{REMOTE_SRC} on $(hostname); run setup first\" >&2; "
+        f'cd {REMOTE_SRC} || {{ echo "no ~/{REMOTE_SRC} on $(hostname); run setup first" >&2; '
         f"exit 1; }}; "
         f"{running_guard()}; "
-        f"export PATH=\"$HOME/{REMOTE_VENV}/bin:$PATH\"; "
-        f"echo \"[launch] $(date -u +%Y-%m-%dT%H:%M:%SZ) starting\" >> {REMOTE_LOG}; "
+        f'export PATH="$HOME/{REMOTE_VENV}/bin:$PATH"; '
+        f'echo "[launch] $(date -u +%Y-%m-%dT%H:%M:%SZ) starting" >> {REMOTE_LOG}; '
         f"setsid nohup {command} >> {REMOTE_LOG} 2>&1 < /dev/null & "
         f"echo $! > {REMOTE_PID}; "
-        f"echo \"started on $(hostname), log in ~/refine_jax.log\""
+        f'echo "started on $(hostname), log in ~/refine_jax.log"'
     )
 
 
@@ -295,12 +336,12 @@ def stop_script(grace_s: int) -> str:
     alive = 'kill -0 -- "-$g" 2>/dev/null'
     return (
         f"if [ -f {REMOTE_PID} ] && g=$(cat {REMOTE_PID}) && {alive}; then "
-        f"kill -TERM -- \"-$g\"; i=0; "
+        f'kill -TERM -- "-$g"; i=0; '
         f"while {alive} && [ $i -lt {grace_s} ]; do sleep 1; i=$((i+1)); done; "
-        f"if {alive}; then echo \"still running after {grace_s}s on $(hostname): SIGKILL\" >&2; "
-        f"kill -KILL -- \"-$g\"; sleep 1; fi; rm -f /tmp/libtpu_lockfile; "
-        f"echo \"stopped on $(hostname)\"; "
-        f"else echo \"nothing running on $(hostname)\"; fi; rm -f {REMOTE_PID}"
+        f'if {alive}; then echo "still running after {grace_s}s on $(hostname): SIGKILL" >&2; '
+        f'kill -KILL -- "-$g"; sleep 1; fi; rm -f /tmp/libtpu_lockfile; '
+        f'echo "stopped on $(hostname)"; '
+        f'else echo "nothing running on $(hostname)"; fi; rm -f {REMOTE_PID}'
     )
 
 
@@ -323,15 +364,19 @@ def delete_commands(args: argparse.Namespace) -> list[list[str]]:
 class Runner:
     """Runs commands in order, stopping at the first failure; with dry_run only prints them."""
 
-    def __init__(self, dry_run: bool, out: TextIO | None = None,
-                 sleep: Callable[[float], None] | None = None):
+    def __init__(
+        self, dry_run: bool, out: TextIO | None = None, sleep: Callable[[float], None] | None = None
+    ):
         self.dry_run = dry_run
         self.out = out or sys.stdout
         self.sleep = sleep or time.sleep
         if not dry_run and shutil.which("gcloud") is None:
-            raise LaunchError("the gcloud CLI is not on PATH: install the Google Cloud CLI "
-                              "(https://cloud.google.com/sdk), or pass --dry_run to only print "
-                              "the commands", exit_code=1)
+            raise LaunchError(
+                "the gcloud CLI is not on PATH: install the Google Cloud CLI "
+                "(https://cloud.google.com/sdk), or pass --dry_run to only print "
+                "the commands",
+                exit_code=1,
+            )
 
     def run(self, argv: Sequence[str]) -> None:
         """Prints (dry run) or runs ARGV, raising LaunchError when it fails."""
@@ -370,9 +415,12 @@ def wait_until_active(args: argparse.Namespace, runner: Runner, poll_s: float = 
         if state in QUEUED_FAILED_STATES:
             raise LaunchError(f"queued resource {args.name} is {state}", exit_code=1)
         if time.monotonic() > deadline:
-            raise LaunchError(f"queued resource {args.name} still {state or 'unknown'} after "
-                              f"{args.wait_timeout_s}s; re-run with --use_existing once it is "
-                              f"ACTIVE", exit_code=1)
+            raise LaunchError(
+                f"queued resource {args.name} still {state or 'unknown'} after "
+                f"{args.wait_timeout_s}s; re-run with --use_existing once it is "
+                f"ACTIVE",
+                exit_code=1,
+            )
         print(f"queued resource {args.name}: {state}; waiting", file=sys.stderr, flush=True)
         runner.sleep(poll_s)
 
@@ -386,8 +434,10 @@ def check_create(args: argparse.Namespace) -> None:
     if args.use_existing:
         return
     if not args.accelerator_type:
-        raise LaunchError("--accelerator_type is required to create a TPU VM (e.g. v4-32, "
-                          "v5litepod-16), or pass --use_existing")
+        raise LaunchError(
+            "--accelerator_type is required to create a TPU VM (e.g. v4-32, "
+            "v5litepod-16), or pass --use_existing"
+        )
     parse_accelerator(args.accelerator_type)
     if args.spot and args.preemptible:
         raise LaunchError("--spot and --preemptible are exclusive (spot is the newer kind)")
@@ -401,8 +451,10 @@ def check_run(args: argparse.Namespace, overrides: Sequence[str]) -> None:
         parse_accelerator(args.accelerator_type)
     if args.command:
         if args.config or args.workdir or overrides:
-            raise LaunchError("--command replaces the training command: put --config, --workdir "
-                              "and --config.x=y overrides inside it instead")
+            raise LaunchError(
+                "--command replaces the training command: put --config, --workdir "
+                "and --config.x=y overrides inside it instead"
+            )
         return
     if not args.config:
         raise LaunchError("--config is required (e.g. --config=configs/shapes.py)")
@@ -436,8 +488,11 @@ def do_run(args: argparse.Namespace, runner: Runner, overrides: Sequence[str]) -
     for argv in run_commands(args, overrides):
         runner.run(argv)
     if not runner.dry_run:
-        print(f"follow worker 0's log: python launch/tpu_pod.py logs --name={args.name} "
-              f"--zone={args.zone}", file=sys.stderr)
+        print(
+            f"follow worker 0's log: python launch/tpu_pod.py logs --name={args.name} "
+            f"--zone={args.zone}",
+            file=sys.stderr,
+        )
 
 
 def do_logs(args: argparse.Namespace, runner: Runner, overrides: Sequence[str]) -> None:
@@ -475,8 +530,13 @@ def do_up(args: argparse.Namespace, runner: Runner, overrides: Sequence[str]) ->
 
 
 SUBCOMMANDS: dict[str, Callable[[argparse.Namespace, Runner, Sequence[str]], None]] = {
-    "create": do_create, "setup": do_setup, "run": do_run, "logs": do_logs, "stop": do_stop,
-    "delete": do_delete, "up": do_up,
+    "create": do_create,
+    "setup": do_setup,
+    "run": do_run,
+    "logs": do_logs,
+    "stop": do_stop,
+    "delete": do_delete,
+    "up": do_up,
 }
 TAKES_OVERRIDES = ("run", "up")
 
@@ -487,6 +547,7 @@ TAKES_OVERRIDES = ("run", "up")
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one subparser per subcommand, sharing groups of flags."""
+
     def parent() -> argparse.ArgumentParser:
         return argparse.ArgumentParser(add_help=False, allow_abbrev=False)
 
@@ -494,63 +555,100 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--name", help="TPU VM name (and queued resource id), e.g. my-pod")
     base.add_argument("--zone", help="e.g. us-central2-b")
     base.add_argument("--project", help="GCP project (default: gcloud's configured project)")
-    base.add_argument("--accelerator_type",
-                      help=f"FAMILY-SIZE, e.g. v4-32 or v5litepod-16; families: "
-                           f"{', '.join(RUNTIME_VERSIONS)}")
+    base.add_argument(
+        "--accelerator_type",
+        help=f"FAMILY-SIZE, e.g. v4-32 or v5litepod-16; families: {', '.join(RUNTIME_VERSIONS)}",
+    )
     base.add_argument("--repo", default=str(REPO), help="refine_jax checkout to ship and check")
-    base.add_argument("--dry_run", action="store_true",
-                      help="print every command, one per line, and run nothing")
+    base.add_argument(
+        "--dry_run", action="store_true", help="print every command, one per line, and run nothing"
+    )
 
     queued = parent()
-    queued.add_argument("--queued", action="store_true",
-                        help="use a queued resource (waits for capacity) instead of a plain VM")
+    queued.add_argument(
+        "--queued",
+        action="store_true",
+        help="use a queued resource (waits for capacity) instead of a plain VM",
+    )
 
     create = parent()
-    create.add_argument("--runtime_version",
-                        help="TPU VM image (default per family: "
-                             + ", ".join(f"{k}: {v}" for k, v in RUNTIME_VERSIONS.items()) + ")")
+    create.add_argument(
+        "--runtime_version",
+        help="TPU VM image (default per family: "
+        + ", ".join(f"{k}: {v}" for k, v in RUNTIME_VERSIONS.items())
+        + ")",
+    )
     create.add_argument("--spot", action="store_true", help="spot capacity (can be preempted)")
-    create.add_argument("--preemptible", action="store_true",
-                        help="legacy preemptible capacity (plain VMs only)")
-    create.add_argument("--use_existing", action="store_true",
-                        help="the TPU VM already exists: skip creating it")
-    create.add_argument("--wait_timeout_s", type=int, default=6 * 3600,
-                        help="with --queued: how long to wait for the TPU to become ACTIVE")
+    create.add_argument(
+        "--preemptible", action="store_true", help="legacy preemptible capacity (plain VMs only)"
+    )
+    create.add_argument(
+        "--use_existing", action="store_true", help="the TPU VM already exists: skip creating it"
+    )
+    create.add_argument(
+        "--wait_timeout_s",
+        type=int,
+        default=6 * 3600,
+        help="with --queued: how long to wait for the TPU to become ACTIVE",
+    )
 
     setup = parent()
-    setup.add_argument("--tarball", help="local path for the package tarball "
-                                         "(default: TMPDIR/refine_jax-NAME.tar.gz)")
-    setup.add_argument("--python", default=DEFAULT_PYTHON,
-                       help="Python on the workers for the venv (python3.X is apt-installed "
-                            "when missing)")
-    setup.add_argument("--extra_packages", default=DEFAULT_EXTRA_PACKAGES,
-                       help="space-separated pip requirements installed with the package "
-                            "(default: gcsfs, which gs:// file access without TensorFlow needs; "
-                            "'' for none)")
-    setup.add_argument("--fresh_venv", action="store_true",
-                       help="delete and recreate ~/refine_jax_venv on the workers")
+    setup.add_argument(
+        "--tarball",
+        help="local path for the package tarball (default: TMPDIR/refine_jax-NAME.tar.gz)",
+    )
+    setup.add_argument(
+        "--python",
+        default=DEFAULT_PYTHON,
+        help="Python on the workers for the venv (python3.X is apt-installed when missing)",
+    )
+    setup.add_argument(
+        "--extra_packages",
+        default=DEFAULT_EXTRA_PACKAGES,
+        help="space-separated pip requirements installed with the package "
+        "(default: gcsfs, which gs:// file access without TensorFlow needs; "
+        "'' for none)",
+    )
+    setup.add_argument(
+        "--fresh_venv",
+        action="store_true",
+        help="delete and recreate ~/refine_jax_venv on the workers",
+    )
 
     run = parent()
     run.add_argument("--config", help="config file in the repo, e.g. configs/shapes.py[:variant]")
     run.add_argument("--workdir", help="gs://BUCKET/PATH shared by all workers")
     run.add_argument("--command", help="run this shell command instead of the trainer")
-    run.add_argument("--allow_local_workdir", action="store_true",
-                     help="allow a --workdir that is not gs:// (warns)")
+    run.add_argument(
+        "--allow_local_workdir",
+        action="store_true",
+        help="allow a --workdir that is not gs:// (warns)",
+    )
 
     logs = parent()
     logs.add_argument("--worker", type=int, default=0, help="which worker's log")
     logs.add_argument("--lines", type=int, default=100, help="lines of history to show first")
-    logs.add_argument("--no_follow", dest="follow", action="store_false",
-                      help="print the last lines and return instead of streaming")
+    logs.add_argument(
+        "--no_follow",
+        dest="follow",
+        action="store_false",
+        help="print the last lines and return instead of streaming",
+    )
 
     stop = parent()
-    stop.add_argument("--grace_s", type=int, default=120,
-                      help="seconds between SIGTERM (checkpoint and exit) and SIGKILL")
+    stop.add_argument(
+        "--grace_s",
+        type=int,
+        default=120,
+        help="seconds between SIGTERM (checkpoint and exit) and SIGKILL",
+    )
 
     parser = argparse.ArgumentParser(
-        prog="tpu_pod.py", allow_abbrev=False,
+        prog="tpu_pod.py",
+        allow_abbrev=False,
         description="Cloud TPU VM launcher for refine_jax. Extra --config.KEY=VALUE arguments to "
-                    "run/up are passed to the trainer.")
+        "run/up are passed to the trainer.",
+    )
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     helps = {
         "create": ("create the TPU VM", [base, queued, create]),
@@ -573,8 +671,10 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.subcommand in TAKES_OVERRIDES:
         bad = [a for a in extra if not OVERRIDE_RE.fullmatch(a)]
         if bad:
-            parser.error(f"unrecognized arguments: {shlex.join(bad)} (config overrides must be "
-                         f"written as one argument --config.KEY=VALUE)")
+            parser.error(
+                f"unrecognized arguments: {shlex.join(bad)} (config overrides must be "
+                f"written as one argument --config.KEY=VALUE)"
+            )
         return args, extra
     if extra:
         parser.error(f"unrecognized arguments: {shlex.join(extra)}")

@@ -70,7 +70,8 @@ class Checkpointer:
                 )
             )
         self.manager = ocp.CheckpointManager(
-            self.directory if str(self.directory).startswith("gs://")
+            self.directory
+            if str(self.directory).startswith("gs://")
             else self.directory.absolute(),
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=save_every,

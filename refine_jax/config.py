@@ -34,7 +34,7 @@ DEFAULT_AXIS_RULES = (
 
 
 def parse_variants(arg: str, allowed: Sequence[str]) -> set[str]:
-    """Comma-separated config variants (`file.py:tiny,autoregressive`), checked against `allowed`."""
+    """Comma-separated variants (`file.py:tiny,autoregressive`), checked against `allowed`."""
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
     unknown = variants - set(allowed)
     if unknown:
@@ -139,7 +139,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(t.schedule, "targets.schedule", SCHEDULES)
     _check_choice(t.loss_weighting, "targets.loss_weighting", WEIGHTINGS)
     if m.num_refine_steps < 1:
-        raise ValueError(f"config.model.num_refine_steps (K) must be >= 1, got {m.num_refine_steps}")
+        raise ValueError(
+            f"config.model.num_refine_steps (K) must be >= 1, got {m.num_refine_steps}"
+        )
     for key in ("batch_size", "total_steps", "log_every_steps", "canvas_length", "width"):
         value = config[key] if key in config else m[key]
         if value < 1:
@@ -149,7 +151,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.image_size {m.image_size} is not divisible by patch_size {m.patch_size}"
         )
     if m.width % m.num_heads:
-        raise ValueError(f"config.model.width {m.width} is not divisible by num_heads {m.num_heads}")
+        raise ValueError(
+            f"config.model.width {m.width} is not divisible by num_heads {m.num_heads}"
+        )
     if not 0.0 <= t.self_condition_rate <= 1.0:
         raise ValueError(
             f"config.targets.self_condition_rate must be in [0, 1], got {t.self_condition_rate}"

@@ -123,7 +123,10 @@ def beam_decode(
 def refine_decode(model: RefineCaptioner, params, images: jax.Array, fractions) -> dict:
     """Every step's canvas [B, K, L] and pooled detailer state [B, K, D]."""
     out = model.apply({"params": params}, images, fractions, method=RefineCaptioner.describe)
-    return {"canvas": jnp.swapaxes(out["canvas"], 0, 1), "pooled": jnp.swapaxes(out["pooled"], 0, 1)}
+    return {
+        "canvas": jnp.swapaxes(out["canvas"], 0, 1),
+        "pooled": jnp.swapaxes(out["pooled"], 0, 1),
+    }
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))

@@ -29,8 +29,10 @@ def text_pass_flops(config: ml_collections.ConfigDict, vocab_size: int, length: 
     patches = (m.image_size // m.patch_size) ** 2
     d = m.width
     per_layer = (
-        2 * length * 4 * d**2 + 2 * 2 * length**2 * d  # self-attention
-        + 2 * length * 2 * d**2 + 2 * patches * 2 * d**2  # cross-attention projections
+        2 * length * 4 * d**2
+        + 2 * 2 * length**2 * d  # self-attention
+        + 2 * length * 2 * d**2
+        + 2 * patches * 2 * d**2  # cross-attention projections
         + 2 * 2 * length * patches * d  # cross-attention scores and weighted sum
         + 2 * 2 * length * d * m.mlp_dim  # MLP
     )

@@ -23,20 +23,30 @@ from ml_collections import config_flags
 
 from refine_jax import train
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py:variant).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (file.py:variant).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where metrics, samples and checkpoints are written.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "caption"], "What to do with the config.")
-flags.DEFINE_string("eval_data", None, "eval: a folder (or glob) of tar shards with a COCO-style "
-                    "references.json beside them; default: the config's held-out split.")
-flags.DEFINE_string("eval_name", None, "eval: NAME of DIR/eval/NAME (default: the eval_data "
-                    "folder's name, or 'heldout').")
-flags.DEFINE_integer("checkpoint_step", None, "eval/caption: the checkpoint step to load "
-                     "(default: the latest).")
+flags.DEFINE_string(
+    "eval_data",
+    None,
+    "eval: a folder (or glob) of tar shards with a COCO-style "
+    "references.json beside them; default: the config's held-out split.",
+)
+flags.DEFINE_string(
+    "eval_name",
+    None,
+    "eval: NAME of DIR/eval/NAME (default: the eval_data folder's name, or 'heldout').",
+)
+flags.DEFINE_integer(
+    "checkpoint_step", None, "eval/caption: the checkpoint step to load (default: the latest)."
+)
 flags.DEFINE_integer("report_images", 50, "eval: at most this many images in report.html.")
 flags.DEFINE_string("images", None, "caption: a folder, glob or file of JPEG/PNG/WebP images.")
-flags.DEFINE_string("output", None, "caption: the JSONL file to write (default: "
-                    "DIR/captions/NAME.jsonl).")
+flags.DEFINE_string(
+    "output", None, "caption: the JSONL file to write (default: DIR/captions/NAME.jsonl)."
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -64,8 +74,13 @@ def main(argv):
         from refine_jax.evaluation import evaluate
 
         summary = evaluate.evaluate_checkpoint(
-            FLAGS.config, FLAGS.workdir, eval_data=FLAGS.eval_data, eval_name=FLAGS.eval_name,
-            checkpoint_step=FLAGS.checkpoint_step, max_report_images=FLAGS.report_images)
+            FLAGS.config,
+            FLAGS.workdir,
+            eval_data=FLAGS.eval_data,
+            eval_name=FLAGS.eval_name,
+            checkpoint_step=FLAGS.checkpoint_step,
+            max_report_images=FLAGS.report_images,
+        )
         if jax.process_index() == 0:
             evaluate.print_summary(summary)
     else:
@@ -73,8 +88,13 @@ def main(argv):
             raise app.UsageError("--mode=caption needs --images=FOLDER_OR_GLOB")
         from refine_jax.evaluation import caption_images
 
-        caption_images.caption_images(FLAGS.config, FLAGS.workdir, FLAGS.images,
-                                      output=FLAGS.output, checkpoint_step=FLAGS.checkpoint_step)
+        caption_images.caption_images(
+            FLAGS.config,
+            FLAGS.workdir,
+            FLAGS.images,
+            output=FLAGS.output,
+            checkpoint_step=FLAGS.checkpoint_step,
+        )
 
 
 if __name__ == "__main__":

@@ -100,6 +100,15 @@ def global_batch_from_full(batch: dict, mesh: Mesh, rules) -> dict:
     return global_batch(local, mesh, rules)
 
 
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
+    """Host-side counts summed over all processes (every process gets the total)."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return counts
+    return np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole of a (possibly multi-process) global array as NumPy, on every process."""
     from jax.experimental import multihost_utils

@@ -118,9 +118,7 @@ def salience_order(words: Sequence[str], stats: SalienceStats) -> list[int]:
     head_of: dict[int, int] = {}
     for i in reversed(content):
         head_of[i] = head_of[i + 1] if i + 1 in head_of else i
-    ranked = sorted(
-        content, key=lambda i: (head_of[i] != i, -stats.frequency(words[i]), i)
-    )
+    ranked = sorted(content, key=lambda i: (head_of[i] != i, -stats.frequency(words[i]), i))
     kept: set[int] = set()
     order: list[int] = []
 

@@ -56,8 +56,10 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         # Salience first, model last, each renamed into place: a directory with spm.model in
         # it is complete even while another process is reading it.
-        for name, write in ((SALIENCE_FILE, self.salience.save),
-                            (MODEL_FILE, lambda p: epath.Path(p).write_bytes(self.model_proto))):
+        for name, write in (
+            (SALIENCE_FILE, self.salience.save),
+            (MODEL_FILE, lambda p: epath.Path(p).write_bytes(self.model_proto)),
+        ):
             partial = directory / f".{name}.partial"
             write(partial)
             partial.replace(directory / name)
@@ -115,7 +117,9 @@ def main(argv: Sequence[str]) -> None:
     captions = training_captions(source, FLAGS.max_captions)
     tokenizer = train_tokenizer(captions, FLAGS.vocab_size)
     tokenizer.save(FLAGS.output_dir)
-    print(f"trained on {len(captions)} captions: {tokenizer.vocab_size} pieces -> {FLAGS.output_dir}")
+    print(
+        f"trained on {len(captions)} captions: {tokenizer.vocab_size} pieces -> {FLAGS.output_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,14 @@ from refine_jax import sharding
 from refine_jax.checkpointing import Checkpointer, model_signature
 from refine_jax.config import validate_config
 from refine_jax.data import make_sources, training_captions
-from refine_jax.data.pipeline import CaptionFeatures, train_batches
+from refine_jax.data.pipeline import (
+    DROPPED_PREFIX,
+    SKIP_REASONS,
+    CaptionFeatures,
+    count_skips,
+    structural_skip_counts,
+    train_batches,
+)
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
 from refine_jax.evaluation.evaluate import evaluate_samples
 from refine_jax.flops import training_flops_per_example
@@ -71,10 +78,18 @@ def check_canvas_fits(config: ml_collections.ConfigDict, tokenizer: Tokenizer, s
         )
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1)
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping; the learning rate of the n-th applied update (n from 0)
+    warms up linearly to its peak, reached at update `warmup_steps`, then decays as a cosine."""
+    warmup_cosine = optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.learning_rate,
+        config.warmup_steps,
+        max(config.total_steps, config.warmup_steps + 1),
     )
+    schedule = lambda count: warmup_cosine(count + 1)  # the first update is not wasted at 0
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip_norm),
@@ -94,8 +109,9 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict, vocab_si
     return model.init(rng, images, jnp.zeros((1, m.canvas_length), jnp.int32))["params"]
 
 
-def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, config, weights,
-               fractions):
+def train_step(
+    state: TrainState, batch: dict, *, model, optimizer, schedule, config, weights, fractions
+):
     """One update. A non-finite loss or gradient skips the update and is counted."""
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     dropout_rng, self_condition_rng = jax.random.split(rng)
@@ -107,12 +123,26 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, co
             self_condition = jax.random.bernoulli(
                 self_condition_rng, config.targets.self_condition_rate, (batch_size,)
             )
-            outputs = model.apply({"params": params}, batch["image"], batch["targets"], fractions,
-                                  self_condition, deterministic=False, rngs=rngs)
-            return refine_loss(outputs, weights, batch["scheduled_lengths"], batch["mask"],
-                               config.model.canvas_length, config.targets.length_loss_weight)
-        outputs = model.apply({"params": params}, batch["image"], batch["caption"],
-                              deterministic=False, rngs=rngs)
+            outputs = model.apply(
+                {"params": params},
+                batch["image"],
+                batch["targets"],
+                fractions,
+                self_condition,
+                deterministic=False,
+                rngs=rngs,
+            )
+            return refine_loss(
+                outputs,
+                weights,
+                batch["scheduled_lengths"],
+                batch["mask"],
+                config.model.canvas_length,
+                config.targets.length_loss_weight,
+            )
+        outputs = model.apply(
+            {"params": params}, batch["image"], batch["caption"], deterministic=False, rngs=rngs
+        )
         return autoregressive_loss(outputs, batch["mask"])
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -121,13 +151,16 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, co
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(state.step + 1, keep(params, state.params),
-                           keep(opt_state, state.opt_state))
+    new_state = TrainState(
+        state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
+    )
     metrics.update(
         grad_norm=grad_norm,
-        learning_rate=schedule(state.step),
+        # The rate of this update: skipped updates do not advance the optimizer's own count.
+        learning_rate=schedule(
+            optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")[0][1]
+        ),
         skipped_nonfinite=1.0 - finite.astype(jnp.float32),
-        truncated_captions=jnp.sum(batch["truncated"] & batch["mask"]),
     )
     return new_state, metrics
 
@@ -144,16 +177,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.batch_size % batch_shards or config.batch_size % jax.process_count():
         raise ValueError(
             f"batch_size {config.batch_size} must divide evenly over the {batch_shards} batch "
-            f"shards of mesh {dict(mesh.shape)} and the {jax.process_count()} processes")
+            f"shards of mesh {dict(mesh.shape)} and the {jax.process_count()} processes"
+        )
     train_source, eval_source = make_sources(config)
     tokenizer = load_or_train_tokenizer(config, workdir, train_source)
     check_canvas_fits(config, tokenizer, train_source)
     m, t = config.model, config.targets
-    features = CaptionFeatures(tokenizer, m.num_refine_steps, m.canvas_length, m.image_size,
-                               t.kind, t.schedule, t.log_a, config.data.random_crop)
-    fractions = jnp.asarray(schedule_fractions(m.num_refine_steps, t.schedule, t.log_a), jnp.float32)
-    weights = jnp.asarray(step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio),
-                          jnp.float32)
+    features = CaptionFeatures.from_config(config, tokenizer)
+    fractions = jnp.asarray(
+        schedule_fractions(m.num_refine_steps, t.schedule, t.log_a), jnp.float32
+    )
+    weights = jnp.asarray(
+        step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio), jnp.float32
+    )
     model = build_model(config, tokenizer.vocab_size)
     optimizer, schedule = make_optimizer(config)
     is_logger = jax.process_index() == 0
@@ -171,32 +207,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             print(f"{m.kind} model: {num_params:,} parameters on mesh {dict(mesh.shape)}")
 
         step_fn = jax.jit(
-            functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
-                              config=config, weights=weights, fractions=fractions),
+            functools.partial(
+                train_step,
+                model=model,
+                optimizer=optimizer,
+                schedule=schedule,
+                config=config,
+                weights=weights,
+                fractions=fractions,
+            ),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=0,
         )
         put_batch = lambda batch: sharding.global_batch(batch, mesh, rules)
         put_full_batch = lambda batch: sharding.global_batch_from_full(batch, mesh, rules)
-        batches = train_batches(train_source, features, config.batch_size, config.seed,
-                                config.data.num_threads, jax.process_index(), jax.process_count())
+        batches = train_batches(
+            train_source,
+            features,
+            config.batch_size,
+            config.seed,
+            config.data.num_threads,
+            jax.process_index(),
+            jax.process_count(),
+            num_workers=config.data.num_workers,
+            worker_buffer_size=config.data.worker_buffer_size,
+        )
+        # Samples the pipeline could not use, by reason: counted on the host, summed over
+        # processes when logged. What indexing left out is the same on every process.
+        skip_names = [*SKIP_REASONS[1:], *(DROPPED_PREFIX + r for r in SKIP_REASONS)]
+        skip_counts = np.zeros(len(skip_names), np.int64)
+
+        def add_skips(counts: dict[str, int]) -> None:
+            for name, n in counts.items():
+                skip_counts[skip_names.index(name)] += n
+
+        if is_logger:
+            add_skips(structural_skip_counts(train_source))
 
         def evaluate() -> tuple[list[dict], dict]:
-            samples = describe_split(model, state.params, eval_source, features, tokenizer,
-                                     config.batch_size, fractions, put_full_batch)
+            samples = describe_split(
+                model,
+                state.params,
+                eval_source,
+                features,
+                tokenizer,
+                config.batch_size,
+                fractions,
+                put_full_batch,
+            )
             return samples, {**exact_match_rates(samples), **evaluate_samples(samples, config)}
 
         # --- Resume from the latest checkpoint, if any (a re-run of the same command resumes).
-        checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint_every_steps,
-                                    config.keep_checkpoints, config.best_checkpoint_metric or None)
+        checkpointer = Checkpointer(
+            workdir / "checkpoints",
+            config.checkpoint_every_steps,
+            config.keep_checkpoints,
+            config.best_checkpoint_metric or None,
+        )
         signature = model_signature(config, state.params)
         if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(checkpointer.latest_step(), state, state_shardings,
-                                         batches, signature)
+            state = checkpointer.restore(
+                checkpointer.latest_step(), state, state_shardings, batches, signature
+            )
             if is_logger:
                 print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
         elif m.pretrained_encoder:
-            state = state.replace(params=load_pretrained_encoder(state.params, m.pretrained_encoder))
+            state = state.replace(
+                params=load_pretrained_encoder(state.params, m.pretrained_encoder)
+            )
             if is_logger:
                 print(f"encoder initialised from {m.pretrained_encoder}")
 
@@ -204,7 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stop_requested = []
         signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
         writer = MetricWriter(workdir, enabled=is_logger)
-        flops_per_step = training_flops_per_example(config, tokenizer.vocab_size) * config.batch_size
+        flops_per_step = (
+            training_flops_per_example(config, tokenizer.vocab_size) * config.batch_size
+        )
         profile_start, profile_stop = config.profile_steps
         start_step = int(state.step)
         last_time, last_step, eval_rates, samples = time.time(), start_step, {}, None
@@ -219,7 +299,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 return {"stopped_at_step": step - 1}
             if step == profile_start:
                 jax.profiler.start_trace(str(workdir / "profile"))
-            state, metrics = step_fn(state, put_batch(next(batches)))
+            batch = next(batches)
+            add_skips(count_skips(batch))
+            state, metrics = step_fn(state, put_batch(batch))
             if step == profile_stop:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
@@ -231,16 +313,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     raise RuntimeError(
                         f"{nonfinite_streak} consecutive updates had a non-finite loss or "
                         f"gradient (up to step {step - 1}); stopping. The last good checkpoint "
-                        f"is step {checkpointer.latest_step()} in {workdir / 'checkpoints'}")
+                        f"is step {checkpointer.latest_step()} in {workdir / 'checkpoints'}"
+                    )
             previous_metrics = metrics
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
                 steps_per_second = (step - last_step) / (now - last_time)
                 last_time, last_step = now, step
-                record = {**metrics, "steps_per_second": steps_per_second,
-                          "examples_per_second": steps_per_second * config.batch_size,
-                          "model_flops_per_second": steps_per_second * flops_per_step}
+                skipped = sharding.sum_over_processes(skip_counts)
+                skipped = {
+                    f"skipped/{n}": int(c) for n, c in zip(skip_names, skipped, strict=True) if c
+                }
+                record = {
+                    **metrics,
+                    **skipped,
+                    "steps_per_second": steps_per_second,
+                    "examples_per_second": steps_per_second * config.batch_size,
+                    "model_flops_per_second": steps_per_second * flops_per_step,
+                }
                 if step % config.eval_every_steps == 0 or step == config.total_steps:
                     samples, rates = evaluate()
                     eval_rates = {f"eval/{k}": v for k, v in rates.items()}
@@ -249,10 +340,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write(step, record)
                 if is_logger:
                     eta = (config.total_steps - step) / max(steps_per_second, 1e-9)
-                    print(f"step {step}/{config.total_steps} loss {record['loss']:.4f} "
-                          f"{steps_per_second:.2f} steps/s ETA {eta:.0f}s", flush=True)
-            checkpointer.save(step, state, batches, signature, metrics=eval_rates or None,
-                              force=step == config.total_steps)
+                    print(
+                        f"step {step}/{config.total_steps} loss {record['loss']:.4f} "
+                        f"{steps_per_second:.2f} steps/s ETA {eta:.0f}s",
+                        flush=True,
+                    )
+            checkpointer.save(
+                step,
+                state,
+                batches,
+                signature,
+                metrics=eval_rates or None,
+                force=step == config.total_steps,
+            )
 
         # --- Describe the held-out split (already done if the last step was evaluated).
         if samples is None or last_step != config.total_steps:

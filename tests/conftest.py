@@ -17,7 +17,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 def load_config(name: str, arg: str = ""):
     """`configs/NAME.py`'s get_config(arg), unlocked so a test can adjust it."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"configs_{name}", REPO / "configs" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)

@@ -36,8 +36,9 @@ def model_and_params():
 def teacher_forced_logits(model, params, images, caption):
     target = with_eos(jnp.pad(caption, ((0, 0), (0, 1))))
     image_tokens = model.apply({"params": params}, images, method=AutoregressiveCaptioner.encode)
-    return model.apply({"params": params}, image_tokens, shift_right(target),
-                       method=AutoregressiveCaptioner.logits), target
+    return model.apply(
+        {"params": params}, image_tokens, shift_right(target), method=AutoregressiveCaptioner.logits
+    ), target
 
 
 def test_greedy_decode_agrees_with_teacher_forced_argmax_on_its_own_output(model_and_params):
@@ -55,8 +56,9 @@ def test_greedy_decode_agrees_with_teacher_forced_argmax_on_its_own_output(model
 
 def test_beam_of_one_is_greedy(model_and_params):
     model, params, images = model_and_params
-    np.testing.assert_array_equal(beam_decode(model, params, images, 1),
-                                  greedy_decode(model, params, images))
+    np.testing.assert_array_equal(
+        beam_decode(model, params, images, 1), greedy_decode(model, params, images)
+    )
 
 
 def sequence_log_prob(model, params, images, caption):
@@ -82,7 +84,9 @@ def test_teacher_forcing_scores_tokens_through_eos_only():
 
 def test_baseline_has_about_the_refinement_models_parameter_count():
     config = load_config("shapes", "")
-    count = lambda c: sum(x.size for x in jax.tree.leaves(init_variables(build_model(c, 320), c, 320)))
+    count = lambda c: sum(
+        x.size for x in jax.tree.leaves(init_variables(build_model(c, 320), c, 320))
+    )
     refine = count(config)
     config.model.kind = "autoregressive"
     baseline = count(config)

@@ -44,35 +44,54 @@ def _java_tokenize(captions: list[str]) -> list[str]:
 # test_tokenizer_matches_java_on_tricky_text where java exists).
 KNOWN_TOKENIZATIONS = [
     ("A dog's ball isn't red, it's blue.", "a dog 's ball is n't red it 's blue"),
-    ("Two girls play on a skateboard in a courtyard .",
-     "two girls play on a skateboard in a courtyard"),
-    ('A man is wearing a shirt that reads , " Mambo " with an image of a baby .',
-     "a man is wearing a shirt that reads mambo with an image of a baby"),
+    (
+        "Two girls play on a skateboard in a courtyard .",
+        "two girls play on a skateboard in a courtyard",
+    ),
+    (
+        'A man is wearing a shirt that reads , " Mambo " with an image of a baby .',
+        "a man is wearing a shirt that reads mambo with an image of a baby",
+    ),
     ("He said \"hello\" and 'bye' to them.", "he said hello and bye to them"),
-    ("A person riding transit ( catching ? ) a paper bag .",
-     "a person riding transit -lrb- catching -rrb- a paper bag"),
-    ("They can't, won't and don't; I'm sure we're fine.",
-     "they ca n't wo n't and do n't i 'm sure we 're fine"),
+    (
+        "A person riding transit ( catching ? ) a paper bag .",
+        "a person riding transit -lrb- catching -rrb- a paper bag",
+    ),
+    (
+        "They can't, won't and don't; I'm sure we're fine.",
+        "they ca n't wo n't and do n't i 'm sure we 're fine",
+    ),
     ("gonna wanna cannot 'tis", "gon na wan na can not 't is"),
-    ("Rock 'n' roll in the '90s, o'clock, y'all, ma'am.",
-     "rock 'n' roll in the '90s o'clock y' all ma'am"),
-    ("Mr. Smith met Dr. Jones at 10:30 a.m. on Jan. 5 in the U.S. today.",
-     "mr. smith met dr. jones at 10:30 a.m. on jan. 5 in the u.s. today"),
+    (
+        "Rock 'n' roll in the '90s, o'clock, y'all, ma'am.",
+        "rock 'n' roll in the '90s o'clock y' all ma'am",
+    ),
+    (
+        "Mr. Smith met Dr. Jones at 10:30 a.m. on Jan. 5 in the U.S. today.",
+        "mr. smith met dr. jones at 10:30 a.m. on jan. 5 in the u.s. today",
+    ),
     ("the U.S. The end", "the u.s. the end"),
     ("etc. And so on", "etc. and so on"),
     ("A man -- in black - runs ... and ... stops.", "a man in black runs and stops"),
     ("[brackets] {braces} <angle>", "-lsb- brackets -rsb- -lcb- braces -rcb- <angle>"),
-    ("Price $5 & 20% off #1 item * star / slash",
-     "price $ 5 & 20 % off # 1 item * star / slash"),
-    ("a 1/2 cup, 5 1/2 cups, \u00bd cup, 3.5 km, 1,000 people, -5 degrees",
-     "a 1/2 cup 5\u00a01/2 cups 1/2 cup 3.5 km 1,000 people -5 degrees"),
-    ("t-shirt x-ray 3-year-old re-enter -ependent word-",
-     "t-shirt x-ray 3-year-old re-enter ependent word"),
+    ("Price $5 & 20% off #1 item * star / slash", "price $ 5 & 20 % off # 1 item * star / slash"),
+    (
+        "a 1/2 cup, 5 1/2 cups, \u00bd cup, 3.5 km, 1,000 people, -5 degrees",
+        "a 1/2 cup 5\u00a01/2 cups 1/2 cup 3.5 km 1,000 people -5 degrees",
+    ),
+    (
+        "t-shirt x-ray 3-year-old re-enter -ependent word-",
+        "t-shirt x-ray 3-year-old re-enter ependent word",
+    ),
     ("www.google.com http://x.com/a/b foo@bar.com", "www.google.com http://x.com/a/b foo@bar.com"),
-    ("\u201ccurly\u201d \u2018quotes\u2019 it\u2019s don\u2019t \u2013 dash \u2014 dash \u2026 end",
-     "curly quotes it 's do n't dash dash end"),
-    ("caf\u00e9 na\u00efve \u03a3\u0391\u03a3 Stra\u00dfe",
-     "caf\u00e9 na\u00efve \u03c3\u03b1\u03c2 stra\u00dfe"),
+    (
+        "\u201ccurly\u201d \u2018quotes\u2019 it\u2019s don\u2019t \u2013 dash \u2014 dash \u2026 end",  # noqa: E501
+        "curly quotes it 's do n't dash dash end",
+    ),
+    (
+        "caf\u00e9 na\u00efve \u03a3\u0391\u03a3 Stra\u00dfe",
+        "caf\u00e9 na\u00efve \u03c3\u03b1\u03c2 stra\u00dfe",
+    ),
     ("soft\u00adhyphen and \u00ad alone", "softhyphen and alone"),
     ("smile :) wink ;-) ^_^", "smile :-rrb- wink ;--rrb- ^_^"),
     ("a <b>bold</b> word", "a <b> bold </b> word"),
@@ -137,18 +156,22 @@ def _random_lines(seed: int, count: int) -> list[str]:
         "\u00bb \u00a3 \u20ac :) ;-) ^_^ <b> www.x.com foo@bar.com http://x.com/y AT&T Q&A "
         "S&P-500 C++ c# -LRB- pro- anti- 555-1234 (650) x.jpg"
     ).split()
-    chars = ("aAbBcCdDeEiInNoOsStTxXyYzZ0123456789    .,;:!?'\"`-_/\\()[]{}<>@#$%&*+=|~^"
-             "\u201c\u201d\u2018\u2019\u2013\u2014\u2026\u00bd\u00b0\u00e9\u00c9\u00f1\u00a7")
+    chars = (
+        "aAbBcCdDeEiInNoOsStTxXyYzZ0123456789    .,;:!?'\"`-_/\\()[]{}<>@#$%&*+=|~^"
+        "\u201c\u201d\u2018\u2019\u2013\u2014\u2026\u00bd\u00b0\u00e9\u00c9\u00f1\u00a7"
+    )
     lines = []
     for n in range(count):
         if n % 2:
             words = [rng.choice(pieces) for _ in range(rng.randint(1, 10))]
             words = [w.upper() if rng.random() < 0.15 else w for w in words]
-            lines.append("".join(w + rng.choice([" ", " ", " ", "", "  "]) for w in words).strip()
-                         or "x")
+            lines.append(
+                "".join(w + rng.choice([" ", " ", " ", "", "  "]) for w in words).strip() or "x"
+            )
         else:
-            lines.append("".join(rng.choice(chars) for _ in range(rng.randint(1, 25))).strip()
-                         or "x")
+            lines.append(
+                "".join(rng.choice(chars) for _ in range(rng.randint(1, 25))).strip() or "x"
+            )
     return lines
 
 
@@ -223,16 +246,23 @@ def test_scores_match_pycocoevalcap_on_flickr8k_val() -> None:
 
     ours = cm.evaluate_captions(refs, cands)
     assert ours.image_ids == list(refs)
-    expected_corpus = {**dict(zip(cm.BLEU_KEYS, bleu_corpus, strict=True)),
-                       "CIDEr": cider_corpus, "ROUGE_L": rouge_corpus}
-    expected_images = {**dict(zip(cm.BLEU_KEYS, bleu_images, strict=True)),
-                       "CIDEr": cider_images, "ROUGE_L": rouge_images}
+    expected_corpus = {
+        **dict(zip(cm.BLEU_KEYS, bleu_corpus, strict=True)),
+        "CIDEr": cider_corpus,
+        "ROUGE_L": rouge_corpus,
+    }
+    expected_images = {
+        **dict(zip(cm.BLEU_KEYS, bleu_images, strict=True)),
+        "CIDEr": cider_images,
+        "ROUGE_L": rouge_images,
+    }
     assert set(ours.corpus) == set(expected_corpus)
     for key, value in expected_corpus.items():
         assert ours.corpus[key] == pytest.approx(value, abs=1e-6), key
         per_image = np.array([ours.per_image[key][i] for i in ids])
-        np.testing.assert_allclose(per_image, np.asarray(expected_images[key]), rtol=0, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            per_image, np.asarray(expected_images[key]), rtol=0, atol=1e-6, err_msg=key
+        )
 
 
 def test_scorers_match_pycocoevalcap_on_pretokenized_flickr8k_val() -> None:
@@ -258,8 +288,9 @@ def test_scorers_match_pycocoevalcap_on_pretokenized_flickr8k_val() -> None:
     ours = cm.evaluate_captions(refs, cands, tokenize=False)
     for key, (corpus, images) in expected.items():
         assert ours.corpus[key] == pytest.approx(corpus, abs=1e-6), key
-        np.testing.assert_allclose([ours.per_image[key][i] for i in ids], images, rtol=0,
-                                   atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(
+            [ours.per_image[key][i] for i in ids], images, rtol=0, atol=1e-6, err_msg=key
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +319,7 @@ def test_bleu_brevity_penalty_by_hand() -> None:
     # brevity penalty e^(1 - 6/3).
     for k in range(3):
         assert corpus[k] == pytest.approx(math.exp(-1), rel=1e-6)
-    assert corpus[3] == pytest.approx(1e-6 ** 0.25 * math.exp(-1), rel=1e-6)
+    assert corpus[3] == pytest.approx(1e-6**0.25 * math.exp(-1), rel=1e-6)
     assert per_image[0] == corpus
 
 
@@ -302,7 +333,7 @@ def test_blank_candidate_scores_zero() -> None:
 
 def test_rouge_l_by_hand() -> None:
     # LCS("a b c d", "a c d e f") = 3: P = 3/4, R = 3/5, F_beta with beta = 1.2.
-    p, r, b2 = 0.75, 0.6, 1.2 ** 2
+    p, r, b2 = 0.75, 0.6, 1.2**2
     mean, per_image = cm.rouge_l([["a c d e f"]], ["a b c d"])
     assert mean == pytest.approx((1 + b2) * p * r / (r + b2 * p))
     assert per_image.shape == (1,)
@@ -316,8 +347,11 @@ def test_lcs_matches_dynamic_programming() -> None:
         table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
         for i in range(1, len(a) + 1):
             for j in range(1, len(b) + 1):
-                table[i][j] = (table[i - 1][j - 1] + 1 if a[i - 1] == b[j - 1]
-                               else max(table[i - 1][j], table[i][j - 1]))
+                table[i][j] = (
+                    table[i - 1][j - 1] + 1
+                    if a[i - 1] == b[j - 1]
+                    else max(table[i - 1][j], table[i][j - 1])
+                )
         assert cm._lcs_length(a, b) == table[-1][-1]
 
 
@@ -342,7 +376,8 @@ def test_cider_vectorizer_and_cosine_distance() -> None:
         cm.cosine_distance(np.ones(2), np.ones(3))
     tokenizing = cm.CiderVectorizer({"a": ["A red car."], "b": ["Blue sky."]}, tokenize=True)
     assert tokenizing.encode("The red car!") == pytest.approx(
-        cm.CiderVectorizer({"a": ["a red car"], "b": ["blue sky"]}).encode("the red car"))
+        cm.CiderVectorizer({"a": ["a red car"], "b": ["blue sky"]}).encode("the red car")
+    )
 
 
 def test_cider_scorer_reuses_idf_across_candidate_sets() -> None:

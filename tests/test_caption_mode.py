@@ -27,8 +27,12 @@ def make_images(folder: Path) -> list[str]:
     good file names."""
     folder.mkdir()
     rng = np.random.default_rng(1)
-    good = {"wide.jpg": ((301, 97), "RGB", "JPEG"), "tall.PNG": ((23, 200), "RGBA", "PNG"),
-            "grey.webp": ((64, 64), "L", "WEBP"), "small.jpeg": ((5, 7), "RGB", "JPEG")}
+    good = {
+        "wide.jpg": ((301, 97), "RGB", "JPEG"),
+        "tall.PNG": ((23, 200), "RGBA", "PNG"),
+        "grey.webp": ((64, 64), "L", "WEBP"),
+        "small.jpeg": ((5, 7), "RGB", "JPEG"),
+    }
     for name, ((width, height), mode, fmt) in good.items():
         channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
         pixels = rng.integers(0, 255, (height, width, channels), dtype=np.uint8)
@@ -44,8 +48,13 @@ def make_images(folder: Path) -> list[str]:
 def test_caption_mode_describes_good_images_and_reports_the_bad_one(workdir, tmp_path):
     names = make_images(tmp_path / "photos")
     output = tmp_path / "out" / "captions.jsonl"
-    result = run_main("--config=configs/shapes.py:tiny", f"--workdir={workdir}", "--mode=caption",
-                      f"--images={tmp_path / 'photos'}", f"--output={output}")
+    result = run_main(
+        "--config=configs/shapes.py:tiny",
+        f"--workdir={workdir}",
+        "--mode=caption",
+        f"--images={tmp_path / 'photos'}",
+        f"--output={output}",
+    )
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(Path(r["file"]).name for r in rows) == names
     for row in rows:
@@ -65,8 +74,9 @@ def test_caption_glob_default_output_and_batches(workdir, tmp_path):
     for i in range(9):
         Image.new("RGB", (50 + i, 60), (i * 20, 0, 0)).save(tmp_path / "photos" / f"red{i}.png")
     out, err = io.StringIO(), io.StringIO()
-    summary = caption_images(config, workdir, str(tmp_path / "photos" / "*.*"), loaded=loaded,
-                             stdout=out, stderr=err)
+    summary = caption_images(
+        config, workdir, str(tmp_path / "photos" / "*.*"), loaded=loaded, stdout=out, stderr=err
+    )
     assert summary["output"] == str(workdir / "captions" / "photos.jsonl")
     rows = [json.loads(line) for line in Path(summary["output"]).read_text().splitlines()]
     assert len(rows) == 13 and summary["num_captioned"] == 13  # a glob takes every file...
@@ -75,8 +85,15 @@ def test_caption_glob_default_output_and_batches(workdir, tmp_path):
     assert "notes.txt" in err.getvalue()
     # Same pixels, same description, whichever batch an image lands in.
     by_name = {Path(r["file"]).name: r["steps"] for r in rows}
-    single = caption_images(config, workdir, str(tmp_path / "photos" / "red8.png"),
-                            output=tmp_path / "one.jsonl", loaded=loaded, stdout=out, stderr=err)
+    single = caption_images(
+        config,
+        workdir,
+        str(tmp_path / "photos" / "red8.png"),
+        output=tmp_path / "one.jsonl",
+        loaded=loaded,
+        stdout=out,
+        stderr=err,
+    )
     one = json.loads(Path(single["output"]).read_text())
     assert one["steps"] == by_name["red8.png"]
 

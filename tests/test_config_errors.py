@@ -21,9 +21,18 @@ def no_compilation(monkeypatch):
 
 def run_main(tmp_path, *overrides):
     return subprocess.run(
-        [sys.executable, "-m", "refine_jax.main", "--config=configs/shapes.py:tiny",
-         f"--workdir={tmp_path}", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "refine_jax.main",
+            "--config=configs/shapes.py:tiny",
+            f"--workdir={tmp_path}",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -52,7 +61,9 @@ def test_k_below_one_is_rejected_before_compilation(tmp_path, no_compilation):
         train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_canvas_shorter_than_longest_target_is_rejected_before_compilation(tmp_path, no_compilation):
+def test_canvas_shorter_than_longest_target_is_rejected_before_compilation(
+    tmp_path, no_compilation
+):
     config = load_config("shapes", "tiny")
     config.model.canvas_length = 12
     with pytest.raises(ValueError, match="canvas_length = 12 is shorter than the longest target"):

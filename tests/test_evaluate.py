@@ -25,15 +25,32 @@ from refine_jax.evaluation.evaluate import (
     split_metrics,
 )
 
-METRIC_KEYS = {"cider_per_step", "bleu4_per_step", "final_cider", "weighted_quality",
-               "gradualness", "length_adherence", "refine_score", "monotonic_fraction",
-               "num_images", "gradualness_raw", "length_adherence_raw", "schedule", "weights"}
+METRIC_KEYS = {
+    "cider_per_step",
+    "bleu4_per_step",
+    "final_cider",
+    "weighted_quality",
+    "gradualness",
+    "length_adherence",
+    "refine_score",
+    "monotonic_fraction",
+    "num_images",
+    "gradualness_raw",
+    "length_adherence_raw",
+    "schedule",
+    "weights",
+}
 
 
 def run_main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m refine_jax.main ARGS` in the repository; fails the test on a non-zero exit."""
-    result = subprocess.run([sys.executable, "-m", "refine_jax.main", *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "refine_jax.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -44,8 +61,11 @@ def trained_workdir(tmp_path_factory: pytest.TempPathFactory, variant: str = "ti
     workdir = tmp_path_factory.getbasetemp() / f"trained-{variant.replace(',', '-')}"
     done = workdir / "TRAINED"
     if not done.exists():
-        run_main(f"--config=configs/shapes.py:{variant}", f"--workdir={workdir}",
-                 "--config.total_steps=20")
+        run_main(
+            f"--config=configs/shapes.py:{variant}",
+            f"--workdir={workdir}",
+            "--config.total_steps=20",
+        )
         done.touch()
     return workdir
 
@@ -59,8 +79,12 @@ def refine_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_eval_mode_writes_metrics_captions_and_report(tmp_path_factory, variant, num_steps):
     workdir = trained_workdir(tmp_path_factory, variant)
     # 20 held-out images with batch size 16: the last batch is padded with 12 copies.
-    result = run_main(f"--config=configs/shapes.py:{variant}", f"--workdir={workdir}",
-                      "--mode=eval", "--config.data.eval_size=20")
+    result = run_main(
+        f"--config=configs/shapes.py:{variant}",
+        f"--workdir={workdir}",
+        "--mode=eval",
+        "--config.data.eval_size=20",
+    )
     out = workdir / "eval" / "heldout"
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
@@ -96,6 +120,7 @@ def write_shard_folder(folder: Path, num_images: int = 5, corrupt: bool = True) 
     words = ["red", "blue", "green", "dog", "cat", "ball"]
     references = {}
     with tarfile.open(folder / "00000.tar", "w") as tar:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -114,10 +139,14 @@ def write_shard_folder(folder: Path, num_images: int = 5, corrupt: bool = True) 
         if corrupt:
             add("broken.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
             add("broken.txt", b"a broken image")
-    coco = {"images": [{"id": k, "file_name": f"{k}.jpg"} for k in references],
-            "annotations": [{"image_id": k, "id": n * 10 + j, "caption": c}
-                            for n, (k, caps) in enumerate(references.items())
-                            for j, c in enumerate(caps)]}
+    coco = {
+        "images": [{"id": k, "file_name": f"{k}.jpg"} for k in references],
+        "annotations": [
+            {"image_id": k, "id": n * 10 + j, "caption": c}
+            for n, (k, caps) in enumerate(references.items())
+            for j, c in enumerate(caps)
+        ],
+    }
     (folder / "references.json").write_text(json.dumps(coco))
     return references
 
@@ -126,8 +155,13 @@ def test_eval_data_scores_against_all_references(refine_workdir, tmp_path):
     references = write_shard_folder(tmp_path / "mysplit")
     config = load_config("shapes", "tiny")
     loaded = load_model(config, refine_workdir)
-    summary = evaluate_checkpoint(config, refine_workdir, eval_data=str(tmp_path / "mysplit"),
-                                  loaded=loaded, max_report_images=3)
+    summary = evaluate_checkpoint(
+        config,
+        refine_workdir,
+        eval_data=str(tmp_path / "mysplit"),
+        loaded=loaded,
+        max_report_images=3,
+    )
     out = refine_workdir / "eval" / "mysplit"
     assert Path(summary["output_dir"]) == out
     metrics = json.loads((out / "metrics.json").read_text())
@@ -162,8 +196,12 @@ def test_evaluate_samples_gives_flat_log_entries():
     other = ["a square", "a blue square", "a large blue square", "a large blue square"]
     samples = [
         {"image_id": "x", "references": [chain[-1]], "steps": chain, "chain": chain},
-        {"image_id": "y", "references": [other[-1]], "steps": other[:3] + ["a square"],
-         "chain": other},
+        {
+            "image_id": "y",
+            "references": [other[-1]],
+            "steps": other[:3] + ["a square"],
+            "chain": other,
+        },
         {"image_id": "x", "references": [chain[-1]], "steps": [""] * 4, "chain": chain},
     ]
     flat = evaluate_samples(samples, config)
@@ -171,8 +209,15 @@ def test_evaluate_samples_gives_flat_log_entries():
     assert all(isinstance(v, float) for v in flat.values())
     assert flat["num_images"] == 3.0  # a repeated image id still counts as its own sample
     assert flat["num_blank_final"] == 1.0
-    for key in ("final_cider", "refine_score", "gradualness", "length_adherence",
-                "weighted_quality", "monotonic_fraction", "gradualness_raw"):
+    for key in (
+        "final_cider",
+        "refine_score",
+        "gradualness",
+        "length_adherence",
+        "weighted_quality",
+        "monotonic_fraction",
+        "gradualness_raw",
+    ):
         assert key in flat
     for k in range(1, 5):
         assert {f"cider_step_{k}", f"bleu4_step_{k}", f"chain_agreement_step_{k}"} <= set(flat)

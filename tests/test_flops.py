@@ -16,7 +16,9 @@ def test_detailer_is_counted_once_per_step():
     one = text_pass_flops(config, 400, config.model.canvas_length)
     for k in (1, 4, 8):
         config.model.num_refine_steps = k
-        assert forward_flops_per_example(config, 400) == pytest.approx(encoder_flops(config) + k * one)
+        assert forward_flops_per_example(config, 400) == pytest.approx(
+            encoder_flops(config) + k * one
+        )
 
 
 def test_analytic_count_is_close_to_the_compilers_count():
@@ -31,8 +33,11 @@ def test_analytic_count_is_close_to_the_compilers_count():
     m = config.model
     images = jnp.zeros((1, m.image_size, m.image_size, 3))
     fractions = jnp.asarray(schedule_fractions(m.num_refine_steps), jnp.float32)
-    compiled = jax.jit(lambda p, x: model.apply({"params": p}, x, fractions,
-                                                method=model.describe)).lower(params, images).compile()
+    compiled = (
+        jax.jit(lambda p, x: model.apply({"params": p}, x, fractions, method=model.describe))
+        .lower(params, images)
+        .compile()
+    )
     xla = compiled.cost_analysis()["flops"]
     # XLA also counts softmax, norms and elementwise work, which the analytic count leaves out.
     assert 0.8 < forward_flops_per_example(config, 400) / xla < 1.05

@@ -33,9 +33,11 @@ V4 = [*POD, "--accelerator_type=v4-32"]
 TRAIN = ["--config=configs/shapes.py", "--workdir=gs://my-bucket/runs/shapes"]
 SPACED = "--config.data.path=gs://my-bucket/my data/train-*.tar"
 SSH = "gcloud compute tpus tpu-vm ssh my-pod --zone=us-central2-b"
-GUARD = ('if [ -f "$HOME/refine_jax.pid" ] && kill -0 -- "-$(cat "$HOME/refine_jax.pid")" '
-         '2>/dev/null; then echo "a refine_jax job is still running on $(hostname); stop it first" '
-         '>&2; exit 1; fi')
+GUARD = (
+    'if [ -f "$HOME/refine_jax.pid" ] && kill -0 -- "-$(cat "$HOME/refine_jax.pid")" '
+    '2>/dev/null; then echo "a refine_jax job is still running on $(hostname); stop it first" '
+    ">&2; exit 1; fi"
+)
 
 
 def dry(*argv: str) -> list[str]:
@@ -105,32 +107,43 @@ def expected_setup_lines(repo: Path, tarball: str, extra: str = "gcsfs") -> list
 def test_create_plain_tpu_vm():
     assert dry("create", *V4) == [
         "gcloud compute tpus tpu-vm create my-pod --zone=us-central2-b --accelerator-type=v4-32 "
-        "--version=tpu-ubuntu2204-base"]
+        "--version=tpu-ubuntu2204-base"
+    ]
 
 
-@pytest.mark.parametrize("flags,tail", [
-    (["--spot"], "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"),
-    (["--preemptible"], "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --preemptible"),
-    (["--runtime_version=tpu-vm-v4-base"], "--accelerator-type=v4-32 --version=tpu-vm-v4-base"),
-])
+@pytest.mark.parametrize(
+    "flags,tail",
+    [
+        (["--spot"], "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"),
+        (["--preemptible"], "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --preemptible"),
+        (["--runtime_version=tpu-vm-v4-base"], "--accelerator-type=v4-32 --version=tpu-vm-v4-base"),
+    ],
+)
 def test_create_flags(flags, tail):
     assert dry("create", *V4, *flags) == [
-        f"gcloud compute tpus tpu-vm create my-pod --zone=us-central2-b {tail}"]
+        f"gcloud compute tpus tpu-vm create my-pod --zone=us-central2-b {tail}"
+    ]
 
 
-@pytest.mark.parametrize("accelerator,runtime", [
-    ("v2-8", "tpu-ubuntu2204-base"), ("v3-32", "tpu-ubuntu2204-base"),
-    ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-128", "v2-alpha-tpuv5"),
-    ("v6e-8", "v2-alpha-tpuv6e"),
-])
+@pytest.mark.parametrize(
+    "accelerator,runtime",
+    [
+        ("v2-8", "tpu-ubuntu2204-base"),
+        ("v3-32", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-128", "v2-alpha-tpuv5"),
+        ("v6e-8", "v2-alpha-tpuv6e"),
+    ],
+)
 def test_default_runtime_per_family(accelerator, runtime):
     (line,) = dry("create", *POD, f"--accelerator_type={accelerator}")
     assert line.endswith(f"--accelerator-type={accelerator} --version={runtime}")
 
 
 def test_create_queued_spot_with_project_waits_for_active():
-    assert dry("create", *POD, "--accelerator_type=v5litepod-16", "--queued", "--spot",
-               "--project=my-proj") == [
+    assert dry(
+        "create", *POD, "--accelerator_type=v5litepod-16", "--queued", "--spot", "--project=my-proj"
+    ) == [
         "gcloud compute tpus queued-resources create my-pod --zone=us-central2-b "
         "--project=my-proj --node-id=my-pod --accelerator-type=v5litepod-16 "
         "--runtime-version=v2-alpha-tpuv5-lite --spot",
@@ -145,10 +158,17 @@ def test_setup_ships_tarball_and_installs_jax_range_from_setup_py(fake_repo):
 
 
 def test_setup_options(fake_repo):
-    assert dry("setup", *POD, f"--repo={fake_repo}", "--tarball=/tmp/p.tar.gz",
-               "--extra_packages=") == expected_setup_lines(fake_repo, "/tmp/p.tar.gz", extra="")
-    (*_, line) = dry("setup", *POD, f"--repo={fake_repo}", "--python=python3", "--fresh_venv",
-                     "--extra_packages=gcsfs foo>=1,<2")
+    assert dry(
+        "setup", *POD, f"--repo={fake_repo}", "--tarball=/tmp/p.tar.gz", "--extra_packages="
+    ) == expected_setup_lines(fake_repo, "/tmp/p.tar.gz", extra="")
+    (*_, line) = dry(
+        "setup",
+        *POD,
+        f"--repo={fake_repo}",
+        "--python=python3",
+        "--fresh_venv",
+        "--extra_packages=gcsfs foo>=1,<2",
+    )
     script = remote_script(line)
     assert "apt-get" not in script  # only a python3.X can be apt-installed by name
     assert "; rm -rf refine_jax_venv; " in script and "|| python3 -m venv refine_jax_venv" in script
@@ -169,9 +189,11 @@ def test_jax_range_comes_from_the_real_setup_py():
 
 def test_run_quotes_overrides_with_spaces():
     lines = dry("run", *POD, *TRAIN, SPACED, "--config.batch_size=8")
-    train = ("python -m refine_jax.main --config=configs/shapes.py "
-             "--workdir=gs://my-bucket/runs/shapes "
-             "'--config.data.path=gs://my-bucket/my data/train-*.tar' --config.batch_size=8")
+    train = (
+        "python -m refine_jax.main --config=configs/shapes.py "
+        "--workdir=gs://my-bucket/runs/shapes "
+        "'--config.data.path=gs://my-bucket/my data/train-*.tar' --config.batch_size=8"
+    )
     assert lines == [expected_run_line(train)]
     # Two shell parses (local line, then the worker's shell) give back the override intact.
     assert SPACED in shlex.split(remote_script(lines[0]))
@@ -191,17 +213,21 @@ def test_run_custom_command():
 
 def test_logs_stop_delete():
     assert dry("logs", *POD) == [
-        f"""{SSH} --worker=0 '--command=tail -n 100 -F "$HOME/refine_jax.log"'"""]
+        f"""{SSH} --worker=0 '--command=tail -n 100 -F "$HOME/refine_jax.log"'"""
+    ]
     assert dry("logs", *POD, "--worker=3", "--lines=20", "--no_follow") == [
-        f"""{SSH} --worker=3 '--command=tail -n 20 "$HOME/refine_jax.log"'"""]
+        f"""{SSH} --worker=3 '--command=tail -n 20 "$HOME/refine_jax.log"'"""
+    ]
     (stop,) = dry("stop", *POD, "--grace_s=30")
     assert stop.startswith(f"{SSH} --worker=all '--command=if [ -f ")
     assert 'kill -TERM -- "-$g"' in stop and "[ $i -lt 30 ]" in stop
     assert dry("delete", *POD) == [
-        "gcloud compute tpus tpu-vm delete my-pod --zone=us-central2-b --quiet"]
+        "gcloud compute tpus tpu-vm delete my-pod --zone=us-central2-b --quiet"
+    ]
     assert dry("delete", *POD, "--queued", "--project=p") == [
         "gcloud compute tpus queued-resources delete my-pod --zone=us-central2-b --project=p "
-        "--force --quiet"]
+        "--force --quiet"
+    ]
 
 
 def test_up_is_create_then_setup_then_run(fake_repo):
@@ -226,28 +252,31 @@ def test_use_existing_skips_create(fake_repo):
 # Bad input: exit 2, a clear message, nothing printed on stdout.
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["create", "--zone=us-central2-b", "--accelerator_type=v4-32"], "--name is required"),
-    (["create", "--name=my-pod", "--accelerator_type=v4-32"], "--zone is required"),
-    (["create", "--name=My_Pod", "--zone=us-central2-b"], "lowercase letters"),
-    (["create", *POD, "--accelerator_type=v9-8"], "unknown accelerator family 'v9'"),
-    (["create", *POD, "--accelerator_type=v4"], "FAMILY-SIZE"),
-    (["create", *POD], "--accelerator_type is required"),
-    (["create", *V4, "--spot", "--preemptible"], "exclusive"),
-    (["create", *V4, "--queued", "--preemptible"], "--spot, not --preemptible"),
-    (["run", *POD, "--workdir=gs://b/w"], "--config is required"),
-    (["run", *POD, "--config=configs/shapes.py"], "--workdir is required"),
-    (["run", *POD, "--config=configs/shapes.py", "--workdir=/tmp/w"], "not a gs:// path"),
-    (["run", *POD, "--config=configs/missing.py", "--workdir=gs://b/w"], "does not exist"),
-    (["run", *POD, "--config=/abs/shapes.py", "--workdir=gs://b/w"], "relative to the repo"),
-    (["run", *POD, "--command=ls", "--config=configs/shapes.py"], "--command replaces"),
-    (["run", *POD, *TRAIN, "--config.batch_size", "8"], "--config.KEY=VALUE"),
-    (["stop", *POD, "--config.batch_size=8"], "unrecognized arguments"),
-    (["logs", *POD, "--worker=-1"], "--worker=-1"),
-    (["up", *POD, *TRAIN], "--accelerator_type is required"),
-    (["up", *V4, "--config=configs/shapes.py", "--workdir=out"], "not a gs:// path"),
-    (["frobnicate", *POD], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["create", "--zone=us-central2-b", "--accelerator_type=v4-32"], "--name is required"),
+        (["create", "--name=my-pod", "--accelerator_type=v4-32"], "--zone is required"),
+        (["create", "--name=My_Pod", "--zone=us-central2-b"], "lowercase letters"),
+        (["create", *POD, "--accelerator_type=v9-8"], "unknown accelerator family 'v9'"),
+        (["create", *POD, "--accelerator_type=v4"], "FAMILY-SIZE"),
+        (["create", *POD], "--accelerator_type is required"),
+        (["create", *V4, "--spot", "--preemptible"], "exclusive"),
+        (["create", *V4, "--queued", "--preemptible"], "--spot, not --preemptible"),
+        (["run", *POD, "--workdir=gs://b/w"], "--config is required"),
+        (["run", *POD, "--config=configs/shapes.py"], "--workdir is required"),
+        (["run", *POD, "--config=configs/shapes.py", "--workdir=/tmp/w"], "not a gs:// path"),
+        (["run", *POD, "--config=configs/missing.py", "--workdir=gs://b/w"], "does not exist"),
+        (["run", *POD, "--config=/abs/shapes.py", "--workdir=gs://b/w"], "relative to the repo"),
+        (["run", *POD, "--command=ls", "--config=configs/shapes.py"], "--command replaces"),
+        (["run", *POD, *TRAIN, "--config.batch_size", "8"], "--config.KEY=VALUE"),
+        (["stop", *POD, "--config.batch_size=8"], "unrecognized arguments"),
+        (["logs", *POD, "--worker=-1"], "--worker=-1"),
+        (["up", *POD, *TRAIN], "--accelerator_type is required"),
+        (["up", *V4, "--config=configs/shapes.py", "--workdir=out"], "not a gs:// path"),
+        (["frobnicate", *POD], "invalid choice"),
+    ],
+)
 def test_bad_input_is_a_clear_error(argv, message, capsys):
     assert tpu_pod.main([*argv, "--dry_run"]) == 2
     captured = capsys.readouterr()
@@ -255,8 +284,9 @@ def test_bad_input_is_a_clear_error(argv, message, capsys):
 
 
 def test_local_workdir_allowed_with_warning_on_multi_host(capsys):
-    lines = dry("run", *V4, "--config=configs/shapes.py", "--workdir=/tmp/w",
-                "--allow_local_workdir")
+    lines = dry(
+        "run", *V4, "--config=configs/shapes.py", "--workdir=/tmp/w", "--allow_local_workdir"
+    )
     assert len(lines) == 1 and "--workdir=/tmp/w" in lines[0]
     assert "each of the pod's workers will write its own" in capsys.readouterr().err
 
@@ -272,24 +302,38 @@ def test_dry_run_executes_nothing(monkeypatch, fake_repo):
     for name in ("run", "Popen", "call", "check_call", "check_output"):
         monkeypatch.setattr(subprocess, name, forbidden)
     monkeypatch.setattr(os, "system", forbidden)
-    for argv in (["up", *V4, *TRAIN, "--queued", f"--repo={fake_repo}"], ["logs", *POD],
-                 ["stop", *POD], ["delete", *POD]):
+    for argv in (
+        ["up", *V4, *TRAIN, "--queued", f"--repo={fake_repo}"],
+        ["logs", *POD],
+        ["stop", *POD],
+        ["delete", *POD],
+    ):
         assert dry(*argv)
 
 
 def test_dry_run_without_gcloud_on_path(tmp_path, fake_repo):
     empty = tmp_path / "bin"
     empty.mkdir()
-    argv = [sys.executable, str(SCRIPT), "up", *V4, *TRAIN, f"--repo={fake_repo}",
-            f"--tarball={tmp_path / 'pkg.tar.gz'}", "--dry_run"]
-    result = subprocess.run(argv, env={"PATH": str(empty)}, capture_output=True, text=True,
-                            timeout=60)
+    argv = [
+        sys.executable,
+        str(SCRIPT),
+        "up",
+        *V4,
+        *TRAIN,
+        f"--repo={fake_repo}",
+        f"--tarball={tmp_path / 'pkg.tar.gz'}",
+        "--dry_run",
+    ]
+    result = subprocess.run(
+        argv, env={"PATH": str(empty)}, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 5
     assert not (tmp_path / "pkg.tar.gz").exists()  # not even the local tar ran
     # Without --dry_run the missing gcloud is reported before anything runs.
-    result = subprocess.run(argv[:-1], env={"PATH": str(empty)}, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        argv[:-1], env={"PATH": str(empty)}, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1 and "gcloud CLI is not on PATH" in result.stderr
     assert result.stdout == ""
 
@@ -331,8 +375,9 @@ def test_real_run_executes_exactly_the_dry_run_commands(fake_gcloud, fake_repo, 
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
 
 
-def test_a_failing_command_stops_the_sequence(fake_gcloud, fake_repo, tmp_path, monkeypatch,
-                                              capsys):
+def test_a_failing_command_stops_the_sequence(
+    fake_gcloud, fake_repo, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("FAKE_GCLOUD_FAIL", "scp")
     argv = ["up", *V4, *TRAIN, f"--repo={fake_repo}", f"--tarball={tmp_path / 'p.tar.gz'}"]
     assert tpu_pod.main(argv) == 1
@@ -343,8 +388,10 @@ def test_a_failing_command_stops_the_sequence(fake_gcloud, fake_repo, tmp_path, 
 
 def test_wait_until_active_polls_and_fails_on_bad_state():
     args = tpu_pod.parse(["create", *V4, "--queued"])[0]
-    for states, ok in ((["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], True),
-                       (["PROVISIONING", "FAILED"], False)):
+    for states, ok in (
+        (["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], True),
+        (["PROVISIONING", "FAILED"], False),
+    ):
         runner = tpu_pod.Runner(dry_run=True, out=io.StringIO(), sleep=lambda s: None)
         replies = iter(states)
         runner.capture = lambda argv, replies=replies: next(replies)
@@ -360,17 +407,23 @@ def test_wait_until_active_polls_and_fails_on_bad_state():
 
 
 def test_worker_scripts_are_valid_shell(fake_repo):
-    lines = dry("up", *V4, *TRAIN, SPACED, f"--repo={fake_repo}") + dry("logs", *POD) + dry(
-        "stop", *POD) + dry("run", *POD, "--command=cd x && ls")
+    lines = (
+        dry("up", *V4, *TRAIN, SPACED, f"--repo={fake_repo}")
+        + dry("logs", *POD)
+        + dry("stop", *POD)
+        + dry("run", *POD, "--command=cd x && ls")
+    )
     for line in lines:
         if line.startswith(SSH):
-            check = subprocess.run(["bash", "-n", "-c", remote_script(line)], capture_output=True,
-                                   text=True)
+            check = subprocess.run(
+                ["bash", "-n", "-c", remote_script(line)], capture_output=True, text=True
+            )
             assert check.returncode == 0, (line, check.stderr)
 
 
-@pytest.mark.skipif(not (shutil.which("bash") and shutil.which("setsid")),
-                    reason="needs bash and setsid")
+@pytest.mark.skipif(
+    not (shutil.which("bash") and shutil.which("setsid")), reason="needs bash and setsid"
+)
 def test_run_detaches_passes_arguments_and_stop_sends_sigterm(tmp_path):
     home = tmp_path / "home"
     (home / "refine_jax").mkdir(parents=True)
@@ -380,16 +433,23 @@ def test_run_detaches_passes_arguments_and_stop_sends_sigterm(tmp_path):
     (venv_bin / "python").write_text(
         '#!/bin/bash\nprintf "%s\\n" "$PWD" "$@" > "$HOME/argv.txt"\n'
         "trap 'echo saved on SIGTERM; exit 0' TERM\n"
-        "echo training\nwhile true; do sleep 0.05; done\n")
+        "echo training\nwhile true; do sleep 0.05; done\n"
+    )
     (venv_bin / "python").chmod(0o755)
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
-    quoted = "--config.model.name=it's \"quoted\""
+    quoted = '--config.model.name=it\'s "quoted"'
     (run_line,) = dry("run", *POD, *TRAIN, SPACED, quoted)
     (stop_line,) = dry("stop", *POD, "--grace_s=10")
 
     def worker(line: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-c", remote_script(line)], cwd=home, env=env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            ["bash", "-c", remote_script(line)],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     pid_file, log = home / "refine_jax.pid", home / "refine_jax.log"
     try:
@@ -399,7 +459,13 @@ def test_run_detaches_passes_arguments_and_stop_sends_sigterm(tmp_path):
         while not (home / "argv.txt").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (home / "argv.txt").read_text().splitlines() == [
-            str(home / "refine_jax"), "-m", "refine_jax.main", *TRAIN, SPACED, quoted]
+            str(home / "refine_jax"),
+            "-m",
+            "refine_jax.main",
+            *TRAIN,
+            SPACED,
+            quoted,
+        ]
         pid = int(pid_file.read_text())
         assert os.getpgid(pid) == pid  # its own process group, which stop signals
 

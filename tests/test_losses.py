@@ -38,15 +38,21 @@ def test_final_only_weighting_reduces_to_final_step_cross_entropy():
 
 def test_padding_examples_do_not_count():
     ce = jnp.asarray([[1.0, 5.0]])
-    outputs = {"cross_entropy": ce, "expected_length": jnp.zeros((1, 2)),
-               "exact_match": jnp.zeros((1, 2), bool)}
+    outputs = {
+        "cross_entropy": ce,
+        "expected_length": jnp.zeros((1, 2)),
+        "exact_match": jnp.zeros((1, 2), bool),
+    }
     loss, _ = refine_loss(outputs, jnp.ones((1,)), jnp.zeros((2, 1)), jnp.asarray([1, 0]), 8, 0.0)
     assert float(loss) == pytest.approx(1.0)
 
 
 def test_length_term_penalises_distance_from_schedule():
-    outputs = {"cross_entropy": jnp.zeros((2, 1)), "expected_length": jnp.asarray([[2.0], [8.0]]),
-               "exact_match": jnp.zeros((2, 1), bool)}
+    outputs = {
+        "cross_entropy": jnp.zeros((2, 1)),
+        "expected_length": jnp.asarray([[2.0], [8.0]]),
+        "exact_match": jnp.zeros((2, 1), bool),
+    }
     scheduled = jnp.asarray([[4.0, 8.0]])  # [B, K]
     loss, _ = refine_loss(outputs, jnp.asarray([0.5, 0.5]), scheduled, jnp.ones((1,)), 10, 1.0)
     assert float(loss) == pytest.approx(0.5 * (0.2**2) + 0.5 * 0.0)

@@ -11,9 +11,18 @@ from conftest import REPO
 @pytest.mark.parametrize("variant,num_steps", [("tiny", 4), ("tiny,autoregressive", 1)])
 def test_main_trains_and_writes_metrics_and_samples(tmp_path, variant, num_steps):
     result = subprocess.run(
-        [sys.executable, "-m", "refine_jax.main", f"--config=configs/shapes.py:{variant}",
-         f"--workdir={tmp_path}", "--config.profile_steps=(41,42)"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "refine_jax.main",
+            f"--config=configs/shapes.py:{variant}",
+            f"--workdir={tmp_path}",
+            "--config.profile_steps=(41,42)",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -9,15 +9,24 @@ import sys
 import portpicker
 from conftest import REPO
 
-COMMON = ["--config=configs/shapes.py:tiny", "--config.total_steps=3",
-          "--config.log_every_steps=1", "--config.eval_every_steps=1000",
-          "--config.checkpoint_every_steps=1000", "--config.data.eval_size=8",
-          "--config.mesh.shape=(-1,1,1)"]
+COMMON = [
+    "--config=configs/shapes.py:tiny",
+    "--config.total_steps=3",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=1000",
+    "--config.checkpoint_every_steps=1000",
+    "--config.data.eval_size=8",
+    "--config.mesh.shape=(-1,1,1)",
+]
 
 
 def environment(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_NUM_CPU_DEVICES=str(devices),
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    )
     env.pop("XLA_FLAGS", None)
     return env
 
@@ -29,17 +38,35 @@ def losses(workdir):
 
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "refine_jax.main", *COMMON, f"--workdir={single}"],
-                   cwd=REPO, env=environment(8), check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "refine_jax.main", *COMMON, f"--workdir={single}"],
+        cwd=REPO,
+        env=environment(8),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
     multi = tmp_path / "multi"
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "refine_jax.main", *COMMON, f"--workdir={multi}",
-             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-            cwd=REPO, env=environment(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            [
+                sys.executable,
+                "-m",
+                "refine_jax.main",
+                *COMMON,
+                f"--workdir={multi}",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=REPO,
+            env=environment(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in processes]

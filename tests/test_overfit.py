@@ -36,12 +36,21 @@ def test_tiny_model_overfits_eight_examples_at_every_step():
     optimizer, schedule = make_optimizer(config)
     params = init_variables(model, config, tokenizer.vocab_size)
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    step = jax.jit(functools.partial(
-        train_step, model=model, optimizer=optimizer, schedule=schedule, config=config,
-        weights=jnp.asarray(step_weights(m.num_refine_steps), jnp.float32), fractions=fractions))
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            config=config,
+            weights=jnp.asarray(step_weights(m.num_refine_steps), jnp.float32),
+            fractions=fractions,
+        )
+    )
     for _ in range(config.total_steps):
         state, metrics = step(state, batch)
-    canvases = model.apply({"params": state.params}, batch["image"], fractions,
-                           method=model.describe)["canvas"]  # [K, B, L]
+    canvases = model.apply(
+        {"params": state.params}, batch["image"], fractions, method=model.describe
+    )["canvas"]  # [K, B, L]
     np.testing.assert_array_equal(np.swapaxes(canvases, 0, 1), batch["targets"])
     assert float(metrics["exact_match_step_4"]) == 1.0

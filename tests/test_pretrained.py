@@ -20,7 +20,9 @@ class ReferenceBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         y = nn.LayerNorm(name="LayerNorm_0")(x)
-        y = nn.MultiHeadDotProductAttention(num_heads=HEADS, name="MultiHeadDotProductAttention_1")(y, y)
+        y = nn.MultiHeadDotProductAttention(num_heads=HEADS, name="MultiHeadDotProductAttention_1")(
+            y, y
+        )
         x = x + y
         y = nn.LayerNorm(name="LayerNorm_2")(x)
         y = nn.Dense(WIDTH, name="Dense_1")(nn.gelu(nn.Dense(MLP, name="Dense_0")(y)))
@@ -32,8 +34,9 @@ class ReferenceViT(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        x = nn.Conv(WIDTH, (PATCH, PATCH), strides=(PATCH, PATCH), padding="VALID",
-                    name="embedding")(images)
+        x = nn.Conv(
+            WIDTH, (PATCH, PATCH), strides=(PATCH, PATCH), padding="VALID", name="embedding"
+        )(images)
         x = x.reshape(x.shape[0], -1, WIDTH)
         x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], WIDTH))
         for i in range(DEPTH):
@@ -58,7 +61,13 @@ def encoder_config():
     config = load_config("shapes", "tiny")
     m = config.model
     m.width, m.encoder_depth, m.num_heads, m.mlp_dim, m.patch_size, m.image_size = (
-        WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE)
+        WIDTH,
+        DEPTH,
+        HEADS,
+        MLP,
+        PATCH,
+        SIZE,
+    )
     return config
 
 
@@ -89,16 +98,26 @@ def test_stacked_layout_and_resized_positions(tmp_path):
         "Transformer/encoder_norm/scale": np.ones(WIDTH, np.float32),
         "Transformer/encoder_norm/bias": np.zeros(WIDTH, np.float32),
     }
-    block = {"LayerNorm_0/scale": (WIDTH,), "LayerNorm_0/bias": (WIDTH,),
-             "LayerNorm_2/scale": (WIDTH,), "LayerNorm_2/bias": (WIDTH,),
-             "MlpBlock_3/Dense_0/kernel": (WIDTH, MLP), "MlpBlock_3/Dense_0/bias": (MLP,),
-             "MlpBlock_3/Dense_1/kernel": (MLP, WIDTH), "MlpBlock_3/Dense_1/bias": (WIDTH,),
-             **{f"MultiHeadDotProductAttention_1/{p}/kernel": (WIDTH, HEADS, WIDTH // HEADS)
-                for p in ("query", "key", "value")},
-             **{f"MultiHeadDotProductAttention_1/{p}/bias": (HEADS, WIDTH // HEADS)
-                for p in ("query", "key", "value")},
-             "MultiHeadDotProductAttention_1/out/kernel": (HEADS, WIDTH // HEADS, WIDTH),
-             "MultiHeadDotProductAttention_1/out/bias": (WIDTH,)}
+    block = {
+        "LayerNorm_0/scale": (WIDTH,),
+        "LayerNorm_0/bias": (WIDTH,),
+        "LayerNorm_2/scale": (WIDTH,),
+        "LayerNorm_2/bias": (WIDTH,),
+        "MlpBlock_3/Dense_0/kernel": (WIDTH, MLP),
+        "MlpBlock_3/Dense_0/bias": (MLP,),
+        "MlpBlock_3/Dense_1/kernel": (MLP, WIDTH),
+        "MlpBlock_3/Dense_1/bias": (WIDTH,),
+        **{
+            f"MultiHeadDotProductAttention_1/{p}/kernel": (WIDTH, HEADS, WIDTH // HEADS)
+            for p in ("query", "key", "value")
+        },
+        **{
+            f"MultiHeadDotProductAttention_1/{p}/bias": (HEADS, WIDTH // HEADS)
+            for p in ("query", "key", "value")
+        },
+        "MultiHeadDotProductAttention_1/out/kernel": (HEADS, WIDTH // HEADS, WIDTH),
+        "MultiHeadDotProductAttention_1/out/bias": (WIDTH,),
+    }
     for name, shape in block.items():
         arrays[f"Transformer/encoderblock/{name}"] = np.full((DEPTH, *shape), 0.5, np.float32)
     np.savez(tmp_path / "stacked.npz", **arrays)
@@ -114,5 +133,7 @@ def test_a_vit_of_another_width_is_a_clear_error(tmp_path):
     config = encoder_config()
     config.model.width, config.model.num_heads = 64, 2
     params = nn.unbox(init_variables(build_model(config, 50), config, 50))
-    with pytest.raises(ValueError, match=r"embedding/bias has shape \(32,\), the model expects \(64,\)"):
+    with pytest.raises(
+        ValueError, match=r"embedding/bias has shape \(32,\), the model expects \(64,\)"
+    ):
         load_pretrained_encoder(params, str(tmp_path / "vit.npz"))

@@ -34,18 +34,28 @@ GROWING_B = ["two", "two dogs", "two dogs play", CAPTION_B]
 def test_evenly_growing_chain_with_exact_progress_vectors_has_g_1() -> None:
     # Vectors with cos(e_k, e_K) = k/K, so p_k = k/K = s(k) exactly under the linear schedule.
     frac = np.arange(1, 5) / 4
-    vecs_a = np.stack([frac, np.sqrt(1 - frac ** 2)], axis=1)
+    vecs_a = np.stack([frac, np.sqrt(1 - frac**2)], axis=1)
     vecs_b = vecs_a[:, ::-1] * 3.0  # another direction and scale, same angles
-    out = refinement_metrics({"a": GROWING_A, "b": GROWING_B}, REFS, LINEAR4, UNIFORM4,
-                             step_vectors=np.stack([vecs_a, vecs_b]))
+    out = refinement_metrics(
+        {"a": GROWING_A, "b": GROWING_B},
+        REFS,
+        LINEAR4,
+        UNIFORM4,
+        step_vectors=np.stack([vecs_a, vecs_b]),
+    )
     assert out["gradualness"] == pytest.approx(1.0, abs=1e-12)
     assert out["gradualness_raw"] == pytest.approx(1.0, abs=1e-12)
     assert out["progress_per_step"] == pytest.approx(list(LINEAR4), abs=1e-12)
     # Word counts 1, 2, 3, 4 of 4: len_k / len_K = k/K.
     assert out["length_adherence"] == pytest.approx(1.0, abs=1e-12)
     assert out["length_ratio_per_step"] == pytest.approx(list(LINEAR4))
-    by_id = refinement_metrics({"a": GROWING_A, "b": GROWING_B}, REFS, LINEAR4, UNIFORM4,
-                               step_vectors={"b": vecs_b, "a": vecs_a})
+    by_id = refinement_metrics(
+        {"a": GROWING_A, "b": GROWING_B},
+        REFS,
+        LINEAR4,
+        UNIFORM4,
+        step_vectors={"b": vecs_b, "a": vecs_a},
+    )
     assert by_id == out
 
 
@@ -68,8 +78,9 @@ def test_evenly_growing_chain_with_the_default_tfidf_encoding() -> None:
 def test_two_step_tfidf_progress_by_hand() -> None:
     # e("red") = (L), e("red car") = (L, L, L) over red / car / "red car": cos = 1/sqrt(3).
     refs = {"a": ["a red car"], "b": ["a blue sky"]}
-    out = refinement_metrics({"a": ["red", "red car"], "b": ["blue", "blue sky"]}, refs,
-                             [0.5, 1.0], [0.5, 0.5])
+    out = refinement_metrics(
+        {"a": ["red", "red car"], "b": ["blue", "blue sky"]}, refs, [0.5, 1.0], [0.5, 0.5]
+    )
     assert out["progress_per_step"] == pytest.approx([1 / math.sqrt(3), 1.0])
     deviation = abs(1 / math.sqrt(3) - 0.5) / 2
     assert out["gradualness_raw"] == pytest.approx(1 - deviation)
@@ -131,10 +142,13 @@ def test_half_way_chain_by_hand() -> None:
     # the linear schedule: G = A = 1 - 0.125 / 0.375 = 2/3 (raw 0.875).
     angles = np.arccos([0.5, 0.5, 1.0, 1.0])
     vecs = np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    chains = {"a": ["man rides", "man rides", CAPTION_A, CAPTION_A],
-              "b": ["two dogs", "two dogs", CAPTION_B, CAPTION_B]}
-    out = refinement_metrics(chains, REFS, LINEAR4, UNIFORM4, step_vectors=np.stack([vecs, vecs]),
-                             per_image=True)
+    chains = {
+        "a": ["man rides", "man rides", CAPTION_A, CAPTION_A],
+        "b": ["two dogs", "two dogs", CAPTION_B, CAPTION_B],
+    }
+    out = refinement_metrics(
+        chains, REFS, LINEAR4, UNIFORM4, step_vectors=np.stack([vecs, vecs]), per_image=True
+    )
     assert out["gradualness"] == pytest.approx(2 / 3)
     assert out["gradualness_raw"] == pytest.approx(0.875)
     assert out["length_adherence"] == pytest.approx(2 / 3)
@@ -173,8 +187,12 @@ def test_monotonicity_on_hand_made_trajectories() -> None:
 
 def test_length_adherence_counts_eval_tokens() -> None:
     # "Man." is 1 word and "A man rides brown horse." 5 after tokenisation: ratios 1/5, 1.
-    out = refinement_metrics({"a": ["Man.", "A man rides brown horse."], "b": ["", CAPTION_B]},
-                             REFS, [0.5, 1.0], [0.5, 0.5])
+    out = refinement_metrics(
+        {"a": ["Man.", "A man rides brown horse."], "b": ["", CAPTION_B]},
+        REFS,
+        [0.5, 1.0],
+        [0.5, 0.5],
+    )
     # a: deviation (|0.2 - 0.5| + 0) / 2 = 0.15; b: (0.5 + 0) / 2 = 0.25. D = 0.25.
     assert out["length_adherence_raw"] == pytest.approx((0.85 + 0.75) / 2)
     assert out["length_adherence"] == pytest.approx((1 - 0.15 / 0.25 + 0.0) / 2)
@@ -183,8 +201,9 @@ def test_length_adherence_counts_eval_tokens() -> None:
 
 def test_weighted_quality_monotonicity_and_blank_final() -> None:
     # a goes blank -> exact (CIDEr 0 -> 10), b goes exact -> blank (10 -> 0).
-    out = refinement_metrics({"a": ["", CAPTION_A], "b": [CAPTION_B, ""]}, REFS,
-                             [0.5, 1.0], [0.25, 0.75])
+    out = refinement_metrics(
+        {"a": ["", CAPTION_A], "b": [CAPTION_B, ""]}, REFS, [0.5, 1.0], [0.25, 0.75]
+    )
     assert out["cider_per_step"] == pytest.approx([5.0, 5.0])
     assert out["weighted_quality"] == pytest.approx(5.0)
     assert out["final_cider"] == pytest.approx(5.0)
@@ -198,13 +217,13 @@ def test_weighted_quality_monotonicity_and_blank_final() -> None:
     assert out["refine_score"] == 0.0
     assert out["progress_per_step"] == pytest.approx([0.0, 1.0])  # over images with a final
 
-    rising = refinement_metrics({"a": ["", CAPTION_A], "b": ["", CAPTION_B]}, REFS,
-                                [0.5, 1.0], [0.25, 0.75])
+    rising = refinement_metrics(
+        {"a": ["", CAPTION_A], "b": ["", CAPTION_B]}, REFS, [0.5, 1.0], [0.25, 0.75]
+    )
     assert rising["cider_per_step"] == pytest.approx([0.0, 10.0])
     assert rising["weighted_quality"] == pytest.approx(0.75 * 10.0)
 
-    all_blank = refinement_metrics({"a": ["x", ""], "b": ["y", ""]}, REFS, [0.5, 1.0],
-                                   [0.5, 0.5])
+    all_blank = refinement_metrics({"a": ["x", ""], "b": ["y", ""]}, REFS, [0.5, 1.0], [0.5, 0.5])
     assert all_blank["gradualness"] == 0.0 and all_blank["length_adherence"] == 0.0
     assert all_blank["gradualness_raw"] == 0.0 and all_blank["length_adherence_raw"] == 0.0
     assert all_blank["progress_per_step"] is None and all_blank["length_ratio_per_step"] is None
@@ -237,14 +256,24 @@ def test_model_vectors_pointing_away_are_capped() -> None:
     # cos = -1 gives p = -1; the deviation |p - s| = 1.5 counts as 1, so raw G = 1 - (1 + 0) / 2;
     # normalised 1 - 0.5 / 0.25 < 0 is clipped to 0.
     vectors = np.array([[[-1.0, 0.0], [1.0, 0.0]], [[-2.0, 0.0], [3.0, 0.0]]])
-    out = refinement_metrics({"a": ["man", CAPTION_A], "b": ["two", CAPTION_B]}, REFS,
-                             [0.5, 1.0], [0.5, 0.5], step_vectors=vectors)
+    out = refinement_metrics(
+        {"a": ["man", CAPTION_A], "b": ["two", CAPTION_B]},
+        REFS,
+        [0.5, 1.0],
+        [0.5, 0.5],
+        step_vectors=vectors,
+    )
     assert out["gradualness_raw"] == pytest.approx(0.5)
     assert out["gradualness"] == 0.0
     zero_final = vectors.copy()
     zero_final[1, 1] = 0.0
-    out = refinement_metrics({"a": ["man", CAPTION_A], "b": ["two", CAPTION_B]}, REFS,
-                             [0.5, 1.0], [0.5, 0.5], step_vectors=zero_final)
+    out = refinement_metrics(
+        {"a": ["man", CAPTION_A], "b": ["two", CAPTION_B]},
+        REFS,
+        [0.5, 1.0],
+        [0.5, 0.5],
+        step_vectors=zero_final,
+    )
     assert out["gradualness_raw"] == pytest.approx(0.25)  # b's zero final vector: G_b = 0
 
 
@@ -266,8 +295,13 @@ def test_model_vectors_pointing_away_are_capped() -> None:
     ],
 )
 def test_bad_inputs_raise_value_error(kwargs: dict, message: str) -> None:
-    args = {"trajectories": {"a": GROWING_A, "b": GROWING_B}, "references": REFS,
-            "schedule": LINEAR4, "weights": UNIFORM4, **kwargs}
+    args = {
+        "trajectories": {"a": GROWING_A, "b": GROWING_B},
+        "references": REFS,
+        "schedule": LINEAR4,
+        "weights": UNIFORM4,
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=message):
         refinement_metrics(**args)
 
@@ -275,8 +309,8 @@ def test_bad_inputs_raise_value_error(kwargs: dict, message: str) -> None:
 def test_chain_agreement() -> None:
     true_chains = {"a": ["man", "man rides", CAPTION_A], "b": ["two", "two dogs", CAPTION_B]}
     trajectories = {
-        "a": [" man ", "man  rides", CAPTION_A],       # equal after whitespace normalisation
-        "b": ["two", "Two dogs", CAPTION_B + " ."],    # case and punctuation count
+        "a": [" man ", "man  rides", CAPTION_A],  # equal after whitespace normalisation
+        "b": ["two", "Two dogs", CAPTION_B + " ."],  # case and punctuation count
     }
     assert chain_agreement(trajectories, true_chains) == [1.0, 0.5, 0.5]
     with pytest.raises(ValueError, match="K=2"):

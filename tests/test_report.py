@@ -43,7 +43,8 @@ from refine_jax.tokenizer import PAD_ID, train_tokenizer
 
 needs_chromium = pytest.mark.skipif(
     find_chromium() is None,
-    reason="headless Chromium not installed (Debian: apt-get install -y chromium)")
+    reason="headless Chromium not installed (Debian: apt-get install -y chromium)",
+)
 
 
 @pytest.mark.parametrize("row,col", [(0, 0), (1, 2), (3, 3)])
@@ -54,9 +55,9 @@ def test_heatmap_of_one_patch_lands_on_that_patch(row, col):
     heat = upsample_attention(attention, size)
     peak = np.unravel_index(np.argmax(heat), heat.shape)
     assert row * 12 <= peak[0] < (row + 1) * 12 and col * 12 <= peak[1] < (col + 1) * 12
-    block = heat[row * 12:(row + 1) * 12, col * 12:(col + 1) * 12]
+    block = heat[row * 12 : (row + 1) * 12, col * 12 : (col + 1) * 12]
     outside = np.ones_like(heat, bool)
-    outside[row * 12:(row + 1) * 12, col * 12:(col + 1) * 12] = False
+    outside[row * 12 : (row + 1) * 12, col * 12 : (col + 1) * 12] = False
     assert block.mean() > 4 * heat[outside].mean()
 
     image = np.full((size, size, 3), 40, np.uint8)
@@ -81,7 +82,12 @@ def test_heatmap_edge_cases():
 def test_word_diff_and_added_words():
     assert word_diff("", "a circle") == [("add", "a"), ("add", "circle")]
     assert word_diff("a red circle", "a small blue circle") == [
-        ("same", "a"), ("drop", "red"), ("add", "small"), ("add", "blue"), ("same", "circle")]
+        ("same", "a"),
+        ("drop", "red"),
+        ("add", "small"),
+        ("add", "blue"),
+        ("same", "circle"),
+    ]
     assert added_word_indices("a red circle", "a small blue circle") == [1, 2]
     assert added_word_indices("a circle", "a circle") == []
     html = diff_html("a red circle", "a blue <b>circle</b>")
@@ -99,8 +105,10 @@ def test_added_words_attention_averages_their_tokens():
 
 
 def test_token_word_indices():
-    tokenizer = train_tokenizer(["a small red circle beside a large blue square"] * 20 +
-                                ["two circles", "one square"], vocab_size=300)
+    tokenizer = train_tokenizer(
+        ["a small red circle beside a large blue square"] * 20 + ["two circles", "one square"],
+        vocab_size=300,
+    )
     text = "a small red circle"
     tokens = tokenizer.encode(text) + [PAD_ID, PAD_ID]
     words = token_word_indices(tokenizer, tokens)
@@ -110,12 +118,22 @@ def test_token_word_indices():
 
 
 def test_last_layer_attention_shapes():
-    scanned = {"detailer": {"layer_0": {"cross_attention": {"attention_weights": (
-        jnp.zeros((3, 2, 2, 5, 4)),)}}, "layer_1": {"cross_attention": {"attention_weights": (
-            jnp.ones((3, 2, 2, 5, 4)),)}}}}
+    scanned = {
+        "detailer": {
+            "layer_0": {"cross_attention": {"attention_weights": (jnp.zeros((3, 2, 2, 5, 4)),)}},
+            "layer_1": {"cross_attention": {"attention_weights": (jnp.ones((3, 2, 2, 5, 4)),)}},
+        }
+    }
     assert float(last_layer_attention({"intermediates": scanned}).mean()) == 1.0
-    unscanned = {"detailer": {"layer_0": {"cross_attention": {"attention_weights": tuple(
-        jnp.full((2, 2, 5, 4), k) for k in range(3))}}}}
+    unscanned = {
+        "detailer": {
+            "layer_0": {
+                "cross_attention": {
+                    "attention_weights": tuple(jnp.full((2, 2, 5, 4), k) for k in range(3))
+                }
+            }
+        }
+    }
     stacked = last_layer_attention(unscanned)
     assert stacked.shape == (3, 2, 2, 5, 4) and float(stacked[2].mean()) == 2.0
     with pytest.raises(ValueError, match="mutable"):
@@ -127,12 +145,16 @@ def test_describe_with_attention_matches_decoding(variant):
     config = load_config("shapes", variant)
     model = build_model(config, 60)
     params = jax.jit(lambda: train.init_variables(model, config, 60))()
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.tree.map(
+        lambda x: x.unbox() if hasattr(x, "unbox") else x,
+        params,
+        is_leaf=lambda x: hasattr(x, "unbox"),
+    )
     images = jax.random.uniform(jax.random.key(1), (2, 48, 48, 3), minval=-1, maxval=1)
     fractions = jnp.linspace(0.25, 1.0, 4)
     canvases, attention = jax.jit(describe_with_attention, static_argnums=0)(
-        model, params, images, fractions)
+        model, params, images, fractions
+    )
     num_steps = 4 if variant == "tiny" else 1
     assert canvases.shape == (2, num_steps, 16)
     assert attention.shape == (2, num_steps, 16, 16)  # [B, K, L, N]: 4 x 4 patches
@@ -148,17 +170,46 @@ def synthetic_report(path: Path) -> None:
     attention[5] = 1.0
     heat = attention_overlay(image, attention)
     items = [
-        ReportImage("img/1", ["a red circle"], ["circle", "red circle", "a red circle"],
-                    [0.5, 1.0, 2.0], image, [heat, heat, None], [["circle"], ["red"], []]),
-        ReportImage("img 2", ["a <b> & c"], ["a", "b", ""], [1.0, 0.5, 0.0], image,
-                    [heat, heat, None], [["a"], ["b"], []]),
+        ReportImage(
+            "img/1",
+            ["a red circle"],
+            ["circle", "red circle", "a red circle"],
+            [0.5, 1.0, 2.0],
+            image,
+            [heat, heat, None],
+            [["circle"], ["red"], []],
+        ),
+        ReportImage(
+            "img 2",
+            ["a <b> & c"],
+            ["a", "b", ""],
+            [1.0, 0.5, 0.0],
+            image,
+            [heat, heat, None],
+            [["a"], ["b"], []],
+        ),
     ]
-    metrics = {"num_images": 2, "num_steps": 3, "cider_per_step": [0.75, 0.75, 1.0],
-               "bleu4_per_step": [0.0, 0.1, 0.2], "final_cider": 1.0, "gradualness": 0.5,
-               "progress_per_step": [0.2, 0.6, 1.0], "length_ratio_per_step": [0.3, 0.6, 1.0],
-               "chain_agreement": [0.5, 0.5, 0.0]}
-    write_report(path, metrics, items, [1 / 3, 2 / 3, 1.0], [1 / 6, 1 / 3, 1 / 2],
-                 worst=["img 2", "img/1"], dropped=["img 2"], info={"checkpoint": 7})
+    metrics = {
+        "num_images": 2,
+        "num_steps": 3,
+        "cider_per_step": [0.75, 0.75, 1.0],
+        "bleu4_per_step": [0.0, 0.1, 0.2],
+        "final_cider": 1.0,
+        "gradualness": 0.5,
+        "progress_per_step": [0.2, 0.6, 1.0],
+        "length_ratio_per_step": [0.3, 0.6, 1.0],
+        "chain_agreement": [0.5, 0.5, 0.0],
+    }
+    write_report(
+        path,
+        metrics,
+        items,
+        [1 / 3, 2 / 3, 1.0],
+        [1 / 6, 1 / 3, 1 / 2],
+        worst=["img 2", "img/1"],
+        dropped=["img 2"],
+        info={"checkpoint": 7},
+    )
 
 
 def assert_offline(html: str) -> None:
@@ -171,8 +222,10 @@ def assert_offline(html: str) -> None:
 
 
 def test_select_images_bounds_and_orders():
-    per_image = [{"cider": c, "monotonic": bool(np.all(np.diff(c) >= 0))} for c in
-                 ([0, 1, 2], [0, 2, 1], [1, 1, 1], [3, 0, 0], [0, 0, 0.5])]
+    per_image = [
+        {"cider": c, "monotonic": bool(np.all(np.diff(c) >= 0))}
+        for c in ([0, 1, 2], [0, 2, 1], [1, 1, 1], [3, 0, 0], [0, 0, 0.5])
+    ]
     shown, worst, dropped = select_images(per_image, 3)
     assert worst == [3, 4, 1, 2, 0]  # by final CIDEr, lowest first (ties by position)
     assert dropped == [3, 1]  # largest fall first
@@ -199,8 +252,10 @@ def test_synthetic_report_renders_in_chromium(tmp_path):
 @needs_chromium
 def test_browser_check_catches_broken_images_and_errors(tmp_path):
     path = tmp_path / "bad.html"
-    path.write_text("<!DOCTYPE html><html><head></head><body><img src='data:image/png;base64,AA'>"
-                    "<script>notDefined();</script></body></html>")
+    path.write_text(
+        "<!DOCTYPE html><html><head></head><body><img src='data:image/png;base64,AA'>"
+        "<script>notDefined();</script></body></html>"
+    )
     outcome = check_in_browser(path)
     assert outcome["images"] == 1 and outcome["broken"] == 1
     assert any("notDefined" in p for p in outcome["problems"])
@@ -211,8 +266,13 @@ def test_eval_report_renders_and_screenshots(tmp_path_factory, tmp_path):
     workdir = trained_workdir(tmp_path_factory, "tiny")
     config = load_config("shapes", "tiny")
     config.data.eval_size = 6
-    summary = evaluate_checkpoint(config, workdir, eval_name="report_test",
-                                  loaded=load_model(config, workdir), max_report_images=4)
+    summary = evaluate_checkpoint(
+        config,
+        workdir,
+        eval_name="report_test",
+        loaded=load_model(config, workdir),
+        max_report_images=4,
+    )
     report = Path(summary["output_dir"]) / "report.html"
     html = report.read_text()
     assert_offline(html)
@@ -222,9 +282,21 @@ def test_eval_report_renders_and_screenshots(tmp_path_factory, tmp_path):
     assert outcome["broken"] == 0 and outcome["problems"] == [] and outcome["console"] == []
 
     shot = tmp_path / "shot.png"
-    result = subprocess.run([sys.executable, "-m", "refine_jax.evaluation.report", "--screenshot",
-                             str(report), str(shot), "--height=900"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refine_jax.evaluation.report",
+            "--screenshot",
+            str(report),
+            str(shot),
+            "--height=900",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with Image.open(shot) as image:
         assert image.size == (1280, 900)

@@ -1,4 +1,4 @@
-"""Parameter and optimizer-state shardings of the tiny config on a (2, 2, 2) mesh: a golden table."""
+"""Parameter and optimizer-state shardings of the tiny config on a (2, 2, 2) mesh (golden)."""
 
 import flax.linen as nn
 import jax
@@ -12,40 +12,68 @@ from refine_jax.models import build_model
 F, T = "fsdp", "tensor"
 ATTENTION = {"query": (F, T), "key": (F, T), "value": (F, T), "out": (T, F)}
 TEXT_LAYER = {
-    **{f"{a}/{p}/kernel": spec for a in ("self_attention", "cross_attention")
-       for p, spec in ATTENTION.items()},
-    **{f"{a}/{p}/bias": (spec[1],) for a in ("self_attention", "cross_attention")
-       for p, spec in ATTENTION.items()},
-    "mlp/wi/kernel": (F, T), "mlp/wi/bias": (T,), "mlp/wo/kernel": (T, F), "mlp/wo/bias": (F,),
-    **{f"{n}/{w}": (F,) for n in ("pre_self_attention_norm", "pre_cross_attention_norm",
-                                  "pre_mlp_norm") for w in ("scale", "bias")},
+    **{
+        f"{a}/{p}/kernel": spec
+        for a in ("self_attention", "cross_attention")
+        for p, spec in ATTENTION.items()
+    },
+    **{
+        f"{a}/{p}/bias": (spec[1],)
+        for a in ("self_attention", "cross_attention")
+        for p, spec in ATTENTION.items()
+    },
+    "mlp/wi/kernel": (F, T),
+    "mlp/wi/bias": (T,),
+    "mlp/wo/kernel": (T, F),
+    "mlp/wo/bias": (F,),
+    **{
+        f"{n}/{w}": (F,)
+        for n in ("pre_self_attention_norm", "pre_cross_attention_norm", "pre_mlp_norm")
+        for w in ("scale", "bias")
+    },
 }
 ENCODER_BLOCK = {
-    "self_attention/query/kernel": (None, F, T), "self_attention/key/kernel": (None, F, T),
-    "self_attention/value/kernel": (None, F, T), "self_attention/out/kernel": (None, T, F),
-    "self_attention/query/bias": (None, T), "self_attention/key/bias": (None, T),
-    "self_attention/value/bias": (None, T), "self_attention/out/bias": (None, F),
-    "mlp/wi/kernel": (None, F, T), "mlp/wi/bias": (None, T), "mlp/wo/kernel": (None, T, F),
-    "mlp/wo/bias": (None, F), "pre_attention_norm/scale": (None, F),
-    "pre_attention_norm/bias": (None, F), "pre_mlp_norm/scale": (None, F),
+    "self_attention/query/kernel": (None, F, T),
+    "self_attention/key/kernel": (None, F, T),
+    "self_attention/value/kernel": (None, F, T),
+    "self_attention/out/kernel": (None, T, F),
+    "self_attention/query/bias": (None, T),
+    "self_attention/key/bias": (None, T),
+    "self_attention/value/bias": (None, T),
+    "self_attention/out/bias": (None, F),
+    "mlp/wi/kernel": (None, F, T),
+    "mlp/wi/bias": (None, T),
+    "mlp/wo/kernel": (None, T, F),
+    "mlp/wo/bias": (None, F),
+    "pre_attention_norm/scale": (None, F),
+    "pre_attention_norm/bias": (None, F),
+    "pre_mlp_norm/scale": (None, F),
     "pre_mlp_norm/bias": (None, F),
 }
 GOLDEN = {
     **{f"detailer/layer_0/{k}": v for k, v in TEXT_LAYER.items()},
-    "detailer/final_norm/scale": (F,), "detailer/final_norm/bias": (F,),
-    "detailer/logits/kernel": (F, T), "detailer/logits/bias": (T,),
-    "detailer/pos_embedding": (None, F), "detailer/step_embedding/kernel": (None, F),
-    "detailer/step_embedding/bias": (F,), "detailer/token_embedding/embedding": (T, F),
-    "encoder/embedding/kernel": (None, F), "encoder/embedding/bias": (F,),
-    "encoder/pos_embedding": (None, F), "encoder/encoder_norm/scale": (F,),
+    "detailer/final_norm/scale": (F,),
+    "detailer/final_norm/bias": (F,),
+    "detailer/logits/kernel": (F, T),
+    "detailer/logits/bias": (T,),
+    "detailer/pos_embedding": (None, F),
+    "detailer/step_embedding/kernel": (None, F),
+    "detailer/step_embedding/bias": (F,),
+    "detailer/token_embedding/embedding": (T, F),
+    "encoder/embedding/kernel": (None, F),
+    "encoder/embedding/bias": (F,),
+    "encoder/pos_embedding": (None, F),
+    "encoder/encoder_norm/scale": (F,),
     "encoder/encoder_norm/bias": (F,),
     **{f"encoder/encoderblock/{k}": v for k, v in ENCODER_BLOCK.items()},
 }
 
 
 def flat_specs(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): s.spec
-            for path, s in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): s.spec
+        for path, s in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def test_params_and_optimizer_state_shard_as_the_golden_table():

@@ -30,7 +30,9 @@ def is_subsequence(short: list[str], long: list[str]) -> bool:
 
 @settings(max_examples=300, deadline=None)
 @given(caption=CAPTIONS, num_steps=st.integers(1, 8), schedule=st.sampled_from(["linear", "log"]))
-def test_targets_are_nested_follow_the_schedule_and_end_at_the_caption(caption, num_steps, schedule):
+def test_targets_are_nested_follow_the_schedule_and_end_at_the_caption(
+    caption, num_steps, schedule
+):
     steps = coarse_to_fine(caption, num_steps, STATS, "salience", schedule)
     words = caption_words(caption)
     assert len(steps) == num_steps

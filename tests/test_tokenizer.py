@@ -68,9 +68,17 @@ def test_training_on_no_captions_is_an_error():
 def test_command_trains_and_saves_a_tokenizer(tmp_path):
     out = tmp_path / "tok"
     subprocess.run(
-        [sys.executable, "-m", "refine_jax.tokenizer", "--captions=shapes", f"--output_dir={out}",
-         "--vocab_size=400", "--max_captions=500"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "refine_jax.tokenizer",
+            "--captions=shapes",
+            f"--output_dir={out}",
+            "--vocab_size=400",
+            "--max_captions=500",
+        ],
+        check=True,
+        capture_output=True,
     )
     tokenizer = Tokenizer.load(out)
     assert tokenizer.salience.num_captions == 500

@@ -71,8 +71,10 @@ def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path, single
 
 @pytest.mark.parametrize(
     "change,named",
-    [({"width": 48}, "model.width: checkpoint has 32, config has 48"),
-     ({"num_refine_steps": 5}, "model.num_refine_steps: checkpoint has 4, config has 5")],
+    [
+        ({"width": 48}, "model.width: checkpoint has 32, config has 48"),
+        ({"num_refine_steps": 5}, "model.num_refine_steps: checkpoint has 4, config has 5"),
+    ],
 )
 def test_restoring_into_another_model_shape_names_the_mismatch(tmp_path, change, named):
     train.train_and_evaluate(short_config(steps=2), str(tmp_path))
@@ -94,26 +96,39 @@ def test_a_nan_batch_skips_the_update_and_is_counted():
     optimizer, schedule = train.make_optimizer(config)
     params = train.init_variables(model, config, tokenizer.vocab_size)
     state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    step = jax.jit(functools.partial(
-        train.train_step, model=model, optimizer=optimizer, schedule=schedule, config=config,
-        weights=jnp.asarray(step_weights(m.num_refine_steps)),
-        fractions=jnp.asarray(schedule_fractions(m.num_refine_steps), jnp.float32)))
+    step = jax.jit(
+        functools.partial(
+            train.train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            config=config,
+            weights=jnp.asarray(step_weights(m.num_refine_steps)),
+            fractions=jnp.asarray(schedule_fractions(m.num_refine_steps), jnp.float32),
+        )
+    )
     poisoned = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
     new_state, metrics = step(state, poisoned)
     assert not np.isfinite(float(metrics["loss"]))
     assert float(metrics["skipped_nonfinite"]) == 1.0
     assert int(new_state.step) == 1
-    for before, after in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params),
-                             strict=True):
+    for before, after in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(new_state.params), strict=True
+    ):
         np.testing.assert_array_equal(before, after)
     good_state, metrics = step(new_state, batch)
     assert float(metrics["skipped_nonfinite"]) == 0.0
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(good_state.params), jax.tree.leaves(new_state.params)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(good_state.params), jax.tree.leaves(new_state.params), strict=True
+        )
+    )
 
 
 def test_too_many_nonfinite_updates_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     from refine_jax import sharding
 
     calls = []

@@ -41,16 +41,20 @@ def last_layer_attention(intermediates: Mapping[str, Any]) -> jax.Array:
             return
         for key, value in node.items():
             match = _LAYER.match(str(key))
-            if key == "cross_attention" and isinstance(value, Mapping) and \
-                    "attention_weights" in value:
+            if (
+                key == "cross_attention"
+                and isinstance(value, Mapping)
+                and "attention_weights" in value
+            ):
                 found.append((-1 if layer is None else layer, value["attention_weights"]))
             else:
                 visit(value, int(match.group(1)) if match else layer)
 
     visit(intermediates, None)
     if not found:
-        raise ValueError("no sown cross-attention weights: apply the model with "
-                         "mutable=['intermediates']")
+        raise ValueError(
+            "no sown cross-attention weights: apply the model with mutable=['intermediates']"
+        )
     weights = max(found, key=lambda item: item[0])[1]
     arrays = list(weights) if isinstance(weights, tuple | list) else [weights]
     if len(arrays) == 1:
@@ -59,23 +63,35 @@ def last_layer_attention(intermediates: Mapping[str, Any]) -> jax.Array:
     return jnp.stack(arrays)  # an unscanned loop sows once per step
 
 
-def describe_with_attention(model, params, images: jax.Array, fractions: jax.Array
-                            ) -> tuple[jax.Array, jax.Array]:
+def describe_with_attention(
+    model, params, images: jax.Array, fractions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Canvases [B, K, L] and the last layer's head-averaged cross-attention [B, K, L, N] of
     every step (jit-able). For the baseline (K = 1) the attention comes from a teacher-forced
     pass over its own greedy caption."""
     if isinstance(model, RefineCaptioner):
-        out, state = model.apply({"params": params}, images, fractions,
-                                 method=RefineCaptioner.describe, mutable=["intermediates"])
+        out, state = model.apply(
+            {"params": params},
+            images,
+            fractions,
+            method=RefineCaptioner.describe,
+            mutable=["intermediates"],
+        )
         weights = last_layer_attention(state["intermediates"])  # [K, B, H, L, N]
         return jnp.swapaxes(out["canvas"], 0, 1), jnp.swapaxes(weights.mean(axis=2), 0, 1)
     if isinstance(model, AutoregressiveCaptioner):
         caption = greedy_decode(model, params, images)  # [B, L]
-        image_tokens = model.apply({"params": params}, images,
-                                   method=AutoregressiveCaptioner.encode)
+        image_tokens = model.apply(
+            {"params": params}, images, method=AutoregressiveCaptioner.encode
+        )
         inputs = shift_right(with_eos(jnp.pad(caption, ((0, 0), (0, 1)))))
-        _, state = model.apply({"params": params}, image_tokens, inputs,
-                               method=AutoregressiveCaptioner.logits, mutable=["intermediates"])
+        _, state = model.apply(
+            {"params": params},
+            image_tokens,
+            inputs,
+            method=AutoregressiveCaptioner.logits,
+            mutable=["intermediates"],
+        )
         weights = last_layer_attention(state["intermediates"])[0]  # [B, H, L+1, N]
         attention = weights.mean(axis=1)[:, : caption.shape[1]]
         return caption[:, None], attention[:, None]
@@ -114,12 +130,17 @@ def word_diff(previous: str, current: str) -> list[tuple[str, str]]:
 def added_word_indices(previous: str, current: str) -> list[int]:
     """Indices (in current.split()) of the words `current` adds to `previous`."""
     matcher = difflib.SequenceMatcher(None, previous.split(), current.split(), autojunk=False)
-    return [j for tag, _, _, j1, j2 in matcher.get_opcodes() if tag in ("insert", "replace")
-            for j in range(j1, j2)]
+    return [
+        j
+        for tag, _, _, j1, j2 in matcher.get_opcodes()
+        if tag in ("insert", "replace")
+        for j in range(j1, j2)
+    ]
 
 
-def added_words_attention(attention: np.ndarray, word_of_token: Sequence[int],
-                          added: Sequence[int]) -> np.ndarray | None:
+def added_words_attention(
+    attention: np.ndarray, word_of_token: Sequence[int], added: Sequence[int]
+) -> np.ndarray | None:
     """Mean attention [N] of the canvas positions whose token belongs to an added word, from one
     step's attention [L, N]; None when no token of an added word is on the canvas."""
     wanted = set(added)
@@ -151,8 +172,7 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
     return np.clip(3.0 * v - np.array([0.0, 1.0, 2.0]), 0.0, 1.0)
 
 
-def attention_overlay(image: np.ndarray, attention: np.ndarray, alpha: float = 0.65
-                      ) -> np.ndarray:
+def attention_overlay(image: np.ndarray, attention: np.ndarray, alpha: float = 0.65) -> np.ndarray:
     """The uint8 image [H, W, 3] with the attention over its patches drawn on it: each pixel
     blends towards the heat colour in proportion to its (scaled) attention."""
     image = np.asarray(image)

@@ -43,8 +43,9 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
         return paths
     path = Path(text)
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.is_file()
-                       and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         if not paths:
             raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {path}")
         return paths
@@ -77,12 +78,15 @@ def describe_images(loaded: LoadedModel, images: np.ndarray) -> list[list[str]]:
     batch_size = loaded.config.batch_size
     out: list[list[str]] = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
         with loaded.context():
-            canvases = decode_batch(loaded.model, loaded.params,
-                                    loaded.put_batch({"image": padded})["image"],
-                                    loaded.fractions)
+            canvases = decode_batch(
+                loaded.model,
+                loaded.params,
+                loaded.put_batch({"image": padded})["image"],
+                loaded.fractions,
+            )
         canvases = to_host(canvases)
         out.extend([loaded.tokenizer.decode(c) for c in canvases[i]] for i in range(len(chunk)))
     return out
@@ -116,8 +120,12 @@ def caption_images(
     descriptions = describe_images(loaded, np.stack(arrays)) if arrays else []
 
     output = Path(output) if output else default_output(workdir, images)
-    summary = {"output": str(output), "num_captioned": len(good),
-               "checkpoint_step": loaded.step, "skipped": skipped}
+    summary = {
+        "output": str(output),
+        "num_captioned": len(good),
+        "checkpoint_step": loaded.step,
+        "skipped": skipped,
+    }
     if jax.process_index() != 0:
         return summary
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -138,9 +138,7 @@ _SGML = (
 )
 _THING_PART = f"(?:[dDoOlL]{_APOS_ANY}{_ALNUM})?{_ALNUM}+"
 _THING = f"{_THING_PART}(?:[-_\u058a\u2010\u2011]{_THING_PART})*"
-_HTHING = (
-    r"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:[A-Za-z](?:\.[A-Za-z])+\.|[A-Za-z0-9\u00ad]+))+"
-)
+_HTHING = r"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:[A-Za-z](?:\.[A-Za-z])+\.|[A-Za-z0-9\u00ad]+))+"
 _THINGA = r"[A-Z]+(?:(?:[+&]|(?ai:&amp;))[A-Z]+)+"
 _FILENAME = (
     f"{_ALNUM}+(?:\\.{_ALNUM}+)*\\.(?ai:bat|bmp|bz2|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h"
@@ -235,12 +233,23 @@ def _phone(tok: str) -> tuple[str | None, int]:
     return _parens(tok.replace(" ", "\u00a0"))
 
 
-_QUOTE_CHARS = str.maketrans({
-    "\u0091": "`", "\u2018": "`", "\u201b": "`", "\u2039": "`",
-    "\u0092": "'", "\u2019": "'", "\u203a": "'",
-    "\u0093": "``", "\u201c": "``", "\u00ab": "``",
-    "\u0094": "''", "\u201d": "''", "\u00bb": "''",
-})
+_QUOTE_CHARS = str.maketrans(
+    {
+        "\u0091": "`",
+        "\u2018": "`",
+        "\u201b": "`",
+        "\u2039": "`",
+        "\u0092": "'",
+        "\u2019": "'",
+        "\u203a": "'",
+        "\u0093": "``",
+        "\u201c": "``",
+        "\u00ab": "``",
+        "\u0094": "''",
+        "\u201d": "''",
+        "\u00bb": "''",
+    }
+)
 
 
 def _quotes(opening: bool) -> _Action:
@@ -272,8 +281,14 @@ def _dashes(tok: str) -> tuple[str | None, int]:
 
 
 _FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
-_CURRENCY = {"\u00a2": "cents", "\u00a3": "#", "\u0080": "$", "\u00a4": "$", "\u20a0": "$",
-             "\u20ac": "$"}
+_CURRENCY = {
+    "\u00a2": "cents",
+    "\u00a3": "#",
+    "\u0080": "$",
+    "\u00a4": "$",
+    "\u20a0": "$",
+    "\u20ac": "$",
+}
 
 # (alternatives, trailing context or None, action), in the lexer's priority order. At each
 # position the longest match wins, trailing context included; ties go to the earlier rule.
@@ -288,39 +303,85 @@ _RULE_SPECS: list[tuple[Sequence[str], str | None, _Action]] = [
     ((_WORD,), _REDAUX, _soft_hyphens),
     ((_SWORD,), _SREDAUX, _soft_hyphens),
     ((_WORD,), None, _soft_hyphens),
-    ((f"{_APOS}(?ai:n){_APOS}?", f"[lLdDjJ]{_APOS}", f"(?ai:dunkin|somethin|ol){_APOS}",
-      f"{_APOS}(?ai:em)", f"[A-HJ-XZn]{_APOS_ANY}{_LET}{{2,}}", f"{_APOS}[2-9]0(?ai:s)",
-      f"{_APOS}(?ai:till?)", f"{_LET}+[aeiouyAEIOUY]{_APOS_ANY}[aeiouA-Z]{_LET}*",
-      f"{_APOS}(?ai:cause)", r"(?ai:cont'd\.?)",
-      "(?ai:nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)", f"(?ai:o){_APOS_ANY}(?ai:o)"),
-     None, _keep),
+    (
+        (
+            f"{_APOS}(?ai:n){_APOS}?",
+            f"[lLdDjJ]{_APOS}",
+            f"(?ai:dunkin|somethin|ol){_APOS}",
+            f"{_APOS}(?ai:em)",
+            f"[A-HJ-XZn]{_APOS_ANY}{_LET}{{2,}}",
+            f"{_APOS}[2-9]0(?ai:s)",
+            f"{_APOS}(?ai:till?)",
+            f"{_LET}+[aeiouyAEIOUY]{_APOS_ANY}[aeiouA-Z]{_LET}*",
+            f"{_APOS}(?ai:cause)",
+            r"(?ai:cont'd\.?)",
+            "(?ai:nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)",
+            f"(?ai:o){_APOS_ANY}(?ai:o)",
+        ),
+        None,
+        _keep,
+    ),
     ((f"(?ai:y){_APOS}",), _LET, _keep),
     ((r'(?ai:https?)://[^ \t\n\f\r"<>|()]+[^ \t\n\f\r"<>|.!?(){},-]',), None, _keep),
-    ((r'(?:(?ai:www)\.(?:[^ \t\n\f\r"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}'
-      r'|(?:[^ \t\n\f\r"`' "'" r'<>|.!?(){},-_$]+\.)+(?ai:com|net|org|edu))'
-      r'(?:/[^ \t\n\f\r"<>|()]+[^ \t\n\f\r"<>|.!?(){},-])?',), None, _keep),
-    ((r'(?:(?ai:&lt;)|<)?[a-zA-Z0-9][^ \t\n\f\r"<>|(){}\u00a0]*@'
-      r'(?:[^ \t\n\f\r"<>|(){}.\u00a0]+\.)*[^ \t\n\f\r"<>|(){}.\u00a0]+(?:(?ai:&gt;)|>)?',),
-     None, _keep),
+    (
+        (
+            r'(?:(?ai:www)\.(?:[^ \t\n\f\r"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}'
+            r'|(?:[^ \t\n\f\r"`'
+            "'"
+            r"<>|.!?(){},-_$]+\.)+(?ai:com|net|org|edu))"
+            r'(?:/[^ \t\n\f\r"<>|()]+[^ \t\n\f\r"<>|.!?(){},-])?',
+        ),
+        None,
+        _keep,
+    ),
+    (
+        (
+            r'(?:(?ai:&lt;)|<)?[a-zA-Z0-9][^ \t\n\f\r"<>|(){}\u00a0]*@'
+            r'(?:[^ \t\n\f\r"<>|(){}.\u00a0]+\.)*[^ \t\n\f\r"<>|(){}.\u00a0]+(?:(?ai:&gt;)|>)?',
+        ),
+        None,
+        _keep,
+    ),
     (("@[a-zA-Z_][a-zA-Z_0-9]*", f"#{_LETTER}+"), None, _keep),
     ((_REDAUX,), "[^A-Za-z]", _quotes(False)),
     ((_SREDAUX,), None, _quotes(False)),
     ((f"{_DIG}{{1,2}}[\\-/]{_DIG}{{1,2}}[\\-/]{_DIG}{{2,4}}",), None, _keep),
     (tuple(f"[\\-+]?{num}" for num in _NUM), None, _soft_hyphens),
-    (("[\u207a\u207b\u208a\u208b]?(?:[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+|[\u2080-\u2089]+)",),
-     None, _keep),
+    (
+        (
+            "[\u207a\u207b\u208a\u208b]?(?:[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+|[\u2080-\u2089]+)",
+        ),
+        None,
+        _keep,
+    ),
     ((f"(?:{_DIG}{{1,4}}[- \u00a0])?{_DIG}{{1,4}}(?:\\\\?/|\u2044){_DIG}{{1,4}}",), None, _nbsp),
     (("[\u00bc\u00bd\u00be\u2153-\u215e]",), None, lambda t: (_FRACTIONS.get(t, t), len(t))),
-    ((r"-(?ai:rrb|lrb|rcb|lcb|rsb|lsb)-",
-      r"(?ai:c\.d\.s|pro-|anti-|s(?:&|&amp;)p-500|s(?:&|&amp;)ls)",
-      f"(?ai:cap){_APOS}(?ai:n)", f"(?ai:c){_APOS}(?ai:est)"), None, _amp),
-    ((r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}",), None,
-     _keep),
+    (
+        (
+            r"-(?ai:rrb|lrb|rcb|lcb|rsb|lsb)-",
+            r"(?ai:c\.d\.s|pro-|anti-|s(?:&|&amp;)p-500|s(?:&|&amp;)ls)",
+            f"(?ai:cap){_APOS}(?ai:n)",
+            f"(?ai:c){_APOS}(?ai:est)",
+        ),
+        None,
+        _amp,
+    ),
+    (
+        (r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}",),
+        None,
+        _keep,
+    ),
     ((r"[A-Z]*\$", "#"), None, _keep),
-    (("[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]",),
-     None, lambda t: (_CURRENCY.get(t, t), len(t))),
-    (tuple(f"{acro}\\." for acro in _ACRO), f"{_SPNL}+(?:{_SENTENCE_STARTERS}){_SPNL}",
-     _acronym_at_end),
+    (
+        ("[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]",),
+        None,
+        lambda t: (_CURRENCY.get(t, t), len(t)),
+    ),
+    (
+        tuple(f"{acro}\\." for acro in _ACRO),
+        f"{_SPNL}+(?:{_SENTENCE_STARTERS}){_SPNL}",
+        _acronym_at_end,
+    ),
     ((r"(?ai:ca|figs?|prop|nos?|art|bldg|pp|op)\.",), f"{_SPNL}?{_DIG}", _keep),
     ((r"(?ai:pt[eyEY]|co)\.",), f"{_SP}(?ai:ltd|lim)", _keep),
     ((_ABBREV_END,), f"{_SPNL}(?:{_SPNL}|{_UPPER}|{_SGML})", _abbrev_at_end),
@@ -332,9 +393,15 @@ _RULE_SPECS: list[tuple[Sequence[str], str | None, _Action]] = [
     ((f"{_APOS}[0-9][0-9]",), _SPNL, _keep),
     ((_FILENAME,), f"(?:{_SPNL}|[.?!,]|\\Z)", _keep),
     ((_WORD + r"\.",), _INSENTP, _soft_hyphens),
-    ((r"(?:\([0-9]{2,3}\)[ \u00a0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \u00a0])?[0-9]{2,4}[\- \u00a0])"
-      r"[0-9]{3,4}[\- \u00a0]?[0-9]{3,5}",
-      r"(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}"), None, _phone),
+    (
+        (
+            r"(?:\([0-9]{2,3}\)[ \u00a0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \u00a0])?[0-9]{2,4}[\- \u00a0])"  # noqa: E501
+            r"[0-9]{3,4}[\- \u00a0]?[0-9]{3,5}",
+            r"(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}",
+        ),
+        None,
+        _phone,
+    ),
     (('"|(?ai:&quot;)',), "[A-Za-z0-9$]", _quotes(True)),
     (('"|(?ai:&quot;)',), None, _quotes(False)),
     ((r"[+%&\u2030\u2031~^|\\]",), None, _keep),
@@ -342,8 +409,15 @@ _RULE_SPECS: list[tuple[Sequence[str], str | None, _Action]] = [
     (("<|(?ai:&lt;)",), None, _const("<")),
     ((">|(?ai:&gt;)",), None, _const(">")),
     ((r"[<>]?[:;=][\-o*']?[()DPdpO\\{@|\[\]]",), "[^A-Za-z0-9]", _parens),
-    ((r"[\-^x=~<>']_[\-^x=~<>']", r"\([\-^x=~<>'][_.]?[\-^x=~<>']\)",
-      r"\([\^x=~<>']-[\^x=~<>'`]\)"), None, _parens),
+    (
+        (
+            r"[\-^x=~<>']_[\-^x=~<>']",
+            r"\([\-^x=~<>'][_.]?[\-^x=~<>']\)",
+            r"\([\^x=~<>']-[\^x=~<>'`]\)",
+        ),
+        None,
+        _parens,
+    ),
     ((r"\{",), None, _const("-LCB-")),
     ((r"\}",), None, _const("-RCB-")),
     ((r"\[",), None, _const("-LSB-")),
@@ -352,8 +426,22 @@ _RULE_SPECS: list[tuple[Sequence[str], str | None, _Action]] = [
     ((r"\)",), None, _const("-RRB-")),
     ((r"-+",), None, _dashes),
     ((r"\.{3,5}", r"(?:\.[ \u00a0]){2,4}\.", "[\u0085\u2026]"), None, _const("...")),
-    (("@+", "#+", "_+", r"\*+", r"(?:\\\*){1,3}", _INSENTP, "[?!]+",
-      "[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa\u3002]", "=", "/"), None, _keep),
+    (
+        (
+            "@+",
+            "#+",
+            "_+",
+            r"\*+",
+            r"(?:\\\*){1,3}",
+            _INSENTP,
+            "[?!]+",
+            "[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa\u3002]",
+            "=",
+            "/",
+        ),
+        None,
+        _keep,
+    ),
     ((_HTHING + r"\.",), _INSENTP, _soft_hyphens),
     ((_HTHING,), None, _soft_hyphens),
     ((_THING + r"\.",), _INSENTP, _keep),
@@ -362,8 +450,16 @@ _RULE_SPECS: list[tuple[Sequence[str], str | None, _Action]] = [
     ((_THINGA,), None, _amp),
     (("'",), "[A-Za-z][^ \t\n\r\u00a0]", _quotes(True)),
     ((_REDAUX,), None, _quotes(False)),
-    ((_APOS, "''", "[`\u2018\u2019\u201a\u201b\u201c\u201d\u0091-\u0094\u201e\u201f\u2039\u203a"
-      "\u00ab\u00bb]{1,2}"), None, _quotes(False)),
+    (
+        (
+            _APOS,
+            "''",
+            "[`\u2018\u2019\u201a\u201b\u201c\u201d\u0091-\u0094\u201e\u201f\u2039\u203a"
+            "\u00ab\u00bb]{1,2}",
+        ),
+        None,
+        _quotes(False),
+    ),
     ((_MISC_SYMBOL,), None, _keep),
     ((f"\x00|{_SP}+|[\u200b\u200e\u200f\ufeff]|(?ai:&nbsp;)",), None, _drop),
     ((_NL,), None, _line_break),
@@ -381,8 +477,10 @@ class _Rule:
 
 _RULES = tuple(
     _Rule(
-        tuple(re.compile(f"(?:{alt})" if context is None else f"(?P<m>{alt})(?:{context})")
-              for alt in alternatives),
+        tuple(
+            re.compile(f"(?:{alt})" if context is None else f"(?P<m>{alt})(?:{context})")
+            for alt in alternatives
+        ),
         context is not None,
         action,
     )
@@ -459,10 +557,30 @@ def java_lower(token: str) -> str:
 
 #: The tokens pycocoevalcap's PTBTokenizer drops after tokenising. It compares them after the
 #: Java tokenizer lowercased everything, so the bracket tokens ("-lrb-", ...) survive.
-PTB_PUNCTUATION = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?",
-                             "!", ",", ":", "-", "--", "...", ";"})
-_INNER_LINE_BREAKS = str.maketrans({"\n": " ", "\r": " ", "\x0b": " ", "\x0c": " ",
-                                    "\u2028": " ", "\u2029": " "})
+PTB_PUNCTUATION = frozenset(
+    {
+        "''",
+        "'",
+        "``",
+        "`",
+        "-LRB-",
+        "-RRB-",
+        "-LCB-",
+        "-RCB-",
+        ".",
+        "?",
+        "!",
+        ",",
+        ":",
+        "-",
+        "--",
+        "...",
+        ";",
+    }
+)
+_INNER_LINE_BREAKS = str.maketrans(
+    {"\n": " ", "\r": " ", "\x0b": " ", "\x0c": " ", "\u2028": " ", "\u2029": " "}
+)
 
 
 def _finish_line(tokens: list[str]) -> str:
@@ -499,7 +617,7 @@ def _ngram_counts(words: Sequence[str], max_n: int = MAX_N) -> Counter[tuple[str
     counts: Counter[tuple[str, ...]] = Counter()
     for n in range(1, max_n + 1):
         for i in range(len(words) - n + 1):
-            counts[tuple(words[i:i + n])] += 1
+            counts[tuple(words[i : i + n])] += 1
     return counts
 
 
@@ -513,8 +631,10 @@ def _check_inputs(
     if set(ids) != set(candidates):
         missing = [i for i in ids if i not in candidates][:5]
         extra = [i for i in candidates if i not in references][:5]
-        raise ValueError(f"references and candidates must have the same image ids; "
-                         f"missing candidates for {missing}, candidates without references {extra}")
+        raise ValueError(
+            f"references and candidates must have the same image ids; "
+            f"missing candidates for {missing}, candidates without references {extra}"
+        )
     for i in ids:
         refs = references[i]
         if isinstance(refs, str) or not isinstance(refs, Sequence) or len(refs) == 0:
@@ -522,8 +642,9 @@ def _check_inputs(
         if not all(isinstance(r, str) for r in refs):
             raise ValueError(f"image {i!r}: every reference must be a string")
         if not isinstance(candidates[i], str):
-            raise ValueError(f"image {i!r}: the candidate must be a string, "
-                             f"got {type(candidates[i]).__name__}")
+            raise ValueError(
+                f"image {i!r}: the candidate must be a string, got {type(candidates[i]).__name__}"
+            )
     return ids
 
 
@@ -606,8 +727,10 @@ class CiderVectorizer:
         if not groups:
             raise ValueError("CiderVectorizer needs references for at least one image")
         if any(isinstance(refs, str) for refs in groups):
-            raise ValueError("CiderVectorizer: give each image's references as a sequence of "
-                             "strings (one group per image), not a bare string")
+            raise ValueError(
+                "CiderVectorizer: give each image's references as a sequence of "
+                "strings (one group per image), not a bare string"
+            )
         self.max_n = max_n
         self.tokenize = tokenize
         if tokenize:
@@ -671,19 +794,25 @@ class CiderD:
     """CIDEr-D scorer (sigma 6, clipped counts, x10) with the IDF of a fixed reference set, so the
     same references can score many candidate sets (e.g. every refinement step)."""
 
-    def __init__(self, references: Sequence[Sequence[str]], sigma: float = 6.0,
-                 max_n: int = MAX_N) -> None:
+    def __init__(
+        self, references: Sequence[Sequence[str]], sigma: float = 6.0, max_n: int = MAX_N
+    ) -> None:
         self.vectorizer = CiderVectorizer(references, max_n=max_n)
         self.sigma = sigma
-        self._refs = [[self.vectorizer.vectors(r.split()) for r in refs]
-                      for refs in self.vectorizer.reference_groups]
+        self._refs = [
+            [self.vectorizer.vectors(r.split()) for r in refs]
+            for refs in self.vectorizer.reference_groups
+        ]
 
-    def _similarity(self, hyp: tuple[list[_SparseVector], list[float], int],
-                    ref: tuple[list[_SparseVector], list[float], int]) -> float:
+    def _similarity(
+        self,
+        hyp: tuple[list[_SparseVector], list[float], int],
+        ref: tuple[list[_SparseVector], list[float], int],
+    ) -> float:
         """Mean over n of the clipped cosine of the n-gram vectors, times the Gaussian length
         penalty (sigma 6)."""
         (hv, hn, hl), (rv, rn, rl) = hyp, ref
-        penalty = math.exp(-((hl - rl) ** 2) / (2 * self.sigma ** 2))
+        penalty = math.exp(-((hl - rl) ** 2) / (2 * self.sigma**2))
         total = 0.0
         for n in range(self.vectorizer.max_n):
             rvn = rv[n]
@@ -697,8 +826,9 @@ class CiderD:
         """Corpus CIDEr-D (mean over images) and the per-image scores of tokenised candidates,
         one per reference group, in the same order."""
         if len(candidates) != len(self._refs):
-            raise ValueError(f"CiderD.score: {len(candidates)} candidates for "
-                             f"{len(self._refs)} reference groups")
+            raise ValueError(
+                f"CiderD.score: {len(candidates)} candidates for {len(self._refs)} reference groups"
+            )
         scores = np.empty(len(candidates), dtype=np.float64)
         for i, (cand, refs) in enumerate(zip(candidates, self._refs, strict=True)):
             hyp = self.vectorizer.vectors(cand.split())
@@ -726,8 +856,9 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return len(a) - row.bit_count()
 
 
-def rouge_l(references: Sequence[Sequence[str]], candidates: Sequence[str], beta: float = 1.2
-            ) -> tuple[float, np.ndarray]:
+def rouge_l(
+    references: Sequence[Sequence[str]], candidates: Sequence[str], beta: float = 1.2
+) -> tuple[float, np.ndarray]:
     """Mean and per-image ROUGE-L (F-measure of the best LCS precision and recall over the
     references, beta 1.2); captions are split on single spaces exactly as coco-caption does."""
     if len(references) != len(candidates):
@@ -742,7 +873,7 @@ def rouge_l(references: Sequence[Sequence[str]], candidates: Sequence[str], beta
             best_p = max(best_p, lcs / len(cand_tokens))
             best_r = max(best_r, lcs / len(ref_tokens))
         if best_p != 0 and best_r != 0:
-            scores[i] = (1 + beta ** 2) * best_p * best_r / (best_r + beta ** 2 * best_p)
+            scores[i] = (1 + beta**2) * best_p * best_r / (best_r + beta**2 * best_p)
         else:
             scores[i] = 0.0
     return float(scores.mean()), scores
@@ -759,8 +890,9 @@ def meteor_available() -> bool:
     return True
 
 
-def meteor_score(references: Sequence[Sequence[str]], candidates: Sequence[str]
-                 ) -> tuple[float, np.ndarray] | None:
+def meteor_score(
+    references: Sequence[Sequence[str]], candidates: Sequence[str]
+) -> tuple[float, np.ndarray] | None:
     """Corpus and per-image METEOR 1.5 through pycocoevalcap's Java jar, or None (with a warning
     if it failed) when it cannot run: METEOR is reported as absent, never as 0."""
     if not meteor_available():
@@ -831,8 +963,10 @@ def evaluate_captions(
     for k, key in enumerate(BLEU_KEYS):
         corpus[key] = float(bleu_corpus[k])
         per_image[key] = {i: float(row[k]) for i, row in zip(ids, bleu_rows, strict=True)}
-    for key, (mean, scores) in (("CIDEr", CiderD(groups).score(cands)),
-                                ("ROUGE_L", rouge_l(groups, cands))):
+    for key, (mean, scores) in (
+        ("CIDEr", CiderD(groups).score(cands)),
+        ("ROUGE_L", rouge_l(groups, cands)),
+    ):
         corpus[key] = mean
         per_image[key] = {i: float(s) for i, s in zip(ids, scores, strict=True)}
     if meteor:

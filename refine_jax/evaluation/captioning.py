@@ -23,11 +23,16 @@ def describe_split(
 ) -> list[dict]:
     """Per image: `image_id`, `references`, `steps` (the decoded description of each step),
     `targets` (the coarse-to-fine targets of its first reference) and `chain` when the source
-    knows the true one. `put_batch` places a host batch, which every process holds whole, on the devices."""
+    knows the true one. `put_batch` places a host batch, which every process holds whole, on
+    the devices."""
     samples = []
     for arrays, records in eval_batches(source, features, batch_size):
-        canvases = decode_batch(model, params, put_batch({"image": arrays["image"]})["image"],
-                                np.asarray(fractions, np.float32))
+        canvases = decode_batch(
+            model,
+            params,
+            put_batch({"image": arrays["image"]})["image"],
+            np.asarray(fractions, np.float32),
+        )
         canvases = to_host(canvases)  # [B, K, L]
         for i, record in enumerate(records):
             sample = {

@@ -65,12 +65,15 @@ def step_schedule(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.nda
     m, t = config.model, config.targets
     if m.kind != "refine":
         return np.ones(1), np.ones(1)
-    return (schedule_fractions(m.num_refine_steps, t.schedule, t.log_a),
-            step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio))
+    return (
+        schedule_fractions(m.num_refine_steps, t.schedule, t.log_a),
+        step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio),
+    )
 
 
-def split_metrics(samples: Sequence[dict], config: ml_collections.ConfigDict,
-                  per_image: bool = False) -> dict[str, Any]:
+def split_metrics(
+    samples: Sequence[dict], config: ml_collections.ConfigDict, per_image: bool = False
+) -> dict[str, Any]:
     """`refinement_metrics` of describe_split samples (every sample counted once, even when two
     share an image id), with the schedule and weights used and, when every sample carries the
     true chain (shapes data), the per-step `chain_agreement`."""
@@ -88,7 +91,8 @@ def split_metrics(samples: Sequence[dict], config: ml_collections.ConfigDict,
     num_steps = metrics["num_steps"]
     if all(len(s.get("chain") or ()) == num_steps for s in samples):
         metrics["chain_agreement"] = chain_agreement(
-            trajectories, {n: list(s["chain"]) for n, s in enumerate(samples)})
+            trajectories, {n: list(s["chain"]) for n, s in enumerate(samples)}
+        )
     if per_image:
         for entry in metrics["per_image"]:
             entry["image_id"] = samples[entry["image_id"]]["image_id"]
@@ -99,9 +103,13 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Flat, float-valued keys for a log line: scalars as they are, per-step lists as
     `<name>_step_<k>` (cider_step_1, bleu4_step_1, progress_step_1, length_ratio_step_1,
     chain_agreement_step_1, ...)."""
-    lists = {"cider_per_step": "cider", "bleu4_per_step": "bleu4",
-             "progress_per_step": "progress", "length_ratio_per_step": "length_ratio",
-             "chain_agreement": "chain_agreement"}
+    lists = {
+        "cider_per_step": "cider",
+        "bleu4_per_step": "bleu4",
+        "progress_per_step": "progress",
+        "length_ratio_per_step": "length_ratio",
+        "chain_agreement": "chain_agreement",
+    }
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         if key in lists:
@@ -112,8 +120,9 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def evaluate_samples(samples: Sequence[dict], config: ml_collections.ConfigDict
-                     ) -> dict[str, float]:
+def evaluate_samples(
+    samples: Sequence[dict], config: ml_collections.ConfigDict
+) -> dict[str, float]:
     """DESIGN §4 metrics of `describe_split` output as flat JSON-serialisable floats, for
     `eval/...` log entries: final_cider, final_bleu4, weighted_quality, gradualness(_raw),
     length_adherence(_raw), refine_score, monotonic_fraction, num_images, num_steps,
@@ -157,12 +166,14 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     try:
         return Tokenizer.load(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; train first (--mode=train) or set "
-                                f"--config.tokenizer.path") from None
+        raise FileNotFoundError(
+            f"{e}; train first (--mode=train) or set --config.tokenizer.path"
+        ) from None
 
 
-def _abstract_state(config: ml_collections.ConfigDict, model: nn.Module, vocab_size: int,
-                    mesh: Mesh, rules: tuple) -> tuple[Any, Any]:
+def _abstract_state(
+    config: ml_collections.ConfigDict, model: nn.Module, vocab_size: int, mesh: Mesh, rules: tuple
+) -> tuple[Any, Any]:
     """(abstract TrainState, its shardings), built as train.py builds the real one."""
     from refine_jax import train  # here, not at the top: the trainer imports this module
 
@@ -177,9 +188,15 @@ def _abstract_state(config: ml_collections.ConfigDict, model: nn.Module, vocab_s
     return abstract, sharding.logical_shardings(boxed, mesh, rules)
 
 
-def restore_params(config: ml_collections.ConfigDict, checkpoint_dir: str | os.PathLike,
-                   model: nn.Module, vocab_size: int, mesh: Mesh, rules: tuple,
-                   step: int | None = None) -> tuple[Any, int]:
+def restore_params(
+    config: ml_collections.ConfigDict,
+    checkpoint_dir: str | os.PathLike,
+    model: nn.Module,
+    vocab_size: int,
+    mesh: Mesh,
+    rules: tuple,
+    step: int | None = None,
+) -> tuple[Any, int]:
     """(params, step) of checkpoint `step` (default: the latest) in `checkpoint_dir`, restored
     with `Checkpointer.restore` into the sharded state layout of this config and mesh; a
     checkpoint of another model shape fails naming what differs."""
@@ -194,18 +211,24 @@ def restore_params(config: ml_collections.ConfigDict, checkpoint_dir: str | os.P
             raise FileNotFoundError(f"no checkpoints at {checkpoint_dir}")
         step = available[-1] if step is None else int(step)
         if step not in available:
-            raise ValueError(f"no checkpoint of step {step} in {checkpoint_dir}; "
-                             f"available: {available}")
-        state = checkpointer.restore(step, target, shardings, None,
-                                     model_signature(config, target.params))
+            raise ValueError(
+                f"no checkpoint of step {step} in {checkpoint_dir}; available: {available}"
+            )
+        state = checkpointer.restore(
+            step, target, shardings, None, model_signature(config, target.params)
+        )
     finally:
         checkpointer.close()
     return state.params, step
 
 
-def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-               checkpoint_step: int | None = None, random_init: bool = False,
-               tokenizer: Tokenizer | None = None) -> LoadedModel:
+def load_model(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    checkpoint_step: int | None = None,
+    random_init: bool = False,
+    tokenizer: Tokenizer | None = None,
+) -> LoadedModel:
     """The config's model with the parameters of checkpoint `checkpoint_step` (default: the
     latest) in workdir/checkpoints, or freshly initialised ones with `random_init` (benchmarks)."""
     validate_config(config)
@@ -214,20 +237,34 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     tokenizer = tokenizer or load_tokenizer(config, workdir)
     m, t = config.model, config.targets
     model = build_model(config, tokenizer.vocab_size)
-    features = CaptionFeatures(tokenizer=tokenizer, num_steps=m.num_refine_steps,
-                               canvas_length=m.canvas_length, image_size=m.image_size,
-                               target_kind=t.kind, schedule=t.schedule, log_a=t.log_a)
+    features = CaptionFeatures(
+        tokenizer=tokenizer,
+        num_steps=m.num_refine_steps,
+        canvas_length=m.canvas_length,
+        image_size=m.image_size,
+        target_kind=t.kind,
+        schedule=t.schedule,
+        log_a=t.log_a,
+    )
     fractions = schedule_fractions(m.num_refine_steps, t.schedule, t.log_a).astype(np.float32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if random_init:
             from refine_jax import train
 
             params, _ = sharding.create_sharded(
-                lambda: train.init_variables(model, config, tokenizer.vocab_size), mesh, rules)
+                lambda: train.init_variables(model, config, tokenizer.vocab_size), mesh, rules
+            )
             step = None
         else:
-            params, step = restore_params(config, Path(workdir) / "checkpoints", model,
-                                          tokenizer.vocab_size, mesh, rules, checkpoint_step)
+            params, step = restore_params(
+                config,
+                Path(workdir) / "checkpoints",
+                model,
+                tokenizer.vocab_size,
+                mesh,
+                rules,
+                checkpoint_step,
+            )
     return LoadedModel(config, model, params, tokenizer, features, fractions, mesh, rules, step)
 
 
@@ -257,7 +294,8 @@ class ReferencedShards:
         self.skipped = dict(self.counts.skipped)
         self.indices = [i for i, element in enumerate(checked) if is_record(element)]
         self.references_from_shard = sum(
-            not self.references.get(checked[i]["key"]) for i in self.indices)
+            not self.references.get(checked[i]["key"]) for i in self.indices
+        )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -265,8 +303,11 @@ class ReferencedShards:
     def __getitem__(self, index: int) -> dict:
         record = self.source.read(self.indices[index], verify_image=False)
         captions = self.references.get(record["key"]) or record["captions"]
-        return {"key": record["key"], "image_bytes": record["image_bytes"],
-                "captions": list(captions)}
+        return {
+            "key": record["key"],
+            "image_bytes": record["image_bytes"],
+            "captions": list(captions),
+        }
 
 
 def default_eval_name(eval_data: str | None) -> str:
@@ -282,16 +323,19 @@ def default_eval_name(eval_data: str | None) -> str:
     return os.path.basename(path.rstrip("/")) or DEFAULT_EVAL_NAME
 
 
-def eval_split(config: ml_collections.ConfigDict, eval_data: str | None = None,
-               num_threads: int = 4) -> tuple[Any, dict]:
+def eval_split(
+    config: ml_collections.ConfigDict, eval_data: str | None = None, num_threads: int = 4
+) -> tuple[Any, dict]:
     """(source, info) of the split to evaluate: `eval_data` shards scored against their
     references.json, else the config's held-out source; config.data.max_eval_examples > 0
     keeps the first that many samples of either."""
     if eval_data:
         split = ReferencedShards(eval_data, num_threads, config.data.get("max_eval_examples", 0))
-        return split, {"eval_data": os.path.abspath(os.fspath(eval_data)),
-                       "skipped": dict(split.skipped),
-                       "references_from_shard": split.references_from_shard}
+        return split, {
+            "eval_data": os.path.abspath(os.fspath(eval_data)),
+            "skipped": dict(split.skipped),
+            "references_from_shard": split.references_from_shard,
+        }
     return make_sources(config)[1], {"eval_data": f"held-out {config.data.name}"}
 
 
@@ -315,8 +359,13 @@ def source_positions(source: Any, samples: Sequence[dict]) -> list[int]:
     return [positions[s["image_id"]] for s in samples]
 
 
-def report_images(loaded: LoadedModel, source: Any, samples: Sequence[dict],
-                  per_image: Sequence[dict], indices: Sequence[int]) -> list[ReportImage]:
+def report_images(
+    loaded: LoadedModel,
+    source: Any,
+    samples: Sequence[dict],
+    per_image: Sequence[dict],
+    indices: Sequence[int],
+) -> list[ReportImage]:
     """Cards for samples `indices`: the model's view of the image and, per step, the attention
     heatmap of the words that step added (last detailer layer, heads averaged, over the tokens
     of the added words)."""
@@ -327,7 +376,7 @@ def report_images(loaded: LoadedModel, source: Any, samples: Sequence[dict],
     positions = source_positions(source, samples)
     items: list[ReportImage] = []
     for start in range(0, len(indices), batch_size):
-        chunk = list(indices[start:start + batch_size])
+        chunk = list(indices[start : start + batch_size])
         images = np.stack([loaded.features.map(source[positions[i]])["image"] for i in chunk])
         padded = np.concatenate([images, np.repeat(images[-1:], batch_size - len(chunk), 0)])
         with loaded.context():
@@ -342,16 +391,25 @@ def report_images(loaded: LoadedModel, source: Any, samples: Sequence[dict],
                 tokens = canvases[b, k]
                 text = loaded.tokenizer.decode(tokens)
                 added = added_word_indices(previous, text)
-                weights = added_words_attention(attention[b, k],
-                                                token_word_indices(loaded.tokenizer, tokens), added)
+                weights = added_words_attention(
+                    attention[b, k], token_word_indices(loaded.tokenizer, tokens), added
+                )
                 words = text.split()
                 heatmaps.append(None if weights is None else attention_overlay(pixels, weights))
                 words_for.append([words[j] for j in added])
                 previous = text
             sample = samples[i]
-            items.append(ReportImage(str(sample["image_id"]), list(sample["references"]),
-                                     list(sample["steps"]), list(per_image[i]["cider"]), pixels,
-                                     heatmaps, words_for))
+            items.append(
+                ReportImage(
+                    str(sample["image_id"]),
+                    list(sample["references"]),
+                    list(sample["steps"]),
+                    list(per_image[i]["cider"]),
+                    pixels,
+                    heatmaps,
+                    words_for,
+                )
+            )
     return items
 
 
@@ -383,9 +441,16 @@ def evaluate_checkpoint(
 
     tick = time.perf_counter()
     with loaded.context():
-        samples = describe_split(loaded.model, loaded.params, source, loaded.features,
-                                 loaded.tokenizer, config.batch_size, loaded.fractions,
-                                 put_batch=loaded.put_batch)
+        samples = describe_split(
+            loaded.model,
+            loaded.params,
+            source,
+            loaded.features,
+            loaded.tokenizer,
+            config.batch_size,
+            loaded.fractions,
+            put_batch=loaded.put_batch,
+        )
     timings["describe"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -412,19 +477,34 @@ def evaluate_checkpoint(
         output_dir.mkdir(parents=True, exist_ok=True)
         with open(output_dir / "captions.jsonl", "w", encoding="utf-8") as f:
             for sample, scores in zip(samples, per_image, strict=True):
-                row = {"image_id": sample["image_id"], "references": sample["references"],
-                       "steps": sample["steps"], "cider_per_step": scores["cider"]}
+                row = {
+                    "image_id": sample["image_id"],
+                    "references": sample["references"],
+                    "steps": sample["steps"],
+                    "cider_per_step": scores["cider"],
+                }
                 if "chain" in sample:
                     row["chain"] = sample["chain"]
                 f.write(json.dumps(row) + "\n")
         ids = [str(samples[i]["image_id"]) for i in range(len(samples))]
         write_report(
-            output_dir / "report.html", metrics, cards, metrics["schedule"], metrics["weights"],
-            worst=[ids[i] for i in worst], dropped=[ids[i] for i in dropped],
+            output_dir / "report.html",
+            metrics,
+            cards,
+            metrics["schedule"],
+            metrics["weights"],
+            worst=[ids[i] for i in worst],
+            dropped=[ids[i] for i in dropped],
             title=f"{name}: {config.model.kind} captioner, checkpoint step {loaded.step}",
-            info={"eval split": info["eval_data"], "checkpoint": loaded.step,
-                  "model": config.model.kind, "images": len(samples),
-                  "steps K": metrics["num_steps"], "shown in report": len(cards)})
+            info={
+                "eval split": info["eval_data"],
+                "checkpoint": loaded.step,
+                "model": config.model.kind,
+                "images": len(samples),
+                "steps K": metrics["num_steps"],
+                "shown in report": len(cards),
+            },
+        )
         timings["write"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
         summary["seconds"] = timings
@@ -436,17 +516,24 @@ def evaluate_checkpoint(
 
 def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
     """A few lines for the console: the headline metrics and where the files are."""
-    keys = ("num_images", "final_cider", "final_bleu4", "weighted_quality", "gradualness",
-            "length_adherence", "refine_score", "monotonic_fraction")
+    keys = (
+        "num_images",
+        "final_cider",
+        "final_bleu4",
+        "weighted_quality",
+        "gradualness",
+        "length_adherence",
+        "refine_score",
+        "monotonic_fraction",
+    )
     print(f"eval {summary['eval_name']} (checkpoint {summary['checkpoint_step']}):", file=out)
     for key in keys:
         value = summary[key]
-        print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}",
-              file=out)
-    print("  CIDEr per step: " + ", ".join(f"{c:.4f}" for c in summary["cider_per_step"]),
-          file=out)
-    print(f"  wrote {summary['output_dir']}/{{metrics.json,captions.jsonl,report.html}}",
-          file=out)
+        print(
+            f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}", file=out
+        )
+    print("  CIDEr per step: " + ", ".join(f"{c:.4f}" for c in summary["cider_per_step"]), file=out)
+    print(f"  wrote {summary['output_dir']}/{{metrics.json,captions.jsonl,report.html}}", file=out)
 
 
 __all__ = [

@@ -72,8 +72,9 @@ def _as_step_array(values: Any, num_steps: int, name: str) -> np.ndarray:
     """A finite float vector of length K, or a ValueError naming `name`."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1 or arr.shape[0] != num_steps:
-        raise ValueError(f"{name} must have one value per step: expected shape ({num_steps},), "
-                         f"got {arr.shape}")
+        raise ValueError(
+            f"{name} must have one value per step: expected shape ({num_steps},), got {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite, got {arr.tolist()}")
     return arr
@@ -90,8 +91,9 @@ def _check_trajectories(
     for i in ids:
         steps = trajectories[i]
         if isinstance(steps, str) or not isinstance(steps, Sequence):
-            raise ValueError(f"{name}[{i!r}] must be a sequence of K step captions, "
-                             f"got {type(steps).__name__}")
+            raise ValueError(
+                f"{name}[{i!r}] must be a sequence of K step captions, got {type(steps).__name__}"
+            )
         if not all(isinstance(c, str) for c in steps):
             raise ValueError(f"{name}[{i!r}]: every step caption must be a string")
         lengths[i] = len(steps)
@@ -100,8 +102,10 @@ def _check_trajectories(
         raise ValueError(f"{name}[{ids[0]!r}] has no steps")
     bad = [(i, n) for i, n in lengths.items() if n != num_steps]
     if bad:
-        raise ValueError(f"every trajectory must have the same number of steps K={num_steps} "
-                         f"(that of {ids[0]!r}); these differ: {bad[:5]}")
+        raise ValueError(
+            f"every trajectory must have the same number of steps K={num_steps} "
+            f"(that of {ids[0]!r}); these differ: {bad[:5]}"
+        )
     return ids, num_steps
 
 
@@ -116,8 +120,10 @@ def _step_vectors(
     else:
         arr = np.asarray(step_vectors, dtype=np.float64)
     if arr.ndim != 3 or arr.shape[:2] != (len(ids), num_steps):
-        raise ValueError(f"step_vectors must have shape [num_images={len(ids)}, K={num_steps}, D], "
-                         f"got {arr.shape}")
+        raise ValueError(
+            f"step_vectors must have shape [num_images={len(ids)}, K={num_steps}, D], "
+            f"got {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
         raise ValueError("step_vectors must be finite")
     return arr
@@ -135,8 +141,9 @@ def degenerate_deviation(schedule: Sequence[float] | np.ndarray) -> float:
     return max(dev_end, dev_start)
 
 
-def _adherence(values: np.ndarray, blank: np.ndarray, schedule: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+def _adherence(
+    values: np.ndarray, blank: np.ndarray, schedule: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-image (normalised, raw) scores of trajectories `values` [N, K] against `schedule`;
     0 for images whose final is blank."""
     deviation = np.minimum(1.0, np.abs(values - schedule[None, :])).mean(axis=1)
@@ -181,12 +188,14 @@ def refinement_metrics(
         raise ValueError("trajectories and references must have the same image ids")
     sched = _as_step_array(schedule, num_steps, "schedule")
     if np.any(sched < 0) or np.any(sched > 1):
-        raise ValueError(f"schedule values are ideal progress fractions in [0, 1], "
-                         f"got {sched.tolist()}")
+        raise ValueError(
+            f"schedule values are ideal progress fractions in [0, 1], got {sched.tolist()}"
+        )
     w = _as_step_array(weights, num_steps, "weights")
     if np.any(w < 0) or abs(w.sum() - 1.0) > 1e-6:
-        raise ValueError(f"weights must be non-negative and sum to 1, got {w.tolist()} "
-                         f"(sum {w.sum()})")
+        raise ValueError(
+            f"weights must be non-negative and sum to 1, got {w.tolist()} (sum {w.sum()})"
+        )
     vectors = None if step_vectors is None else _step_vectors(step_vectors, ids, num_steps)
 
     # Tokenise every step as one batch (as coco-caption would score each step's results file).
@@ -206,11 +215,14 @@ def refinement_metrics(
         bleu4_per_step.append(bleu(ref_groups, steps[k])[0][3])
     per_image_cider_arr = np.stack(per_image_cider, axis=1)  # [N, K]
     drops = np.diff(per_image_cider_arr, axis=1) < -_MONOTONE_RTOL * np.maximum(
-        1.0, np.abs(per_image_cider_arr[:, :-1]))
+        1.0, np.abs(per_image_cider_arr[:, :-1])
+    )
     monotonic = ~drops.any(axis=1)
 
-    lengths = np.array([[len(steps[k][n].split()) for k in range(num_steps)]
-                        for n in range(len(ids))], dtype=np.float64)
+    lengths = np.array(
+        [[len(steps[k][n].split()) for k in range(num_steps)] for n in range(len(ids))],
+        dtype=np.float64,
+    )
     if vectors is None:
         vectorizer: CiderVectorizer = cider.vectorizer
         distances = np.empty((len(ids), num_steps), dtype=np.float64)
@@ -221,8 +233,12 @@ def refinement_metrics(
             distances[n] = [cosine_distance(e, encoded[-1]) for e in encoded]
     else:
         final_blank = ~np.any(vectors[:, -1, :] != 0, axis=1)
-        distances = np.array([[cosine_distance(vectors[n, k], vectors[n, -1])
-                               for k in range(num_steps)] for n in range(len(ids))])
+        distances = np.array(
+            [
+                [cosine_distance(vectors[n, k], vectors[n, -1]) for k in range(num_steps)]
+                for n in range(len(ids))
+            ]
+        )
     progress = 1.0 - distances
     final = lengths[:, -1:]
     has_words = final[:, 0] > 0
@@ -246,8 +262,9 @@ def refinement_metrics(
         "progress_per_step": progress[kept].mean(axis=0).tolist() if kept.any() else None,
         "length_adherence": float(adherence.mean()),
         "length_adherence_raw": float(adherence_raw.mean()),
-        "length_ratio_per_step": (ratios[has_words].mean(axis=0).tolist() if has_words.any()
-                                  else None),
+        "length_ratio_per_step": (
+            ratios[has_words].mean(axis=0).tolist() if has_words.any() else None
+        ),
         "refine_score": weighted_quality * gradualness,
         "monotonic_fraction": float(monotonic.mean()),
         "num_blank_final": int((~has_words).sum()),
@@ -286,11 +303,19 @@ def chain_agreement(
         raise ValueError("trajectories and true_chains must have the same image ids")
     _, true_steps = _check_trajectories(true_chains, "true_chains")
     if true_steps != num_steps:
-        raise ValueError(f"trajectories have K={num_steps} steps but true_chains have "
-                         f"K={true_steps}")
-    hits = np.array([[_normalize_whitespace(trajectories[i][k])
-                      == _normalize_whitespace(true_chains[i][k]) for k in range(num_steps)]
-                     for i in ids])
+        raise ValueError(
+            f"trajectories have K={num_steps} steps but true_chains have K={true_steps}"
+        )
+    hits = np.array(
+        [
+            [
+                _normalize_whitespace(trajectories[i][k])
+                == _normalize_whitespace(true_chains[i][k])
+                for k in range(num_steps)
+            ]
+            for i in ids
+        ]
+    )
     return [float(x) for x in hits.mean(axis=0)]
 
 

@@ -36,9 +36,17 @@ from refine_jax.evaluation.attention import word_diff
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-    "--disable-default-apps", "--disable-extensions", "--mute-audio",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--mute-audio",
 )
 
 
@@ -80,10 +88,18 @@ def step_plots(metrics: dict, schedule: Sequence[float]) -> dict[str, str]:
     plots: dict[str, str] = {}
     curves = {
         "cider": ("CIDEr-D per step", "CIDEr-D", metrics["cider_per_step"], False),
-        "progress": ("Progress p_k vs schedule s(k)", "progress", metrics.get("progress_per_step"),
-                     True),
-        "length": ("Length ratio len_k/len_K vs schedule", "length ratio",
-                   metrics.get("length_ratio_per_step"), True),
+        "progress": (
+            "Progress p_k vs schedule s(k)",
+            "progress",
+            metrics.get("progress_per_step"),
+            True,
+        ),
+        "length": (
+            "Length ratio len_k/len_K vs schedule",
+            "length ratio",
+            metrics.get("length_ratio_per_step"),
+            True,
+        ),
     }
     for key, (title, label, values, with_schedule) in curves.items():
         if values is None:
@@ -111,8 +127,11 @@ def select_images(per_image: Sequence[dict], limit: int) -> tuple[list[int], lis
     and the worst ones, in worst-first order."""
     final = [p["cider"][-1] for p in per_image]
     worst = sorted(range(len(per_image)), key=lambda i: (final[i], i))
-    fall = {i: max(0.0, -float(np.min(np.diff(p["cider"])))) for i, p in enumerate(per_image)
-            if not p["monotonic"]}
+    fall = {
+        i: max(0.0, -float(np.min(np.diff(p["cider"]))))
+        for i, p in enumerate(per_image)
+        if not p["monotonic"]
+    }
     dropped = sorted(fall, key=lambda i: (-fall[i], i))
     limit = max(0, int(limit))
     chosen = set(dropped[: limit // 2])
@@ -133,8 +152,9 @@ def diff_html(previous: str, current: str) -> str:
     if not current.strip() and not previous.strip():
         return '<span class="blank">(blank)</span>'
     marks = {"same": "{}", "add": "<ins>{}</ins>", "drop": "<del>{}</del>"}
-    return " ".join(marks[kind].format(html.escape(word))
-                    for kind, word in word_diff(previous, current))
+    return " ".join(
+        marks[kind].format(html.escape(word)) for kind, word in word_diff(previous, current)
+    )
 
 
 def _number(value: Any) -> str:
@@ -144,50 +164,68 @@ def _number(value: Any) -> str:
 
 
 def _metrics_table(metrics: dict) -> str:
-    rows = [f"<tr><th>{html.escape(k)}</th><td>{_number(v)}</td></tr>"
-            for k, v in metrics.items() if isinstance(v, int | float | str) and not
-            isinstance(v, bool)]
+    rows = [
+        f"<tr><th>{html.escape(k)}</th><td>{_number(v)}</td></tr>"
+        for k, v in metrics.items()
+        if isinstance(v, int | float | str) and not isinstance(v, bool)
+    ]
     return "<table class='metrics'>" + "".join(rows) + "</table>"
 
 
 def _step_table(metrics: dict, schedule: Sequence[float], weights: Sequence[float]) -> str:
-    columns = [("s(k)", list(schedule)), ("w_k", list(weights)),
-               ("CIDEr-D", metrics["cider_per_step"]), ("BLEU-4", metrics["bleu4_per_step"]),
-               ("progress p_k", metrics.get("progress_per_step")),
-               ("length ratio", metrics.get("length_ratio_per_step")),
-               ("chain agreement", metrics.get("chain_agreement"))]
+    columns = [
+        ("s(k)", list(schedule)),
+        ("w_k", list(weights)),
+        ("CIDEr-D", metrics["cider_per_step"]),
+        ("BLEU-4", metrics["bleu4_per_step"]),
+        ("progress p_k", metrics.get("progress_per_step")),
+        ("length ratio", metrics.get("length_ratio_per_step")),
+        ("chain agreement", metrics.get("chain_agreement")),
+    ]
     columns = [(name, values) for name, values in columns if values is not None]
     head = "<tr><th>step</th>" + "".join(f"<th>{html.escape(n)}</th>" for n, _ in columns)
     body = "".join(
-        f"<tr><td>{k + 1}</td>" + "".join(f"<td>{float(v[k]):.4f}</td>" for _, v in columns)
-        + "</tr>" for k in range(len(metrics["cider_per_step"])))
+        f"<tr><td>{k + 1}</td>"
+        + "".join(f"<td>{float(v[k]):.4f}</td>" for _, v in columns)
+        + "</tr>"
+        for k in range(len(metrics["cider_per_step"]))
+    )
     return f"<table class='steps'>{head}</tr>{body}</table>"
 
 
 def _card(item: ReportImage) -> str:
-    thumb = (f"<img class='thumb' alt='{html.escape(item.image_id)}' "
-             f"src='{png_data_uri(item.image)}'>" if item.image is not None else "")
+    thumb = (
+        f"<img class='thumb' alt='{html.escape(item.image_id)}' src='{png_data_uri(item.image)}'>"
+        if item.image is not None
+        else ""
+    )
     rows, previous = [], ""
     for k, text in enumerate(item.steps):
         heat = item.heatmaps[k] if k < len(item.heatmaps) else None
         words = item.heatmap_words[k] if k < len(item.heatmap_words) else []
         if heat is not None:
-            look = (f"<img class='heat' alt='attention, step {k + 1}' src='{png_data_uri(heat)}'>"
-                    f"<div class='for'>{html.escape(' '.join(words))}</div>")
+            look = (
+                f"<img class='heat' alt='attention, step {k + 1}' src='{png_data_uri(heat)}'>"
+                f"<div class='for'>{html.escape(' '.join(words))}</div>"
+            )
         else:
             look = "<span class='none'>no words added</span>"
         cider = f"{item.cider[k]:.3f}" if k < len(item.cider) else ""
         drop = k > 0 and k < len(item.cider) and item.cider[k] < item.cider[k - 1] - 1e-9
-        rows.append(f"<tr><td>{k + 1}</td><td class='desc'>{diff_html(previous, text)}</td>"
-                    f"<td class='{'fell' if drop else ''}'>{cider}</td><td>{look}</td></tr>")
+        rows.append(
+            f"<tr><td>{k + 1}</td><td class='desc'>{diff_html(previous, text)}</td>"
+            f"<td class='{'fell' if drop else ''}'>{cider}</td><td>{look}</td></tr>"
+        )
         previous = text
     references = "".join(f"<li>{html.escape(r)}</li>" for r in item.references)
-    return (f"<section class='card' id='{_anchor(item.image_id)}'>{thumb}<div class='body'>"
-            f"<h3>{html.escape(item.image_id)}</h3><table class='chain'><tr><th>step</th>"
-            f"<th>description (<ins>added</ins>, <del>dropped</del>)</th><th>CIDEr</th>"
-            f"<th>where it looked for the added words</th></tr>{''.join(rows)}</table>"
-            f"<details><summary>{len(item.references)} reference(s)</summary>"
-            f"<ul>{references}</ul></details></div></section>")
+    return (
+        f"<section class='card' id='{_anchor(item.image_id)}'>{thumb}<div class='body'>"
+        f"<h3>{html.escape(item.image_id)}</h3><table class='chain'><tr><th>step</th>"
+        f"<th>description (<ins>added</ins>, <del>dropped</del>)</th><th>CIDEr</th>"
+        f"<th>where it looked for the added words</th></tr>{''.join(rows)}</table>"
+        f"<details><summary>{len(item.references)} reference(s)</summary>"
+        f"<ul>{references}</ul></details></div></section>"
+    )
 
 
 STYLE = """
@@ -229,10 +267,14 @@ def render_report(
     """The report as one HTML string. `images` are the cards to show (in order); `worst` and
     `dropped` list image ids for the two sorted views (ids without a card are listed, unlinked)."""
     by_id = {item.image_id: item for item in images}
-    info_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                        for k, v in (info or {}).items())
-    plots = "".join(f"<img alt='{key} per step' src='{uri}'>"
-                    for key, uri in step_plots(metrics, schedule).items())
+    info_rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in (info or {}).items()
+    )
+    plots = "".join(
+        f"<img alt='{key} per step' src='{uri}'>"
+        for key, uri in step_plots(metrics, schedule).items()
+    )
 
     def link(image_id: str) -> str:
         text = html.escape(image_id)
@@ -245,7 +287,8 @@ def render_report(
     worst_rows = "".join(
         f"<tr><td>{r + 1}</td><td>{link(i)}</td><td>{by_id[i].cider[-1]:.3f}</td>"
         f"<td>{caption_of(i, -1) or '<span class=blank>(blank)</span>'}</td></tr>"
-        for r, i in enumerate([i for i in worst if i in by_id]))
+        for r, i in enumerate([i for i in worst if i in by_id])
+    )
     drop_rows = []
     for i in dropped:
         item = by_id.get(i)
@@ -253,9 +296,11 @@ def render_report(
             continue
         falls = np.diff(item.cider)
         k = int(np.argmin(falls)) + 1  # the step (0-based) where CIDEr fell most
-        drop_rows.append(f"<tr><td>{link(i)}</td><td>{k} &rarr; {k + 1}</td>"
-                         f"<td>{item.cider[k - 1]:.3f} &rarr; {item.cider[k]:.3f}</td>"
-                         f"<td>{diff_html(item.steps[k - 1], item.steps[k])}</td></tr>")
+        drop_rows.append(
+            f"<tr><td>{link(i)}</td><td>{k} &rarr; {k + 1}</td>"
+            f"<td>{item.cider[k - 1]:.3f} &rarr; {item.cider[k]:.3f}</td>"
+            f"<td>{diff_html(item.steps[k - 1], item.steps[k])}</td></tr>"
+        )
     shown_drops = len(drop_rows)
     cards = "".join(_card(item) for item in images)
     return f"""<!DOCTYPE html>
@@ -282,7 +327,7 @@ in this report.</p>
 <p class="note">{len(dropped)} image(s) lost CIDEr-D from one step to the next
 ({shown_drops} shown, largest fall first).</p>
 <table><tr><th>image</th><th>steps</th><th>CIDEr</th><th>what changed</th></tr>
-{''.join(drop_rows)}</table>
+{"".join(drop_rows)}</table>
 <h2 id="images">Images</h2>
 {cards}
 </body></html>
@@ -319,8 +364,13 @@ def _run_chromium(args: list[str], timeout: float) -> subprocess.CompletedProces
         raise FileNotFoundError("no Chromium found (install Debian's `chromium`, or set $CHROMIUM)")
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "HOME": profile})
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "HOME": profile},
+        )
 
 
 _PROBE = """<script>
@@ -363,39 +413,67 @@ def check_in_browser(report: str | os.PathLike, timeout: float = 120.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="report-check-") as tmp:
         page = Path(tmp) / "report.html"
         page.write_text(probed, encoding="utf-8")
-        result = _run_chromium(["--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
-                                "--dump-dom", page.as_uri()], timeout)
+        result = _run_chromium(
+            [
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            timeout,
+        )
     match = re.search(r'<pre id="__report_check">(.*?)</pre>', result.stdout, re.S)
     if match is None:
-        raise RuntimeError(f"Chromium did not report on the page (exit {result.returncode}): "
-                           f"{result.stderr[-2000:]}")
+        raise RuntimeError(
+            f"Chromium did not report on the page (exit {result.returncode}): "
+            f"{result.stderr[-2000:]}"
+        )
     outcome = json.loads(html.unescape(match.group(1)))
-    outcome["console"] = [m.group(2) for m in map(_CONSOLE.search, result.stderr.splitlines())
-                          if m]
+    outcome["console"] = [m.group(2) for m in map(_CONSOLE.search, result.stderr.splitlines()) if m]
     return outcome
 
 
-def screenshot(report: str | os.PathLike, output: str | os.PathLike, width: int = 1280,
-               height: int = 3000, timeout: float = 120.0) -> Path:
+def screenshot(
+    report: str | os.PathLike,
+    output: str | os.PathLike,
+    width: int = 1280,
+    height: int = 3000,
+    timeout: float = 120.0,
+) -> Path:
     """Saves a PNG screenshot (width x height, from the top) of the report by headless Chromium."""
     output = Path(output).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
-    result = _run_chromium([f"--window-size={width},{height}", f"--screenshot={output}",
-                            "--virtual-time-budget=10000", Path(report).absolute().as_uri()],
-                           timeout)
+    result = _run_chromium(
+        [
+            f"--window-size={width},{height}",
+            f"--screenshot={output}",
+            "--virtual-time-budget=10000",
+            Path(report).absolute().as_uri(),
+        ],
+        timeout,
+    )
     if not output.exists():
-        raise RuntimeError(f"Chromium wrote no screenshot (exit {result.returncode}): "
-                           f"{result.stderr[-2000:]}")
+        raise RuntimeError(
+            f"Chromium wrote no screenshot (exit {result.returncode}): {result.stderr[-2000:]}"
+        )
     return output
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--screenshot", nargs=2, metavar=("REPORT_HTML", "OUT_PNG"),
-                       help="save a screenshot of the report")
-    group.add_argument("--check", metavar="REPORT_HTML",
-                       help="print console errors and broken images as JSON (exit 1 if any)")
+    group.add_argument(
+        "--screenshot",
+        nargs=2,
+        metavar=("REPORT_HTML", "OUT_PNG"),
+        help="save a screenshot of the report",
+    )
+    group.add_argument(
+        "--check",
+        metavar="REPORT_HTML",
+        help="print console errors and broken images as JSON (exit 1 if any)",
+    )
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=3000)
     args = parser.parse_args(argv)

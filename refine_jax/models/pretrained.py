@@ -78,7 +78,9 @@ def convert_big_vision_encoder(arrays: Mapping[str, np.ndarray], encoder: Mappin
     positions = arrays["pos_embedding"].reshape(-1, arrays["pos_embedding"].shape[-1])
     num_patches = encoder["pos_embedding"].shape[0]
     flat["pos_embedding"] = (
-        positions if positions.shape[0] == num_patches else _resize_positions(positions, num_patches)
+        positions
+        if positions.shape[0] == num_patches
+        else _resize_positions(positions, num_patches)
     )
     for theirs, ours in BLOCK_NAMES.items():
         parts = ("query", "key", "value", "out") if ours == "self_attention" else ("",)
@@ -107,6 +109,7 @@ def convert_big_vision_encoder(arrays: Mapping[str, np.ndarray], encoder: Mappin
 def load_pretrained_encoder(params: dict, path: str) -> dict:
     """`params` with its 'encoder' subtree replaced by the ViT at `path` (same shardings)."""
     encoder = convert_big_vision_encoder(_read_npz(path), params["encoder"])
-    placed = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), encoder,
-                          params["encoder"])
+    placed = jax.tree.map(
+        lambda new, old: jax.device_put(new, old.sharding), encoder, params["encoder"]
+    )
     return {**params, "encoder": placed}

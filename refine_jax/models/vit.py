@@ -72,7 +72,7 @@ class ViTEncoder(nn.Module):
             in_axes=nn.broadcast,
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name="encoderblock")(
-            x, None, deterministic
-        )
+        )(
+            self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name="encoderblock"
+        )(x, None, deterministic)
         return layer_norm(self.dtype, "encoder_norm")(x)

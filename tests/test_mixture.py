@@ -1,0 +1,151 @@
+"""Mixtures of sources: frequencies match the weights, deterministic and resumable, sliced over
+processes like any source, and the laion_coco_mix config builds its three-way mixture."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import load_config
+from test_pipeline import concat, jpeg, take, write_good_split
+
+from refine_jax.data import make_sources, parse_mixture, training_captions
+from refine_jax.data.mixture import MixtureSource
+from refine_jax.data.pipeline import CaptionFeatures, train_batches
+from refine_jax.tokenizer import train_tokenizer
+
+WEIGHTS = {"coco": 0.6, "laion": 0.35, "labels": 0.05}
+
+
+class MemorySource:
+    """``size`` records with a 4x4 image (no decoding) and a caption naming the source."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        image = np.full((4, 4, 3), index % 256, np.uint8)
+        return {
+            "key": f"{self.name}{index}",
+            "image": image,
+            "captions": [f"a {self.name} photo number {index % 7}"],
+        }
+
+
+@pytest.fixture(scope="module")
+def features() -> CaptionFeatures:
+    captions = [f"a {n} photo number {i}" for n in WEIGHTS for i in range(7)] * 4
+    return CaptionFeatures(train_tokenizer(captions, 300), 2, 8, 4)
+
+
+def memory_mixture() -> MixtureSource:
+    sizes = {"coco": 50, "laion": 31, "labels": 7}
+    return MixtureSource([(n, MemorySource(n, sizes[n]), w) for n, w in WEIGHTS.items()])
+
+
+def test_source_frequencies_match_the_weights(features):
+    mixture = memory_mixture()
+    batches = concat(take(train_batches(mixture, features, 100, seed=0), 30))
+    n = len(batches["source"])  # 3,000 examples
+    observed = np.bincount(batches["source"], minlength=3)
+    for c, (name, weight) in enumerate(WEIGHTS.items()):
+        # Tolerance: 4 binomial standard deviations (grain's mix interleaves by weight, so the
+        # counts are in fact far closer than independent sampling would make them).
+        sigma = math.sqrt(n * weight * (1 - weight))
+        assert abs(observed[c] - n * weight) <= 4 * sigma, (name, observed[c], n * weight)
+        # Every element of a component comes from that component, in its own shuffled epochs.
+        rows = batches["source"] == c
+        assert batches["index"][rows].max() < len(mixture.components[c].source)
+    # The smallest component cycles through all of its 7 elements, each epoch reshuffled.
+    labels = batches["index"][batches["source"] == 2]
+    assert sorted(labels[:7].tolist()) == list(range(7))
+    assert batches["mask"].all()
+
+
+def test_mixture_is_deterministic_resumable_and_sliced_over_processes(features):
+    mixture = memory_mixture()
+    single = take(train_batches(mixture, features, 8, seed=4), 10)
+    again = take(train_batches(mixture, features, 8, seed=4), 10)
+    other = take(train_batches(mixture, features, 8, seed=5), 10)
+    for key in single[0]:
+        np.testing.assert_array_equal(concat(single)[key], concat(again)[key], err_msg=key)
+    assert not np.array_equal(concat(single)["index"], concat(other)["index"])
+    # Resume from a saved state.
+    iterator = train_batches(mixture, features, 8, seed=4)
+    take(iterator, 6)
+    state = iterator.get_state()
+    fresh = train_batches(memory_mixture(), features, 8, seed=4)
+    fresh.set_state(state)
+    for expected, got in zip(single[6:], take(fresh, 4), strict=True):
+        np.testing.assert_array_equal(expected["index"], got["index"])
+        np.testing.assert_array_equal(expected["source"], got["source"])
+    # Two processes: their halves assemble the global batch.
+    halves = [take(train_batches(mixture, features, 8, 4, 1, p, 2), 10) for p in range(2)]
+    for step in range(10):
+        for key in ("index", "source", "image"):
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][key], halves[1][step][key]]), single[step][key]
+            )
+
+
+def test_training_captions_follow_the_weights():
+    captions = training_captions(memory_mixture(), limit=40)
+    by_source = {n: sum(n in c for c in captions) for n in WEIGHTS}
+    assert by_source == {"coco": 24, "laion": 14, "labels": 2}
+
+
+def test_mixture_config_errors():
+    with pytest.raises(ValueError, match="mixture is empty"):
+        parse_mixture(())
+    with pytest.raises(ValueError, match=r"must be \(name, weight, kind, path\)"):
+        parse_mixture((("coco", 0.5, "coco"),))
+    with pytest.raises(ValueError, match="kind 'webdataset' is not one of"):
+        parse_mixture((("coco", 0.5, "webdataset", "x"),))
+    with pytest.raises(ValueError, match="weight of 'b' must be a positive number"):
+        MixtureSource([("a", MemorySource("a", 2), 1.0), ("b", MemorySource("b", 2), 0.0)])
+    with pytest.raises(ValueError, match="names must be unique"):
+        MixtureSource([("a", MemorySource("a", 2), 1.0), ("a", MemorySource("b", 2), 1.0)])
+
+
+def make_mixture_root(root: Path) -> None:
+    """coco/{train,val}/ shards, laion/ shards (no split folders), labels/ class tree."""
+    write_good_split(root / "coco" / "train", 2, 5)
+    write_good_split(root / "coco" / "val", 1, 4, first=100)
+    write_good_split(root / "laion", 1, 6, first=200)
+    for label in ("tabby_cat", "golden_retriever"):
+        (root / "labels" / label).mkdir(parents=True)
+        for i in range(2):
+            (root / "labels" / label / f"{i}.jpg").write_bytes(jpeg(300 + i))
+
+
+def test_laion_coco_mix_tiny_config_builds_its_mixture(tmp_path):
+    make_mixture_root(tmp_path)
+    config = load_config("laion_coco_mix", "tiny")
+    config.data.path = str(tmp_path)
+    train, held_out = make_sources(config)
+    assert isinstance(train, MixtureSource)
+    assert train.names == ["coco", "laion", "labels"]
+    assert [len(c.source) for c in train.components] == [10, 6, 4]
+    np.testing.assert_allclose(train.weights, [0.6, 0.35, 0.05])
+    assert len(held_out) == 4 and held_out[0]["key"] == "s00100"  # coco's val split
+    captions = training_captions(train)
+    assert any("tabby cat" in c for c in captions)
+    tokenizer = train_tokenizer(captions, 300)
+    features = CaptionFeatures.from_config(config, tokenizer)
+    batch = next(train_batches(train, features, config.batch_size, config.seed))
+    assert batch["image"].shape == (8, 32, 32, 3) and set(batch["source"]) <= {0, 1, 2}
+    # A component path that does not exist is named.
+    config.data.mixture = (("coco", 0.6, "shards", "coco"), ("laion", 0.4, "shards", "nope"))
+    with pytest.raises(FileNotFoundError, match=r"mixture\['laion'\] path = '.*nope' does not"):
+        make_sources(config)
+    config.data.mixture = (("coco", 0.6, "shards", "coco"),)
+    config.data.mixture_eval = "laion"
+    with pytest.raises(ValueError, match="mixture_eval = 'laion' is not one of"):
+        make_sources(config)
