@@ -15,7 +15,6 @@ Writes the numbers as JSON to --output (default benchmarks/results/input_pipelin
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -31,11 +30,14 @@ from absl import app, flags  # noqa: E402
 
 from refine_jax.data import make_sources, training_captions  # noqa: E402
 from refine_jax.data.pipeline import CaptionFeatures, count_skips, train_batches  # noqa: E402
-from refine_jax.losses import step_weights  # noqa: E402
 from refine_jax.models import build_model  # noqa: E402
-from refine_jax.targets import schedule_fractions  # noqa: E402
 from refine_jax.tokenizer import train_tokenizer  # noqa: E402
-from refine_jax.train import TrainState, init_variables, make_optimizer, train_step  # noqa: E402
+from refine_jax.train import (  # noqa: E402
+    TrainState,
+    bind_train_step,
+    init_variables,
+    make_optimizer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k"
@@ -86,27 +88,11 @@ def time_pipeline(source, features, config, batches: int) -> tuple[float, dict]:
 
 def make_step(config, vocab_size: int):
     """The trainer's jitted train step (single device) and a fresh state."""
-    m, t = config.model, config.targets
     model = build_model(config, vocab_size)
     optimizer, schedule = make_optimizer(config)
     params = init_variables(model, config, vocab_size)
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    step = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            optimizer=optimizer,
-            schedule=schedule,
-            config=config,
-            weights=jnp.asarray(
-                step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio), jnp.float32
-            ),
-            fractions=jnp.asarray(
-                schedule_fractions(m.num_refine_steps, t.schedule, t.log_a), jnp.float32
-            ),
-        ),
-        donate_argnums=0,
-    )
+    step = jax.jit(bind_train_step(config, model, optimizer, schedule), donate_argnums=0)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     return step, state, num_params
 

@@ -4,8 +4,9 @@ The shards are read from `config.data.path` (a folder with `train/` and `val/`),
 given; the tokenizer is trained on the training captions into the workdir. The default (a
 4M-parameter model at 64 px) trains in about an hour on an otherwise idle 2-core CPU: 1,800
 steps of 64 images (measured: ~2 s per step), ~19 epochs of the 6,000 photos; the pipeline
-delivers far more than training consumes (benchmarks/input_pipeline.py). Captions longer than the 28-token canvas
-(under 1% at this vocabulary) are cut and counted as `truncated_caption`.
+delivers far more than training consumes (benchmarks/input_pipeline.py). Captions longer
+than the 28-token canvas (under 1% at this vocabulary) are cut and counted as
+`truncated_caption`.
 
     python -m refine_jax.main --config=configs/flickr8k.py \\
         --config.data.path=../shared/data/flickr8k --workdir=/tmp/flickr8k

@@ -165,6 +165,30 @@ def train_step(
     return new_state, metrics
 
 
+def bind_train_step(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+):
+    """`train_step` with the model, optimizer, step fractions s(k) and loss weights w_k bound:
+    a function (state, batch) -> (state, metrics), ready to jit."""
+    m, t = config.model, config.targets
+    return functools.partial(
+        train_step,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        config=config,
+        weights=jnp.asarray(
+            step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio), jnp.float32
+        ),
+        fractions=jnp.asarray(
+            schedule_fractions(m.num_refine_steps, t.schedule, t.log_a), jnp.float32
+        ),
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as configured, logging to workdir/metrics.jsonl; returns the final eval summary."""
     # --- Setup: everything that can fail on bad input fails here, before compilation.
@@ -184,12 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_canvas_fits(config, tokenizer, train_source)
     m, t = config.model, config.targets
     features = CaptionFeatures.from_config(config, tokenizer)
-    fractions = jnp.asarray(
-        schedule_fractions(m.num_refine_steps, t.schedule, t.log_a), jnp.float32
-    )
-    weights = jnp.asarray(
-        step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio), jnp.float32
-    )
+    fractions = schedule_fractions(m.num_refine_steps, t.schedule, t.log_a)  # for decoding
     model = build_model(config, tokenizer.vocab_size)
     optimizer, schedule = make_optimizer(config)
     is_logger = jax.process_index() == 0
@@ -207,15 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             print(f"{m.kind} model: {num_params:,} parameters on mesh {dict(mesh.shape)}")
 
         step_fn = jax.jit(
-            functools.partial(
-                train_step,
-                model=model,
-                optimizer=optimizer,
-                schedule=schedule,
-                config=config,
-                weights=weights,
-                fractions=fractions,
-            ),
+            bind_train_step(config, model, optimizer, schedule),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=0,
         )

@@ -1,7 +1,5 @@
 """A tiny model memorises 8 shapes examples: every step writes exactly its target."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +8,10 @@ from conftest import load_config
 from refine_jax.data import training_captions
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
 from refine_jax.data.shapes import ShapesSource
-from refine_jax.losses import step_weights
 from refine_jax.models import build_model
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import train_tokenizer
-from refine_jax.train import TrainState, init_variables, make_optimizer, train_step
+from refine_jax.train import TrainState, bind_train_step, init_variables, make_optimizer
 
 
 def test_tiny_model_overfits_eight_examples_at_every_step():
@@ -36,17 +33,7 @@ def test_tiny_model_overfits_eight_examples_at_every_step():
     optimizer, schedule = make_optimizer(config)
     params = init_variables(model, config, tokenizer.vocab_size)
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    step = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            optimizer=optimizer,
-            schedule=schedule,
-            config=config,
-            weights=jnp.asarray(step_weights(m.num_refine_steps), jnp.float32),
-            fractions=fractions,
-        )
-    )
+    step = jax.jit(bind_train_step(config, model, optimizer, schedule))
     for _ in range(config.total_steps):
         state, metrics = step(state, batch)
     canvases = model.apply(

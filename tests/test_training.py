@@ -1,6 +1,5 @@
 """Sharded training: mesh equivalence, sharding layout, checkpoint restore, non-finite skips."""
 
-import functools
 import json
 
 import jax
@@ -13,9 +12,7 @@ from refine_jax import train
 from refine_jax.data import training_captions
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
 from refine_jax.data.shapes import ShapesSource
-from refine_jax.losses import step_weights
 from refine_jax.models import build_model
-from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import train_tokenizer
 
 
@@ -96,17 +93,7 @@ def test_a_nan_batch_skips_the_update_and_is_counted():
     optimizer, schedule = train.make_optimizer(config)
     params = train.init_variables(model, config, tokenizer.vocab_size)
     state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            optimizer=optimizer,
-            schedule=schedule,
-            config=config,
-            weights=jnp.asarray(step_weights(m.num_refine_steps)),
-            fractions=jnp.asarray(schedule_fractions(m.num_refine_steps), jnp.float32),
-        )
-    )
+    step = jax.jit(train.bind_train_step(config, model, optimizer, schedule))
     poisoned = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
     new_state, metrics = step(state, poisoned)
     assert not np.isfinite(float(metrics["loss"]))
