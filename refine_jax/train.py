@@ -290,8 +290,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 print(f"encoder initialised from {m.pretrained_encoder}")
 
         # --- Training loop. SIGTERM (preemption) saves a checkpoint and ends the run cleanly.
+        # Processes must stop at the same step to save together: with several, the signal is
+        # shared at the next logging step (a point where they already synchronise).
         stop_requested = []
         signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+
+        def should_stop(step: int) -> bool:
+            if jax.process_count() == 1:
+                return bool(stop_requested)
+            if (step - 1) % config.log_every_steps:
+                return False
+            return bool(sharding.sum_over_processes(np.asarray([len(stop_requested)]))[0])
+
         writer = MetricWriter(workdir, enabled=is_logger)
         flops_per_step = (
             training_flops_per_example(config, tokenizer.vocab_size) * config.batch_size
@@ -301,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_time, last_step, eval_rates, samples = time.time(), start_step, {}, None
         previous_metrics, nonfinite_streak = None, 0
         for step in range(start_step + 1, config.total_steps + 1):
-            if stop_requested:
+            if should_stop(step):
                 checkpointer.save(step - 1, state, batches, signature, force=True)
                 checkpointer.wait()
                 if is_logger:

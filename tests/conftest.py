@@ -1,10 +1,13 @@
-"""Shared test setup: the JAX CPU backend, 8 fake devices, and tiny configs."""
+"""Shared test setup: the JAX CPU backend, 8 fake devices, fast compiles, and tiny configs."""
 
 import importlib.util
 import os
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tiny models compile for longer than they run: skip most XLA optimisation passes, here and
+# in the subprocesses the tests start (they inherit the environment).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

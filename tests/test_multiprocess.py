@@ -79,3 +79,45 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
         assert abs(observed[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, observed, expected)
     samples = (multi / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 8
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    import signal
+    import time
+
+    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    overrides = [o for o in COMMON if "total_steps" not in o and "log_every" not in o]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "refine_jax.main",
+                *overrides,
+                f"--workdir={tmp_path}",
+                "--config.total_steps=100000",
+                "--config.log_every_steps=2",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=REPO,
+            env=environment(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and all(p.poll() is None for p in processes)
+        time.sleep(0.1)
+    processes[1].send_signal(signal.SIGTERM)  # only one worker is told
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    assert "SIGTERM: saved a checkpoint at step" in outputs[0][0]
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(saved) >= 4
