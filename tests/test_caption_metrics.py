@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from refine_jax.evaluation import caption_metrics as cm
+from refine_jax.evaluation import ptb_tokenizer as ptb
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FLICKR = DATA / "flickr8k"
@@ -108,27 +109,27 @@ KNOWN_TOKENIZATIONS = [
 
 @pytest.mark.parametrize(("caption", "expected"), KNOWN_TOKENIZATIONS)
 def test_tokenize_for_eval_known_cases(caption: str, expected: str) -> None:
-    assert cm.tokenize_for_eval(caption) == expected
-    assert cm.tokenize_many([caption]) == [expected]
+    assert ptb.tokenize_for_eval(caption) == expected
+    assert ptb.tokenize_many([caption]) == [expected]
 
 
 def test_tokenize_many_sees_the_next_caption_like_the_java_batch() -> None:
     # In one Java batch an acronym before "The" and "no." before a digit look at the next line.
     batch = ["the plan B.", "The end", "x no.", "5 dogs"]
-    assert cm.tokenize_many(batch) == ["the plan b", "the end", "x no.", "5 dogs"]
-    assert [cm.tokenize_for_eval(c) for c in batch] == ["the plan b.", "the end", "x no", "5 dogs"]
+    assert ptb.tokenize_many(batch) == ["the plan b", "the end", "x no.", "5 dogs"]
+    assert [ptb.tokenize_for_eval(c) for c in batch] == ["the plan b.", "the end", "x no", "5 dogs"]
 
 
 def test_tokenize_newlines_inside_a_caption_are_spaces() -> None:
-    assert cm.tokenize_for_eval("a dog\nruns\r\nfast") == "a dog runs fast"
-    assert cm.tokenize_many(["a\nb", "c"]) == ["a b", "c"]
-    assert cm.tokenize_many([]) == []
+    assert ptb.tokenize_for_eval("a dog\nruns\r\nfast") == "a dog runs fast"
+    assert ptb.tokenize_many(["a\nb", "c"]) == ["a b", "c"]
+    assert ptb.tokenize_many([]) == []
 
 
 def test_java_lower_final_sigma() -> None:
-    assert cm.java_lower("\u03a3\u0391\u03a3") == "\u03c3\u03b1\u03c2"
-    assert cm.java_lower("\u0391\u03a33\u0392") == "\u03b1\u03c33\u03b2"  # cased letter later
-    assert cm.java_lower("ABC") == "abc"
+    assert ptb.java_lower("\u03a3\u0391\u03a3") == "\u03c3\u03b1\u03c2"
+    assert ptb.java_lower("\u0391\u03a33\u0392") == "\u03b1\u03c33\u03b2"  # cased letter later
+    assert ptb.java_lower("ABC") == "abc"
 
 
 @needs_java
@@ -140,8 +141,8 @@ def test_tokenizer_matches_java_on_every_flickr8k_caption() -> None:
         captions += [c for caps in cm.load_coco_references(str(path)).values() for c in caps]
     assert len(captions) == 35000
     java = _java_tokenize(captions)
-    assert cm.tokenize_many(captions) == java
-    assert [cm.tokenize_for_eval(c) for c in captions] == java
+    assert ptb.tokenize_many(captions) == java
+    assert [ptb.tokenize_for_eval(c) for c in captions] == java
 
 
 def _random_lines(seed: int, count: int) -> list[str]:
@@ -179,7 +180,7 @@ def _random_lines(seed: int, count: int) -> list[str]:
 def test_tokenizer_matches_java_on_tricky_text() -> None:
     known = [caption for caption, _ in KNOWN_TOKENIZATIONS if caption.strip()]
     lines = known + ["the plan B.", "The end", "x no.", "5 dogs"] + _random_lines(0, 1500)
-    assert cm.tokenize_many(lines) == _java_tokenize(lines)
+    assert ptb.tokenize_many(lines) == _java_tokenize(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,8 +278,8 @@ def test_scorers_match_pycocoevalcap_on_pretokenized_flickr8k_val() -> None:
 
     all_refs = cm.load_coco_references(str(path))
     ids = list(all_refs)
-    refs = {k: cm.tokenize_many(v[1:]) for k, v in all_refs.items()}
-    cands = dict(zip(ids, cm.tokenize_many([all_refs[k][0] for k in ids]), strict=True))
+    refs = {k: ptb.tokenize_many(v[1:]) for k, v in all_refs.items()}
+    cands = dict(zip(ids, ptb.tokenize_many([all_refs[k][0] for k in ids]), strict=True))
     cands[ids[0]], cands[ids[1]] = "", "zebra zebra"
     gts, res = refs, {k: [c] for k, c in cands.items()}
     bleu_corpus, bleu_images = Bleu(4).compute_score(gts, res, verbose=0)

@@ -62,8 +62,8 @@ from refine_jax.evaluation.caption_metrics import (
     bleu,
     cosine_distance,
     prepare_captions,
-    tokenize_many,
 )
+from refine_jax.evaluation.ptb_tokenizer import tokenize_many
 
 _MONOTONE_RTOL = 1e-9
 
