@@ -38,7 +38,14 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from refine_jax.data.records import Record, SkipCounter, Skipped, SkipReason, skipped
+from refine_jax.data.records import (
+    Record,
+    SkipCounter,
+    Skipped,
+    SkipReason,
+    checked_index,
+    skipped,
+)
 from refine_jax.data.shards import (
     NoSamplesError,
     PathsArg,
@@ -134,11 +141,7 @@ class ArrayRecordCaptionSource:
         return len(self._source)
 
     def __getitem__(self, index: SupportsIndex) -> Record | Skipped:
-        i = index.__index__()
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"record index {index.__index__()} out of range [0, {len(self)})")
+        i = checked_index(index, len(self))
         try:
             return decode_record(self._source[i])
         except (ValueError, UnicodeDecodeError):

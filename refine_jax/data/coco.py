@@ -41,7 +41,14 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from etils import epath
 
-from refine_jax.data.records import Record, Skipped, SkipReason, check_caption, skipped
+from refine_jax.data.records import (
+    Record,
+    Skipped,
+    SkipReason,
+    check_caption,
+    checked_index,
+    skipped,
+)
 from refine_jax.data.shard_writer import (
     ImageOptions,
     SourceSample,
@@ -456,11 +463,7 @@ class TfdsCaptionSource:
         return len(self._source)
 
     def __getitem__(self, index: SupportsIndex) -> Record | Skipped:
-        i = index.__index__()
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"record index {index.__index__()} out of range [0, {len(self)})")
+        i = checked_index(index, len(self))
         return tfds_example_to_record(self._source[i])
 
     def __repr__(self) -> str:

@@ -35,6 +35,7 @@ from refine_jax.data.records import (
     Skipped,
     SkipReason,
     check_caption,
+    checked_index,
     decode_image,
     skipped,
 )
@@ -177,13 +178,7 @@ class _LabelSource:
         return self._example(self._check_index(index))[1]
 
     def _check_index(self, index: SupportsIndex) -> int:
-        i = index.__index__()
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"example index {index.__index__()} out of range [0, {n})")
-        return i
+        return checked_index(index, len(self))
 
     def __getitem__(self, index: SupportsIndex) -> Record | Skipped:
         key, label, image, reason = self._example(self._check_index(index))

@@ -19,10 +19,11 @@ from __future__ import annotations
 import enum
 import io
 import json
+import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NotRequired, TypedDict
+from typing import Any, NotRequired, SupportsIndex, TypedDict
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -213,6 +214,15 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Skip markers and counting
+
+
+def checked_index(index: SupportsIndex, length: int) -> int:
+    """A random-access index as a non-negative int (negative counts from the end), or IndexError."""
+    i = operator.index(index)
+    j = i + length if i < 0 else i
+    if not 0 <= j < length:
+        raise IndexError(f"index {i} out of range [0, {length})")
+    return j
 
 
 def skipped(key: str, reason: str) -> Skipped:

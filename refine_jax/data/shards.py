@@ -33,7 +33,6 @@ import bisect
 import glob as globlib
 import hashlib
 import json
-import operator
 import os
 import stat
 import tarfile
@@ -56,6 +55,7 @@ from refine_jax.data.records import (
     Skipped,
     SkipReason,
     captions_from_members,
+    checked_index,
     decode_image,
     skipped,
 )
@@ -620,12 +620,7 @@ class TarShardSource:
         return len(self._keys)
 
     def _locate(self, index: SupportsIndex) -> tuple[int, int]:
-        i = operator.index(index)
-        n = len(self._keys)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"sample index {operator.index(index)} out of range [0, {n})")
+        i = checked_index(index, len(self._keys))
         return bisect.bisect_right(self._starts, i) - 1, i
 
     def key(self, index: SupportsIndex) -> str:

@@ -237,15 +237,7 @@ def load_model(
     tokenizer = tokenizer or load_tokenizer(config, workdir)
     m, t = config.model, config.targets
     model = build_model(config, tokenizer.vocab_size)
-    features = CaptionFeatures(
-        tokenizer=tokenizer,
-        num_steps=m.num_refine_steps,
-        canvas_length=m.canvas_length,
-        image_size=m.image_size,
-        target_kind=t.kind,
-        schedule=t.schedule,
-        log_a=t.log_a,
-    )
+    features = CaptionFeatures.from_config(config, tokenizer)  # evaluation uses its `map`
     fractions = schedule_fractions(m.num_refine_steps, t.schedule, t.log_a).astype(np.float32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if random_init:
