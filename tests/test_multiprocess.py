@@ -36,27 +36,17 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
-def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
-    single = tmp_path / "single"
-    subprocess.run(
-        [sys.executable, "-m", "refine_jax.main", *COMMON, f"--workdir={single}"],
-        cwd=REPO,
-        env=environment(8),
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-
-    multi = tmp_path / "multi"
+def start_two_processes(workdir, flags):
+    """Two local processes of one run (4 CPU devices each), coordinated on loopback."""
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    processes = [
+    return [
         subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "refine_jax.main",
-                *COMMON,
-                f"--workdir={multi}",
+                *flags,
+                f"--workdir={workdir}",
                 f"--coordinator_address={address}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -69,6 +59,21 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
         )
         for i in range(2)
     ]
+
+
+def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
+    single = tmp_path / "single"
+    subprocess.run(
+        [sys.executable, "-m", "refine_jax.main", *COMMON, f"--workdir={single}"],
+        cwd=REPO,
+        env=environment(8),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+    multi = tmp_path / "multi"
+    processes = start_two_processes(multi, COMMON)
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
@@ -85,30 +90,10 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     import signal
     import time
 
-    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     overrides = [o for o in COMMON if "total_steps" not in o and "log_every" not in o]
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "refine_jax.main",
-                *overrides,
-                f"--workdir={tmp_path}",
-                "--config.total_steps=100000",
-                "--config.log_every_steps=2",
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=REPO,
-            env=environment(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    processes = start_two_processes(
+        tmp_path, [*overrides, "--config.total_steps=100000", "--config.log_every_steps=2"]
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
