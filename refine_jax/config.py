@@ -13,7 +13,7 @@ import ml_collections
 from refine_jax.data.labels import DEFAULT_TEMPLATES
 from refine_jax.losses import WEIGHTINGS
 from refine_jax.models.refine import REMAT_POLICIES
-from refine_jax.targets import SCHEDULES, TARGET_KINDS
+from refine_jax.targets import LAYOUTS, SCHEDULES, TARGET_KINDS
 
 MODEL_KINDS = ("refine", "autoregressive")
 
@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.targets = ml_collections.ConfigDict()
     config.targets.kind = "salience"
     config.targets.schedule = "linear"
+    config.targets.layout = "aligned"  # or "left" (see refine_jax.targets.canvas_targets)
     config.targets.log_a = 4.0
     config.targets.self_condition_rate = 0.25
     config.targets.loss_weighting = "linear"
@@ -137,6 +138,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(m.remat, "model.remat", REMAT_POLICIES)
     _check_choice(t.kind, "targets.kind", TARGET_KINDS)
     _check_choice(t.schedule, "targets.schedule", SCHEDULES)
+    _check_choice(t.layout, "targets.layout", LAYOUTS)
     _check_choice(t.loss_weighting, "targets.loss_weighting", WEIGHTINGS)
     if m.num_refine_steps < 1:
         raise ValueError(

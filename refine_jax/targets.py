@@ -40,6 +40,7 @@ FUNCTION_WORDS = frozenset(
 )
 
 TARGET_KINDS = ("salience", "full")
+LAYOUTS = ("aligned", "left")
 SCHEDULES = ("linear", "log")
 
 
@@ -139,6 +140,25 @@ def salience_order(words: Sequence[str], stats: SalienceStats) -> list[int]:
     return order
 
 
+def step_word_indices(
+    words: Sequence[str],
+    num_steps: int,
+    stats: SalienceStats,
+    kind: str = "salience",
+    schedule: str = "linear",
+    log_a: float = 4.0,
+) -> list[list[int]]:
+    """For each step k, the caption positions of the words its target keeps, in caption order."""
+    everything = list(range(len(words)))
+    if kind == "full":
+        return [everything] * num_steps
+    if kind != "salience":
+        raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
+    counts = scheduled_word_counts(len(words), schedule_fractions(num_steps, schedule, log_a))
+    order = salience_order(words, stats)
+    return [sorted(order[:count]) for count in counts]
+
+
 def coarse_to_fine(
     caption: str,
     num_steps: int,
@@ -149,10 +169,34 @@ def coarse_to_fine(
 ) -> list[str]:
     """The K target descriptions for one caption, coarse to fine; the last is the full caption."""
     words = caption_words(caption)
-    if kind == "full":
-        return [" ".join(words)] * num_steps
-    if kind != "salience":
-        raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
-    counts = scheduled_word_counts(len(words), schedule_fractions(num_steps, schedule, log_a))
-    order = salience_order(words, stats)
-    return [" ".join(words[i] for i in sorted(order[:count])) for count in counts]
+    steps = step_word_indices(words, num_steps, stats, kind, schedule, log_a)
+    return [" ".join(words[i] for i in kept) for kept in steps]
+
+
+def canvas_targets(
+    word_tokens: Sequence[Sequence[int]],
+    steps: Sequence[Sequence[int]],
+    layout: str,
+    blank_id: int,
+) -> list[list[int]]:
+    """Token ids of each step's target on the canvas (before padding).
+
+    `word_tokens[i]` are the ids of caption word i and `steps[k]` the words step k keeps.
+    Layout `left` writes the kept words one after another, so a word moves right whenever an
+    earlier one is added. Layout `aligned` keeps every token at its position in the full
+    caption and writes `blank_id` where a word is still to come: a step then fills blanks and
+    copies the rest in place, and its text is the canvas with the blanks dropped.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown canvas layout {layout!r}; expected one of {LAYOUTS}")
+    canvases = []
+    for kept in steps:
+        kept = set(kept)
+        ids: list[int] = []
+        for i, tokens in enumerate(word_tokens):
+            if i in kept:
+                ids.extend(tokens)
+            elif layout == "aligned":
+                ids.extend([blank_id] * len(tokens))
+        canvases.append(ids)
+    return canvases

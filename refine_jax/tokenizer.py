@@ -1,8 +1,9 @@
 """Sentencepiece tokenizer trained on the caption corpus, saved with the salience statistics.
 
 A tokenizer directory holds `spm.model` and `salience.json` (word frequencies used to order
-coarse-to-fine targets). Special ids are fixed: pad (also the blank canvas) 0, unk 1, bos 2,
-eos 3. Normalisation is the identity with byte fallback, so decode(encode(s)) == s exactly.
+coarse-to-fine targets). Special ids are fixed: pad 0, unk 1, bos 2, eos 3, and blank 4 (a
+canvas position whose word a later refinement step has yet to write). Normalisation is the
+identity with byte fallback, so decode(encode(s)) == s exactly.
 
 Command: python -m refine_jax.tokenizer --captions=shapes|SHARD_PATH --output_dir=DIR
 """
@@ -17,7 +18,9 @@ from etils import epath
 
 from refine_jax.targets import SalienceStats
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, BLANK_ID = 0, 1, 2, 3, 4
+BLANK_PIECE = "<blank>"
+NOT_TEXT_IDS = (PAD_ID, BOS_ID, EOS_ID, BLANK_ID)  # dropped when a canvas is read as text
 MODEL_FILE = "spm.model"
 SALIENCE_FILE = "salience.json"
 
@@ -33,6 +36,11 @@ class Tokenizer:
             actual = getattr(self._sp, f"{name}_id")()
             if actual != expected:
                 raise ValueError(f"tokenizer {name}_id is {actual}; refine_jax needs {expected}")
+        if self._sp.piece_to_id(BLANK_PIECE) != BLANK_ID:
+            raise ValueError(
+                f"tokenizer has no {BLANK_PIECE} piece at id {BLANK_ID}; retrain it with "
+                "python -m refine_jax.tokenizer"
+            )
 
     def __getstate__(self) -> dict:  # grain worker processes receive a pickled copy
         return {"model_proto": self.model_proto, "salience": self.salience}
@@ -48,8 +56,8 @@ class Tokenizer:
         return self._sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of an id sequence; pad, bos and eos ids are dropped, as on the canvas."""
-        return self._sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
+        """Text of an id sequence; pad, bos, eos and blank ids are dropped, as on the canvas."""
+        return self._sp.decode([int(i) for i in ids if int(i) not in NOT_TEXT_IDS])
 
     def save(self, directory: str | epath.PathLike) -> None:
         directory = epath.Path(directory)
@@ -78,7 +86,7 @@ class Tokenizer:
 def train_tokenizer(
     captions: Sequence[str], vocab_size: int = 1000, model_type: str = "bpe"
 ) -> Tokenizer:
-    """Trains a unigram sentencepiece model and the salience statistics on `captions`."""
+    """Trains a sentencepiece model and the salience statistics on `captions`."""
     captions = [c for c in captions if c.strip()]
     if not captions:
         raise ValueError("cannot train a tokenizer on no captions")
@@ -97,6 +105,7 @@ def train_tokenizer(
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
+        user_defined_symbols=[BLANK_PIECE],
         num_threads=1,
         minloglevel=2,
     )

@@ -30,7 +30,8 @@ from refine_jax.data.pipeline import (
 )
 from refine_jax.data.shard_writer import ShardWriter
 from refine_jax.data.shards import load_references
-from refine_jax.tokenizer import Tokenizer, train_tokenizer
+from refine_jax.targets import coarse_to_fine
+from refine_jax.tokenizer import BLANK_ID, Tokenizer, train_tokenizer
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 needs_flickr = pytest.mark.skipif(
@@ -513,3 +514,21 @@ def test_labels_source_from_a_class_tree(tmp_path):
     train, held_out = make_sources(config)
     assert len(train) == 6 and len(held_out) == 2
     assert "golden retriever" in train[0]["captions"][0]
+
+
+@pytest.mark.parametrize("layout", ["aligned", "left"])
+def test_canvas_targets_read_as_the_coarse_to_fine_descriptions(layout):
+    caption_text = "a large red circle above a small blue square beside a green triangle"
+    tokenizer = train_tokenizer([caption_text, "a small circle", "a red square"] * 20, 300)
+    features = CaptionFeatures(tokenizer, 4, 40, 16, layout=layout)
+    record = {"key": "x", "captions": [caption_text], "image": np.zeros((20, 20, 3), np.uint8)}
+    example = features.map(record)
+    assert not example["truncated"]
+    texts = coarse_to_fine(caption_text, 4, tokenizer.salience)
+    assert [tokenizer.decode(row) for row in example["targets"]] == texts
+    full = example["caption"]
+    for row in example["targets"]:
+        if layout == "aligned":  # every token sits where it sits in the full caption
+            assert np.all((row == full) | (row == BLANK_ID))
+        else:  # written tokens first, then pad: no blanks
+            assert BLANK_ID not in row

@@ -9,10 +9,12 @@ from refine_jax.data.shapes import generate
 from refine_jax.targets import (
     FUNCTION_WORDS,
     SalienceStats,
+    canvas_targets,
     caption_words,
     coarse_to_fine,
     schedule_fractions,
     scheduled_word_counts,
+    step_word_indices,
 )
 
 VOCABULARY = ["dog", "man", "red", "ball", "grass", "running", "small", "park", "two", "water"]
@@ -83,3 +85,31 @@ def test_salience_stats_round_trip(tmp_path):
     loaded = SalienceStats.load(tmp_path / "salience.json")
     assert loaded.word_counts == STATS.word_counts and loaded.num_captions == 4
     assert loaded.frequency("dog") == pytest.approx(2 / 4)  # "dogs" is another word
+
+
+@settings(max_examples=200, deadline=None)
+@given(caption=CAPTIONS, num_steps=st.integers(1, 6))
+def test_aligned_canvas_keeps_tokens_in_place_and_left_canvas_spells_the_target(caption, num_steps):
+    words = caption_words(caption)
+    word_tokens = [[10 + VOCABULARY.index(w)] if w in VOCABULARY else [50, 51] for w in words]
+    full = [t for tokens in word_tokens for t in tokens]
+    steps = step_word_indices(words, num_steps, STATS)
+    texts = coarse_to_fine(caption, num_steps, STATS)
+    aligned = canvas_targets(word_tokens, steps, "aligned", blank_id=4)
+    left = canvas_targets(word_tokens, steps, "left", blank_id=4)
+    for k in range(num_steps):
+        # Aligned: every position holds the final token or a blank; the blanks dropped, and
+        # the left layout, are the step's target text.
+        assert len(aligned[k]) == len(full)
+        assert all(a in (f, 4) for a, f in zip(aligned[k], full, strict=True))
+        kept_tokens = [t for i in steps[k] for t in word_tokens[i]]
+        assert [a for a in aligned[k] if a != 4] == left[k] == kept_tokens
+        assert " ".join(words[i] for i in steps[k]) == texts[k]
+    for coarse, fine in zip(aligned, aligned[1:], strict=False):  # nested: written stays written
+        assert all(f == c for c, f in zip(coarse, fine, strict=True) if c != 4)
+    assert aligned[-1] == full
+
+
+def test_unknown_layout_is_rejected():
+    with pytest.raises(ValueError, match="layout 'diagonal'"):
+        canvas_targets([[5]], [[0]], "diagonal", blank_id=4)

@@ -8,7 +8,15 @@ import pytest
 
 from refine_jax.data import training_captions
 from refine_jax.data.shapes import ShapesSource
-from refine_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+from refine_jax.tokenizer import (
+    BLANK_ID,
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Tokenizer,
+    train_tokenizer,
+)
 
 
 def flickr_captions(flickr8k_dir, split):
@@ -42,10 +50,33 @@ def test_round_trip_survives_unseen_characters_and_spacing(shapes_tokenizer):
 
 
 def test_special_ids_are_fixed_and_dropped_on_decode(shapes_tokenizer):
-    assert (PAD_ID, UNK_ID, BOS_ID, EOS_ID) == (0, 1, 2, 3)
+    assert (PAD_ID, UNK_ID, BOS_ID, EOS_ID, BLANK_ID) == (0, 1, 2, 3, 4)
     ids = shapes_tokenizer.encode("a red circle")
-    assert shapes_tokenizer.decode([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID]) == "a red circle"
-    assert min(ids) > EOS_ID
+    canvas = [BOS_ID, ids[0], BLANK_ID, BLANK_ID, *ids[1:], EOS_ID, PAD_ID, PAD_ID]
+    assert shapes_tokenizer.decode(canvas) == "a red circle"
+    assert min(ids) > BLANK_ID
+    assert BLANK_ID not in shapes_tokenizer.encode("a blank circle")
+
+
+def test_a_tokenizer_without_the_blank_piece_is_refused_with_how_to_fix_it(shapes_tokenizer):
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a red circle above a blue square"] * 50),
+        model_writer=model,
+        vocab_size=40,
+        hard_vocab_limit=False,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        minloglevel=2,
+    )
+    with pytest.raises(ValueError, match="<blank>.*retrain"):
+        Tokenizer(model.getvalue(), shapes_tokenizer.salience)
 
 
 def test_save_and_load_keep_model_and_salience(shapes_tokenizer, tmp_path):

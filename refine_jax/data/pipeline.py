@@ -38,8 +38,13 @@ import numpy as np
 from PIL import Image
 
 from refine_jax.data.records import CorruptImageError, SkipCounter, SkipReason, decode_image
-from refine_jax.targets import caption_words, coarse_to_fine, schedule_fractions
-from refine_jax.tokenizer import PAD_ID, Tokenizer
+from refine_jax.targets import (
+    canvas_targets,
+    caption_words,
+    schedule_fractions,
+    step_word_indices,
+)
+from refine_jax.tokenizer import BLANK_ID, PAD_ID, Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Skip codes
@@ -151,6 +156,7 @@ class CaptionFeatures(grain.transforms.RandomMap):
     target_kind: str = "salience"
     schedule: str = "linear"
     log_a: float = 4.0
+    layout: str = "aligned"
     random_crop: bool = False
     crop_min_scale: float = 1.0
 
@@ -168,6 +174,7 @@ class CaptionFeatures(grain.transforms.RandomMap):
             t.kind,
             t.schedule,
             t.log_a,
+            t.layout,
             d.random_crop,
             d.crop_min_scale,
         )
@@ -223,15 +230,18 @@ class CaptionFeatures(grain.transforms.RandomMap):
         caption, truncated = self.fit_to_canvas(caption)
         if not caption:  # not even the first word fits the canvas
             return self.placeholder(record, TRUNCATED_CAPTION)
-        steps = coarse_to_fine(
-            caption,
+        words = caption_words(caption)
+        word_tokens = [self.tokenizer.encode(word) for word in words]
+        full = [token for tokens in word_tokens for token in tokens]
+        steps = step_word_indices(
+            words,
             self.num_steps,
             self.tokenizer.salience,
             self.target_kind,
             self.schedule,
             self.log_a,
         )
-        full = self.tokenizer.encode(caption)
+        targets = canvas_targets(word_tokens, steps, self.layout, BLANK_ID)
         fractions = schedule_fractions(self.num_steps, self.schedule, self.log_a)
         crop_rng = rng if self.random_crop else None
         dropped = np.zeros((len(SKIP_REASONS),), np.int32)
@@ -239,9 +249,7 @@ class CaptionFeatures(grain.transforms.RandomMap):
             dropped[skip_code(reason)] += 1
         return {
             "image": preprocess_image(image, self.image_size, crop_rng, self.crop_min_scale),
-            "targets": np.stack(
-                [pad_to(self.tokenizer.encode(s), self.canvas_length) for s in steps]
-            ),  # [K, L]
+            "targets": np.stack([pad_to(ids, self.canvas_length) for ids in targets]),  # [K, L]
             "caption": pad_to(full, self.canvas_length),
             "scheduled_lengths": (fractions * len(full)).astype(np.float32),
             "truncated": np.asarray(truncated),

@@ -23,7 +23,7 @@ from PIL import Image
 from refine_jax.decoding import greedy_decode
 from refine_jax.models.autoregressive import AutoregressiveCaptioner, shift_right, with_eos
 from refine_jax.models.refine import RefineCaptioner
-from refine_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from refine_jax.tokenizer import NOT_TEXT_IDS, Tokenizer
 
 _LAYER = re.compile(r"layer_(\d+)$")
 
@@ -104,7 +104,7 @@ def token_word_indices(tokenizer: Tokenizer, tokens: Sequence[int]) -> list[int]
     ids = [int(t) for t in tokens]
     out = []
     for j, token in enumerate(ids):
-        if token in (PAD_ID, BOS_ID, EOS_ID):
+        if token in NOT_TEXT_IDS:
             out.append(-1)
             continue
         words = tokenizer.decode(ids[: j + 1]).split()

@@ -1,7 +1,9 @@
 """The refinement captioner (DESIGN §2): one weight-shared detailer applied K times.
 
 Each step reads the image tokens and the current description (a canvas of L token ids;
-the blank description is all pad) and writes the whole next description in parallel.
+the blank description is all <blank>) and writes the whole next description in parallel.
+Positions after the description's end hold pad; with the `aligned` target layout a position
+whose word is still to come holds <blank> (see refine_jax.targets.canvas_targets).
 The description carried from step k to step k+1 is tokens, so what a person reads at step
 k is exactly what the model carries. In training, step k+1 reads the ground-truth target of
 step k or, per example with the self-conditioning probability, the model's own step-k
@@ -29,7 +31,7 @@ from refine_jax.models.layers import (
     token_embedding,
 )
 from refine_jax.models.vit import ViTEncoder
-from refine_jax.tokenizer import PAD_ID
+from refine_jax.tokenizer import BLANK_ID, PAD_ID
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -38,11 +40,6 @@ def clean_canvas(tokens: jax.Array) -> jax.Array:
     """Blanks every position after the first pad: a description ends at its first pad."""
     ended = jnp.cumsum(tokens == PAD_ID, axis=-1) > 0
     return jnp.where(ended, PAD_ID, tokens)
-
-
-def canvas_length(tokens: jax.Array) -> jax.Array:
-    """Number of tokens before the first pad."""
-    return jnp.sum(jnp.cumsum(tokens == PAD_ID, axis=-1) == 0, axis=-1)
 
 
 class DetailerStep(nn.Module):
@@ -90,11 +87,13 @@ class DetailerStep(nn.Module):
 
         target = step["target"]  # [B, L]
         cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, target)
-        # Expected number of non-pad positions: what the length term ties to the schedule.
-        p_pad = jax.nn.softmax(logits, axis=-1)[..., PAD_ID]
+        # Expected number of written (neither pad nor blank) positions: what the length term
+        # ties to the schedule.
+        probabilities = jax.nn.softmax(logits, axis=-1)
+        p_unwritten = probabilities[..., PAD_ID] + probabilities[..., BLANK_ID]
         outputs = {
             "cross_entropy": jnp.mean(cross_entropy, axis=-1),  # [B]
-            "expected_length": jnp.sum(1.0 - p_pad, axis=-1),  # [B]
+            "expected_length": jnp.sum(1.0 - p_unwritten, axis=-1),  # [B]
             "exact_match": jnp.all(prediction == target, axis=-1),  # [B]
             "token_accuracy": jnp.mean(prediction == target, axis=-1),  # [B]
         }
@@ -169,7 +168,7 @@ class RefineCaptioner(nn.Module):
 
     def _refine(self, image_tokens, steps, self_condition, deterministic):
         batch = image_tokens.shape[0]
-        blank = jnp.full((batch, self.canvas_length), PAD_ID, jnp.int32)
+        blank = jnp.full((batch, self.canvas_length), BLANK_ID, jnp.int32)
         if self.scan:
             _, outputs = self.detailer(blank, steps, image_tokens, self_condition, deterministic)
             return outputs
