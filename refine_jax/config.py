@@ -6,6 +6,8 @@ result, so a misspelt key (in the file or as `--config.x=y`) is an error, not a 
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -123,6 +125,30 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1, 1)  # ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
     config.mesh.axis_rules = DEFAULT_AXIS_RULES
+    return config
+
+
+def load_config_file(spec: str, **overrides) -> ml_collections.ConfigDict:
+    """The config of `PATH.py[:ARG]`, as `--config=` reads it, with dotted-key overrides
+    (`**{"model.num_refine_steps": 6}`) applied to the locked config (misspelt keys are errors).
+
+    For scripts and notebooks; the command line uses absl's config flags.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path!r}")
+    module_spec = importlib.util.spec_from_file_location("refine_jax_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        if leaf not in node:
+            raise KeyError(f"{spec} has no config key {key!r}")
+        node[leaf] = value
     return config
 
 

@@ -1,6 +1,5 @@
 """Shared test setup: the JAX CPU backend, 8 fake devices, fast compiles, and tiny configs."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -19,13 +18,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def load_config(name: str, arg: str = ""):
-    """`configs/NAME.py`'s get_config(arg), unlocked so a test can adjust it."""
-    spec = importlib.util.spec_from_file_location(
-        f"configs_{name}", REPO / "configs" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """`configs/NAME.py`'s get_config(arg) (locked, as the command line sees it)."""
+    from refine_jax.config import load_config_file
+
+    return load_config_file(f"{REPO / 'configs' / name}.py:{arg}")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, load_config
 
 from refine_jax import train
-from refine_jax.config import parse_variants, validate_config
+from refine_jax.config import load_config_file, parse_variants, validate_config
 
 
 @pytest.fixture
@@ -92,3 +92,16 @@ def test_mesh_that_does_not_fit_the_devices_is_rejected(tmp_path, no_compilation
     config.mesh.shape = (4, 4, 1)
     with pytest.raises(ValueError, match=r"mesh shape \(4, 4, 1\) needs 16 devices but 8 are"):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_config_file_loads_with_variant_and_dotted_overrides_and_rejects_unknown_keys():
+    path = f"{REPO / 'configs' / 'shapes.py'}"
+    config = load_config_file(
+        f"{path}:tiny", **{"model.num_refine_steps": 6, "targets.layout": "left"}
+    )
+    assert config.model.num_refine_steps == 6 and config.targets.layout == "left"
+    assert config.total_steps == load_config("shapes", "tiny").total_steps
+    with pytest.raises(KeyError, match="no config key 'model.num_refine_step'"):
+        load_config_file(path, **{"model.num_refine_step": 6})
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        load_config_file(f"{REPO / 'configs' / 'nope.py'}:tiny")
