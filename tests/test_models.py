@@ -7,8 +7,9 @@ import pytest
 from conftest import load_config
 
 from refine_jax.models import build_model
-from refine_jax.models.refine import clean_canvas
+from refine_jax.models.refine import clean_canvas, write_scheduled
 from refine_jax.targets import schedule_fractions
+from refine_jax.tokenizer import BLANK_ID, PAD_ID
 from refine_jax.train import init_variables
 
 VOCAB = 40
@@ -135,3 +136,22 @@ def test_describe_writes_k_canvases_that_end_at_their_first_pad():
 def test_clean_canvas_blanks_everything_after_the_first_pad():
     tokens = jnp.asarray([[5, 6, 0, 7, 8], [5, 6, 7, 8, 9]])
     np.testing.assert_array_equal(clean_canvas(tokens), [[5, 6, 0, 0, 0], [5, 6, 7, 8, 9]])
+
+
+def test_an_aligned_step_writes_its_share_of_the_description_most_confident_words_first():
+    # 6 positions, vocabulary of 8 (ids 5..7 are words). Positions 0-3 hold the description
+    # (pad is unlikely there), 4-5 are more likely pad than not.
+    probabilities = np.full((1, 6, 8), 0.01)
+    probabilities[0, :4, PAD_ID] = 0.05
+    probabilities[0, 4:, PAD_ID] = 0.9
+    probabilities[0, :4, BLANK_ID] = 0.6  # every position is more likely blank than a word...
+    best = {0: (5, 0.30), 1: (6, 0.10), 2: (7, 0.25), 3: (5, 0.20)}
+    for position, (word, p) in best.items():  # ...but positions 0 and 2 are surest of a word
+        probabilities[0, position, word] = p
+    logits = jnp.log(jnp.asarray(probabilities / probabilities.sum(-1, keepdims=True)))
+    half = write_scheduled(logits, jnp.asarray(0.5))
+    np.testing.assert_array_equal(half, [[5, BLANK_ID, 7, BLANK_ID, PAD_ID, PAD_ID]])
+    first = write_scheduled(logits, jnp.asarray(0.1))  # at least one word
+    np.testing.assert_array_equal(first, [[5, BLANK_ID, BLANK_ID, BLANK_ID, PAD_ID, PAD_ID]])
+    full = write_scheduled(logits, jnp.asarray(1.0))  # the last step leaves no blank
+    np.testing.assert_array_equal(full, [[5, 6, 7, 5, PAD_ID, PAD_ID]])

@@ -32,6 +32,7 @@ def build_model(
             num_refine_steps=m.num_refine_steps,
             detailer_depth=m.detailer_depth,
             scan=m.scan_detailer if scan is None else scan,
+            layout=config.targets.layout,
             **shared,
         )
     if m.kind == "autoregressive":

@@ -31,7 +31,7 @@ from refine_jax.models.layers import (
     token_embedding,
 )
 from refine_jax.models.vit import ViTEncoder
-from refine_jax.tokenizer import BLANK_ID, PAD_ID
+from refine_jax.tokenizer import BLANK_ID, NOT_TEXT_IDS, PAD_ID, UNK_ID
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -42,11 +42,37 @@ def clean_canvas(tokens: jax.Array) -> jax.Array:
     return jnp.where(ended, PAD_ID, tokens)
 
 
+def write_scheduled(logits: jax.Array, fraction: jax.Array) -> jax.Array:
+    """The canvas an `aligned` step writes: its s(k) share of the description, most confident
+    words first. logits [B, L, V], fraction s(k) (scalar) -> token ids [B, L].
+
+    The description ends at the first position more likely pad than not; its length n is the
+    count of positions before that. Each position's candidate is its most likely word (never
+    pad, blank or another special id); the ⌊n·s(k) + ½⌋ positions (at least one) whose
+    candidate is most probable are written and the rest of the description stays blank. Taking
+    the argmax per position instead would leave an early step all blank, since there every
+    position is more likely blank than any single word.
+    """
+    probabilities = jax.nn.softmax(logits, axis=-1)
+    ended = jnp.cumsum(probabilities[..., PAD_ID] >= 0.5, axis=-1) > 0  # [B, L]
+    length = jnp.sum(~ended, axis=-1)  # [B]
+    not_words = jnp.asarray((*NOT_TEXT_IDS, UNK_ID))
+    word_probabilities = probabilities.at[..., not_words].set(0.0)
+    words = jnp.argmax(word_probabilities, axis=-1)  # [B, L]
+    confidence = jnp.where(ended, -1.0, jnp.max(word_probabilities, axis=-1))
+    rank = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)  # 0 = most confident
+    due = jnp.maximum(jnp.floor(length * fraction + 0.5), 1)  # [B], rounded as the targets are
+    written = (rank < due[:, None]) & ~ended
+    return jnp.where(ended, PAD_ID, jnp.where(written, words, BLANK_ID))
+
+
 class DetailerStep(nn.Module):
     """One refinement step; the scan body. carry: canvas [B, L] -> next canvas [B, L].
 
     `step` carries, per step: `fraction` (s(k), the scheduled share of the final description,
     which tells the detailer how much detail is due), and in training `target` [B, L].
+    With the `aligned` layout a step writes its scheduled share of the description
+    (`write_scheduled`); with `left` it writes each position's most likely token.
     """
 
     vocab_size: int
@@ -57,6 +83,7 @@ class DetailerStep(nn.Module):
     canvas_length: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    layout: str = "aligned"
     keep_logits: bool = False
 
     @nn.compact
@@ -81,7 +108,10 @@ class DetailerStep(nn.Module):
         x = layer_norm(self.dtype, "final_norm")(x)
         logits = dense(self.vocab_size, ("embed", "vocab"), jnp.float32, "logits")(x)
         logits = constrain(logits, ("batch", "length", "vocab"))  # [B, L, V]
-        prediction = clean_canvas(jnp.argmax(jax.lax.stop_gradient(logits), axis=-1))
+        if self.layout == "aligned":
+            prediction = write_scheduled(jax.lax.stop_gradient(logits), step["fraction"])
+        else:
+            prediction = clean_canvas(jnp.argmax(jax.lax.stop_gradient(logits), axis=-1))
         if "target" not in step:  # decoding: carry the prediction
             return prediction, {"canvas": prediction, "pooled": jnp.mean(x, axis=1)}
 
@@ -120,6 +150,7 @@ class RefineCaptioner(nn.Module):
     dropout_rate: float = 0.0
     remat: str = "none"
     scan: bool = True
+    layout: str = "aligned"  # of the targets: how a step writes its canvas (see DetailerStep)
     keep_logits: bool = False  # also return every step's logits (tests and inspection only)
 
     def setup(self):
@@ -150,6 +181,7 @@ class RefineCaptioner(nn.Module):
             canvas_length=self.canvas_length,
             dtype=self.dtype,
             dropout_rate=self.dropout_rate,
+            layout=self.layout,
             keep_logits=self.keep_logits,
         )
         if self.scan:
