@@ -7,10 +7,19 @@ import sys
 import pytest
 from conftest import REPO
 
+# Scripts that read the Flickr8k shards, and scripts that build random inputs of the
+# configured shapes (they need no data).
+DATA_SCRIPTS = ["input_pipeline.py", "eval_speed.py", "flickr8k_quality.py"]
+SYNTHETIC_SCRIPTS = [
+    "decode_speed.py",
+    "train_throughput.py",
+    "memory_vs_k.py",
+    "scaling.py",
+    "gradualness.py",  # trains on the generated shapes data
+]
 
-@pytest.mark.parametrize("script", ["input_pipeline.py", "eval_speed.py"])
-def test_benchmark_runs_quick(tmp_path, script, flickr8k_dir):
-    output = tmp_path / "result.json"
+
+def run_quick(script: str, output) -> dict:
     result = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--quick", f"--output={output}"],
         cwd=REPO,
@@ -19,4 +28,16 @@ def test_benchmark_runs_quick(tmp_path, script, flickr8k_dir):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(output.read_text())
+    return json.loads(output.read_text())
+
+
+@pytest.mark.parametrize("script", DATA_SCRIPTS)
+def test_benchmark_runs_quick(tmp_path, script, flickr8k_dir):
+    assert run_quick(script, tmp_path / "result.json")
+
+
+@pytest.mark.parametrize("script", SYNTHETIC_SCRIPTS)
+def test_synthetic_benchmark_runs_quick(tmp_path, script):
+    result = run_quick(script, tmp_path / "result.json")
+    assert result["quick"] is True
+    assert result["machine"]["cpu_count"] and result["machine"]["jax"]

@@ -1,0 +1,515 @@
+"""What the model benchmarks share: the config, synthetic inputs, the train step, timing,
+machine info, output, and reading a profiler trace back as op time by model part.
+
+Not a benchmark itself. The scripts in this folder import it as `common` (Python puts the
+script's folder first on the path). Speed does not depend on what the weights are, so every
+model here is randomly initialised, and its inputs are random arrays of the configured shapes.
+No data files are needed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from refine_jax.config import load_config_file, validate_config  # noqa: E402
+from refine_jax.models import build_model  # noqa: E402
+from refine_jax.targets import schedule_fractions  # noqa: E402
+from refine_jax.tokenizer import PAD_ID  # noqa: E402
+from refine_jax.train import TrainState, bind_train_step, init_variables, make_optimizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILE = REPO / "configs" / "flickr8k.py"
+RESULTS = REPO / "benchmarks" / "results"
+FIRST_WORD_ID = 5  # ids below are pad, unk, bos, eos and blank
+
+
+def load_config(arg: str = "", batch_size: int | None = None, **model_overrides: Any):
+    """configs/flickr8k.py's get_config(arg) with `config.model` keys overridden (None: keep
+    the config's value), checked as the trainer checks it."""
+    overrides = {f"model.{k}": v for k, v in model_overrides.items() if v is not None}
+    if batch_size:
+        overrides["batch_size"] = batch_size
+    config = load_config_file(f"{CONFIG_FILE}:{arg}", **overrides)
+    validate_config(config)
+    return config
+
+
+def model_summary(config) -> dict[str, Any]:
+    """The config values a speed number depends on."""
+    m = config.model
+    keys = (
+        "kind",
+        "image_size",
+        "patch_size",
+        "width",
+        "num_heads",
+        "mlp_dim",
+        "encoder_depth",
+        "detailer_depth",
+        "num_refine_steps",
+        "canvas_length",
+        "dtype",
+        "remat",
+    )
+    return {
+        **{k: m[k] for k in keys},
+        "vocab_size": config.tokenizer.vocab_size,
+        "batch_size": config.batch_size,
+    }
+
+
+def fractions(config) -> jnp.ndarray:
+    """The scheduled fractions s(k) the trainer and evaluation give the refinement model."""
+    t = config.targets
+    return jnp.asarray(
+        schedule_fractions(config.model.num_refine_steps, t.schedule, t.log_a), jnp.float32
+    )
+
+
+def synthetic_images(config, batch_size: int, seed: int = 0) -> np.ndarray:
+    size = config.model.image_size
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1.0, 1.0, (batch_size, size, size, 3)).astype(np.float32)
+
+
+def synthetic_batch(config, batch_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """A training batch of the pipeline's keys and shapes, filled with random captions.
+
+    Each caption has a random length that fits the canvas; step k's target is its first
+    s(k) share of tokens, padded. The cost of a step does not depend on the ids, only on
+    the shapes, so the exact target layout does not matter here.
+    """
+    m = config.model
+    batch_size = batch_size or config.batch_size
+    length, vocab = m.canvas_length, config.tokenizer.vocab_size
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min(8, length - 1), min(20, length - 1) + 1, batch_size)
+    words = rng.integers(FIRST_WORD_ID, vocab, (batch_size, length)).astype(np.int32)
+    positions = np.arange(length)[None, :]
+    caption = np.where(positions < lengths[:, None], words, PAD_ID).astype(np.int32)
+    s = np.asarray(fractions(config))
+    step_lengths = np.maximum(np.round(s[None, :] * lengths[:, None]), 1).astype(np.int32)
+    targets = np.where(positions[None] < step_lengths[..., None], caption[:, None], PAD_ID)
+    return {
+        "image": synthetic_images(config, batch_size, seed),
+        "targets": targets.astype(np.int32),  # [B, K, L]
+        "caption": caption,  # [B, L]
+        "scheduled_lengths": (s[None, :] * lengths[:, None]).astype(np.float32),  # [B, K]
+        "mask": np.ones((batch_size,), bool),
+    }
+
+
+def make_train_step(config, jit_kwargs: dict | None = None):
+    """The trainer's train step for `config` (single device), jitted, and a fresh state.
+
+    Returns (model, step, state, num_params); the state is donated to each call, as in the
+    trainer.
+    """
+    vocab = config.tokenizer.vocab_size
+    model = build_model(config, vocab)
+    optimizer, schedule = make_optimizer(config)
+
+    @jax.jit  # one compile instead of running (and compiling) every init op on its own
+    def init_state():
+        params = init_variables(model, config, vocab)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    state = init_state()
+    params = state.params
+    step = jax.jit(
+        bind_train_step(config, model, optimizer, schedule),
+        donate_argnums=0,
+        **(jit_kwargs or {}),
+    )
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    return model, step, state, int(num_params)
+
+
+def init_params(config, model):
+    """`init_variables` for `model`, jitted (much faster than running its ops one by one)."""
+    vocab = config.tokenizer.vocab_size
+    return jax.jit(lambda: init_variables(model, config, vocab))()
+
+
+def abstract_train_state(config):
+    """Shapes of the model, state and jittable step without allocating the parameters."""
+    vocab = config.tokenizer.vocab_size
+    model = build_model(config, vocab)
+    optimizer, schedule = make_optimizer(config)
+
+    def init_state():
+        params = init_variables(model, config, vocab)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    state = jax.eval_shape(init_state)
+    step = jax.jit(bind_train_step(config, model, optimizer, schedule), donate_argnums=0)
+    return model, step, state
+
+
+class TrainStepRunner:
+    """A compiled train step with its own state and a resident batch; `run(n)` times n steps."""
+
+    def __init__(self, config, batch_size: int | None = None, seed: int = 0):
+        self.config = config
+        self.batch_size = batch_size or config.batch_size
+        self.model, self.step, self.state, self.num_params = make_train_step(config)
+        self.batch = jax.device_put(synthetic_batch(config, self.batch_size, seed))
+        start = time.perf_counter()
+        self.state, metrics = self.step(self.state, self.batch)  # compiles
+        jax.block_until_ready(metrics)
+        self.first_call_s = time.perf_counter() - start
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` consecutive steps (dispatch overlaps, as in training)."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.step(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        return (time.perf_counter() - start) / steps
+
+
+def time_call(fn: Callable[[], Any], reps: int) -> float:
+    """Seconds per call of `fn` (which returns arrays), over `reps` calls, blocking at the end."""
+    start = time.perf_counter()
+    out = None
+    for _ in range(reps):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / reps
+
+
+def reps_for(fn: Callable[[], Any], target_s: float, most: int = 10_000) -> int:
+    """How many calls of `fn` (already compiled) take about `target_s` seconds."""
+    once = time_call(fn, 1)
+    return int(min(most, max(1, round(target_s / max(once, 1e-6)))))
+
+
+def interleaved(
+    measures: dict[str, Callable[[], float]], rounds: int, log: Callable[[str], None] = print
+) -> dict[str, list[float]]:
+    """Runs every measurement once per round, in turn, so that a change in the machine's load
+    falls on all of them alike; returns each one's list of results."""
+    results: dict[str, list[float]] = {name: [] for name in measures}
+    for r in range(rounds):
+        for name, measure in measures.items():
+            results[name].append(measure())
+        log(f"round {r + 1}/{rounds} done; load average {os.getloadavg()[0]:.2f}")
+    return results
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how much the repeated timings disagree."""
+    mid = median(values)
+    return float((max(values) - min(values)) / mid) if mid else 0.0
+
+
+def matmul_flops_per_s(size: int, dtype: str = "float32", reps: int = 5, rounds: int = 3) -> dict:
+    """The machine's dense-matmul rate in this process: a jitted [size, size] @ [size, size]
+    product of `dtype`, the median of `rounds` timings of `reps` products each."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (size, size), jnp.dtype(dtype))
+    b = jax.random.normal(key_b, (size, size), jnp.dtype(dtype))
+    product = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(product(a, b))
+    seconds = [time_call(lambda: product(a, b), reps) for _ in range(rounds)]
+    flops = 2.0 * size**3
+    return {
+        "size": size,
+        "dtype": dtype,
+        "seconds_per_product": median(seconds),
+        "flops_per_s": flops / median(seconds),
+        "flops_per_s_best": flops / min(seconds),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "processor": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    device = info["processor"] if info["backend"] == "cpu" else info["device_kind"]
+    return (
+        f"JAX {info['jax']} {info['backend']} backend, {device}, {info['cpu_count']} CPUs, "
+        f"load average {info['load_average'][0]:.2f}"
+    )
+
+
+def cell(value: Any) -> str:
+    """A number as a table shows it: three significant digits, thousands separated."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], formats: Sequence[str] = ()
+) -> str:
+    """A markdown table; numbers right-aligned. `formats`: a format spec per column ("" for
+    the default of `cell`), e.g. ",.1f"."""
+    numeric = lambda i: (
+        bool(rows) and all(isinstance(row[i], int | float) or row[i] == "-" for row in rows)
+    )
+    align = ["---:" if numeric(i) else "---" for i in range(len(headers))]
+
+    def show(value: Any, i: int) -> str:
+        spec = formats[i] if i < len(formats) else ""
+        if spec and isinstance(value, int | float) and not isinstance(value, bool):
+            return format(value, spec)
+        return cell(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(show(v, i) for i, v in enumerate(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def slug(name: str) -> str:
+    """`name` as a file name."""
+    return re.sub(r"[^\w.=-]+", "_", name)
+
+
+def save(result: dict[str, Any], output: str | None, name: str) -> Path:
+    path = Path(output) if output else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+# --- Profiles: op time by model part ------------------------------------------------------
+
+BLOCKS = (
+    ("Dropout", "dropout (random bits, masks)"),
+    ("cross_attention", "cross-attention"),
+    ("self_attention", "self-attention"),
+    ("/mlp/", "MLP"),
+    ("/logits/", "vocabulary projection"),
+    ("norm", "layer norms"),
+    ("embedding", "embeddings"),
+    ("dynamic_update_slice", "scan: stacking per-step values"),
+    ("dynamic_slice", "scan: reading per-step values"),
+)
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, bool]]:
+    """Compiled op name -> (its source path, whether it is or contains a matmul)."""
+    computations_with_dot: set[str] = set()
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if header and "=" not in line.split("{")[0]:
+            current = header.group(1)
+        elif current and re.search(r"\s(dot|convolution)\(", line):
+            computations_with_dot.add(current)
+    ops = {}
+    for line in hlo_text.splitlines():
+        found = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", line)
+        if not found:
+            continue
+        name, rest = found.groups()
+        path = re.search(r'op_name="([^"]*)"', rest)
+        calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        is_dot = bool(re.search(r"\s(dot|convolution)\(", " " + rest.split(", metadata")[0]))
+        is_dot = is_dot or bool(calls and calls.group(1) in computations_with_dot)
+        ops[name] = (path.group(1) if path else "", is_dot)
+    return ops
+
+
+def classify(path: str, is_dot: bool) -> tuple[str, str, str]:
+    """(model part, layer kind, pass) of one compiled op, from its source path."""
+    if not path:
+        # Mostly the zero-filled buffers that scans stack their saved activations in, and
+        # copies of them.
+        return "unattributed", "no source path (scan buffers: zero fills, copies)", "?"
+    if "/encoder" in path:
+        part = "encoder"
+    elif any(key in path for key in ("/detailer/", "/decoder/", "._refine/", ".logits/")):
+        part = "text stack"
+    elif "Captioner" in path:
+        part = "model, outside both"  # e.g. the baseline's loss terms over the vocabulary
+    else:
+        part = "train step (loss sums, optimizer)"
+    block = next((b for key, b in BLOCKS if key in path), None)
+    if block is None:
+        if "while" in path.rsplit("/", 1)[-1]:
+            block = "loop control"
+        elif part in ("text stack", "model, outside both"):
+            block = "loss terms over the vocabulary (CE, softmax, argmax)"
+        elif part == "train step (loss sums, optimizer)":
+            block = "optimizer, loss sums"
+        else:
+            block = "other"
+    if block in ("self-attention", "cross-attention") and is_dot:
+        projection = re.search(r"attention/(query|key|value|out)/", path)
+        if not projection:
+            block += " scores & weighted sum"
+        elif block == "cross-attention":  # keys/values of the image tokens; queries of the text
+            kv = projection.group(1) in ("key", "value")
+            block += " key/value projections" if kv else " query/out projections"
+        else:
+            block += " projections"
+    elif block in ("self-attention", "cross-attention", "MLP", "vocabulary projection"):
+        block += " matmuls" if is_dot else " (not matmuls: softmax, gelu, bias, reshapes)"
+    direction = "backward" if "transpose(" in path else "forward"
+    return part, block, direction
+
+
+def op_times(trace_dir: Path) -> collections.Counter:
+    """Exclusive time (s) of each compiled op in the newest trace under `trace_dir`.
+
+    XLA:CPU records one event per executed op on the thread that ran it; a loop's event
+    encloses the events of its body, so each event's time is its duration less that of the
+    events nested in it.
+    """
+    files = sorted(trace_dir.rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no .xplane.pb trace under {trace_dir}")
+    data = jax.profiler.ProfileData.from_file(str(files[-1]))
+    times: collections.Counter = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            events = []
+            for event in line.events:
+                op = dict(event.stats).get("hlo_op")
+                if op:
+                    events.append((event.start_ns, event.start_ns + event.duration_ns, op))
+            events.sort(key=lambda e: (e[0], -e[1]))
+            stack: list[tuple[float, str]] = []  # (end, op) of the enclosing events
+            for begin, finish, op in events:
+                while stack and stack[-1][0] <= begin:
+                    stack.pop()
+                times[op] += (finish - begin) * 1e-9
+                if stack:
+                    times[stack[-1][1]] -= (finish - begin) * 1e-9
+                stack.append((finish, op))
+    return times
+
+
+def profile_ops(
+    run: Callable[[], float],
+    hlo_text: str,
+    folder: Path,
+    calls: int,
+    top: int = 12,
+    flops_per_call: float | None = None,
+) -> dict[str, Any]:
+    """Traces `run()` (which makes `calls` calls of one compiled function and returns the
+    seconds it took) with jax.profiler into `folder`, and sums the time of the function's ops
+    (from `hlo_text`, its compiled HLO) by model part, layer kind, pass and matmul or not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.profiler.start_trace(str(folder))
+    wall = run()
+    jax.profiler.stop_trace()
+    times = op_times(folder)
+    total = sum(times.values())
+    ops = hlo_ops(hlo_text)
+    by = {key: collections.Counter() for key in ("part", "block", "pass", "matmul", "part_block")}
+    unknown = 0.0
+    for name, seconds in times.items():
+        path, is_dot = ops.get(name, ("", False))
+        unknown += seconds if name not in ops else 0.0
+        part, block, direction = classify(path, is_dot)
+        by["part"][part] += seconds
+        by["block"][block] += seconds
+        by["pass"][direction] += seconds
+        by["matmul"]["matmul" if is_dot else "not matmul"] += seconds
+        by["part_block"][f"{part}: {block}"] += seconds
+    slowest = [
+        {
+            "op": name,
+            "seconds_per_call": seconds / calls,
+            "share": seconds / total,
+            "matmul": ops.get(name, ("", False))[1],
+            "path": re.sub(r"^jit\([^)]*\)/", "", ops.get(name, ("", False))[0]),
+        }
+        for name, seconds in times.most_common(top)
+    ]
+    share = lambda counter: {k: v / total for k, v in counter.most_common()}
+    matmul_seconds = by["matmul"]["matmul"] / calls
+    result = {
+        "trace_dir": str(folder),
+        "calls": calls,
+        "wall_seconds_per_call": wall / calls,
+        "op_seconds_per_call": total / calls,
+        "op_time_over_wall": total / wall,
+        "matmul_op_seconds_per_call": matmul_seconds,
+        "op_seconds_not_in_hlo": unknown / calls,
+        **{f"share_by_{k}": share(v) for k, v in by.items()},
+        "slowest_ops": slowest,
+    }
+    if flops_per_call:  # analytic FLOPs over the time spent in matmul ops (summed over threads)
+        result["analytic_flops_per_matmul_op_second"] = flops_per_call / max(matmul_seconds, 1e-12)
+    return result
+
+
+def print_profile(name: str, profile: dict[str, Any], call: str = "call") -> None:
+    print(
+        f"\n### Op time of {name} ({profile['calls']} traced {call}s; ops summed over threads: "
+        f"{profile['op_seconds_per_call']:.3g} s per {call}, {profile['op_time_over_wall']:.2f}x "
+        f"the wall time {profile['wall_seconds_per_call']:.3g} s)\n"
+    )
+    if "analytic_flops_per_matmul_op_second" in profile:
+        print(
+            f"Matmul ops take {profile['matmul_op_seconds_per_call']:.3g} op-seconds per {call}: "
+            f"{profile['analytic_flops_per_matmul_op_second'] / 1e9:.1f} analytic GFLOP per "
+            "matmul op-second (op time summed over threads).\n"
+        )
+    for key, title, rows in (
+        ("share_by_part", "model part", None),
+        ("share_by_pass", "pass", None),
+        ("share_by_matmul", "op kind", None),
+        ("share_by_block", "layer kind (all parts)", None),
+        ("share_by_part_block", "part: layer kind (largest)", 15),
+    ):
+        rows = [[k, 100 * v] for k, v in list(profile[key].items())[:rows]]
+        print(markdown_table([title, "% of op time"], rows) + "\n")
+    rows = [
+        [o["op"], "yes" if o["matmul"] else "no", 1e3 * o["seconds_per_call"], o["path"][-90:]]
+        for o in profile["slowest_ops"]
+    ]
+    print(markdown_table(["op", "matmul", f"ms per {call}", "source"], rows))

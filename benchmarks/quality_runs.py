@@ -1,0 +1,68 @@
+"""What the quality benchmarks share: train a config to its last step, then score that checkpoint.
+
+Not a benchmark itself; `flickr8k_quality.py` and `gradualness.py` import it. A run whose
+workdir already holds its final checkpoint is not retrained (training resumes from the last
+checkpoint otherwise), so a long comparison can be stopped and started again, and its tables
+rebuilt from the trained models alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from refine_jax.checkpointing import Checkpointer
+from refine_jax.evaluation.evaluate import evaluate_checkpoint
+from refine_jax.train import train_and_evaluate
+
+# The metrics a quality table shows, from evaluate_checkpoint's summary (DESIGN §4).
+SCORES = (
+    "final_cider",
+    "final_bleu4",
+    "cider_per_step",
+    "bleu4_per_step",
+    "weighted_quality",
+    "gradualness",
+    "gradualness_raw",
+    "progress_per_step",
+    "length_adherence",
+    "length_ratio_per_step",
+    "refine_score",
+    "monotonic_fraction",
+    "num_blank_final",
+    "num_images",
+    "checkpoint_step",
+)
+
+
+def trained_step(workdir: str) -> int:
+    """The step of the newest checkpoint in `workdir` (0 when there is none)."""
+    checkpointer = Checkpointer(f"{workdir}/checkpoints", save_every=1, async_save=False)
+    try:
+        return checkpointer.latest_step() or 0
+    finally:
+        checkpointer.close()
+
+
+def train_and_score(
+    config, workdir: str, eval_data: str | None = None, report_images: int = 20
+) -> dict[str, Any]:
+    """Trains `config` in `workdir` up to config.total_steps (unless already there) and returns
+    the scores of the final checkpoint on the held-out split (or `eval_data`), with
+    `train_seconds` (None when the run was already trained) and the eval's output folder."""
+    train_seconds = None
+    if trained_step(workdir) < config.total_steps:
+        start = time.perf_counter()
+        train_and_evaluate(config, workdir)
+        train_seconds = time.perf_counter() - start
+    summary = evaluate_checkpoint(config, workdir, eval_data, max_report_images=report_images)
+    scores = {key: summary[key] for key in SCORES if key in summary}
+    return {**scores, "train_seconds": train_seconds, "eval_dir": summary["output_dir"]}
+
+
+def per_step(values: list[float] | None, digits: int = 3) -> str:
+    """A per-step list as a table cell ("0.12 / 0.40 / ..."); "–" when the metric is undefined
+    (the progress of a run whose final captions are all blank)."""
+    if values is None:
+        return "–"
+    return " / ".join(f"{v:.{digits}f}" for v in values)

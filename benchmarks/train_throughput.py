@@ -1,0 +1,433 @@
+"""Training throughput and a same-run "MFU": the train step against this machine's dense matmul.
+
+Jits the trainer's `train_step` (refine_jax.train, with its optimizer) for the Flickr8k
+configuration (configs/flickr8k.py: 64 px, width 192, K=4, canvas 28, vocabulary 2,500,
+batch 64) and for its autoregressive baseline, with random weights and a random batch of the
+pipeline's shapes. It times steps and reports examples/s and the analytic FLOP/s
+(refine_jax/flops.py: matmul FLOPs, the detailer counted K times, training = 3 forward
+passes). In the same process and the same rounds it times a jitted square matmul (2048 x
+2048, of the model's dtype): the step's FLOP/s divided by that rate is the MFU on this
+machine. The timings of all variants and the matmul alternate, round by round, so background
+load falls on all alike.
+
+    python benchmarks/train_throughput.py                      # refine and autoregressive
+    python benchmarks/train_throughput.py --quick              # seconds: tiny config
+    python benchmarks/train_throughput.py --kinds=refine --batch_sizes=64,128,256
+    python benchmarks/train_throughput.py --remat=none,dots --dropout=0.1,0 --dtype=bfloat16
+    python benchmarks/train_throughput.py --breakdown          # forward / backward / parts
+    python benchmarks/train_throughput.py --profile_dir=/tmp/p # trace + op time by model part
+    python benchmarks/train_throughput.py --hlo_cost           # XLA's cost analysis
+
+Comma-separated --batch_sizes, --remat, --dtype, --dropout, --scan_detailer and --prng give
+one variant per combination. --profile_dir traces --profile_steps steps of every variant with
+jax.profiler (open with TensorBoard / XProf) and sums the time of each compiled op (XLA:CPU
+records one event per op, with the op's source path in the model) by model part, layer kind
+and forward/backward. Writes JSON to --output (default benchmarks/results/train_throughput.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import common  # noqa: I001 (sets JAX_PLATFORMS before jax is imported)
+import jax
+import jax.numpy as jnp
+
+from refine_jax.flops import encoder_flops, text_pass_flops, training_flops_per_example
+from refine_jax.losses import autoregressive_loss, refine_loss
+from refine_jax.models.refine import RefineCaptioner
+from refine_jax.train import bind_train_step, make_optimizer
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny config, 1 step: runs in seconds")
+    parser.add_argument("--output", default=None, help="JSON result path")
+    parser.add_argument("--kinds", default="refine,autoregressive", help="model kinds to time")
+    parser.add_argument("--batch_sizes", default="", help="comma list; default: the config's")
+    parser.add_argument("--remat", default="none", help="comma list of none | full | dots")
+    parser.add_argument("--dtype", default="float32", help="comma list: float32, bfloat16")
+    parser.add_argument("--dropout", default="", help="comma list of rates; default: config's")
+    parser.add_argument(
+        "--prng", default="", help="comma list of jax_default_prng_impl (threefry2x32, rbg, ...)"
+    )
+    parser.add_argument(
+        "--scan_detailer", default="", help="comma list of true/false; default: config's"
+    )
+    parser.add_argument("--num_refine_steps", type=int, default=None, help="override K")
+    parser.add_argument("--steps", type=int, default=3, help="consecutive steps per timing")
+    parser.add_argument("--rounds", type=int, default=3, help="timings per variant (median)")
+    parser.add_argument("--matmul_size", type=int, default=2048, help="reference matmul side")
+    parser.add_argument("--profile_dir", default="", help="trace each variant into this folder")
+    parser.add_argument("--profile_steps", type=int, default=2, help="steps traced per variant")
+    parser.add_argument("--top_ops", type=int, default=12, help="slowest ops listed per profile")
+    parser.add_argument("--hlo_cost", action="store_true", help="print XLA's cost analysis")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time forward alone, forward+backward, encoder and text stack",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds, args.matmul_size = 1, 2, 256
+        args.profile_steps = 1
+    return args
+
+
+def csv(text: str, cast=str) -> list:
+    return [cast(v) for v in text.split(",") if v.strip()] or [None]
+
+
+class Variant:
+    """One configuration to time: its compiled step, state, batch and analytic FLOPs."""
+
+    def __init__(self, config, prng: str | None):
+        m = config.model
+        self.config = config
+        self.prng = prng
+        self.name = (
+            f"{m.kind} B={config.batch_size} remat={m.remat} {m.dtype} "
+            f"dropout={m.dropout_rate:g}"
+            + (f" prng={prng}" if prng else "")
+            + ("" if m.scan_detailer else " unscanned")
+        )
+        self.vocab = config.tokenizer.vocab_size
+        self.flops_per_step = training_flops_per_example(config, self.vocab) * config.batch_size
+        with self.prng_context():
+            start = time.perf_counter()
+            self.model, step, state, self.num_params = common.make_train_step(config)
+            self.batch = jax.device_put(common.synthetic_batch(config))
+            self.compiled = step.lower(state, self.batch).compile()
+            self.compile_s = time.perf_counter() - start
+            self.state, metrics = self.compiled(state, self.batch)
+            jax.block_until_ready(metrics)
+
+    def prng_context(self):
+        if self.prng:
+            return jax.default_prng_impl(self.prng)  # the keys made inside the step use it
+        return contextlib.nullcontext()
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` consecutive steps."""
+        with self.prng_context():
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.state, metrics = self.compiled(self.state, self.batch)
+            jax.block_until_ready((self.state, metrics))
+        return (time.perf_counter() - start) / steps
+
+
+def build_config(kind, batch_size, remat, dtype, dropout, scan, quick, num_refine_steps):
+    return common.load_config(
+        ",".join(filter(None, ["tiny" if quick else "", "autoregressive" * (kind != "refine")])),
+        batch_size,
+        remat=remat,
+        dtype=dtype,
+        dropout_rate=dropout,
+        scan_detailer=scan,
+        num_refine_steps=num_refine_steps,
+    )
+
+
+def profile_variant(variant: Variant, folder: Path, steps: int, top: int) -> dict:
+    """Traces `steps` steps of `variant` and sums its op time by part, kind and pass."""
+    return common.profile_ops(
+        lambda: variant.run(steps) * steps,
+        variant.compiled.as_text(),
+        folder,
+        steps,
+        top,
+        flops_per_call=variant.flops_per_step,
+    )
+
+
+# --- Breakdown: forward, backward, encoder, text stack ------------------------------------
+
+
+def breakdown(variant: Variant, rounds: int) -> dict:
+    """Times parts of the step in isolation: the loss forward, forward+backward (no optimizer),
+    the encoder forward / forward+backward, and the rest (the text stack with its loss)."""
+    config, model = variant.config, variant.model
+    optimizer, schedule = make_optimizer(config)
+    bound = bind_train_step(config, model, optimizer, schedule)
+    weights, fractions = bound.keywords["weights"], bound.keywords["fractions"]
+    batch = variant.batch
+    params = jax.tree.map(jnp.copy, variant.state.params)  # the train step donates its own
+    m = config.model
+    rng = jax.random.key(1)
+
+    def loss(params, batch):  # the trainer's loss (train_step's loss_fn), fixed self-conditioning
+        rngs = {"dropout": rng}
+        if m.kind == "refine":
+            self_condition = jnp.arange(batch["image"].shape[0]) % 4 == 0
+            outputs = model.apply(
+                {"params": params},
+                batch["image"],
+                batch["targets"],
+                fractions,
+                self_condition,
+                deterministic=False,
+                rngs=rngs,
+            )
+            return refine_loss(
+                outputs,
+                weights,
+                batch["scheduled_lengths"],
+                batch["mask"],
+                m.canvas_length,
+                config.targets.length_loss_weight,
+            )[0]
+        outputs = model.apply(
+            {"params": params}, batch["image"], batch["caption"], deterministic=False, rngs=rngs
+        )
+        return autoregressive_loss(outputs, batch["mask"])[0]
+
+    def encode(params, images):
+        return model.apply(
+            {"params": params},
+            images,
+            False,
+            method=type(model).encode,
+            rngs={"dropout": rng},
+        )
+
+    cotangent = jnp.ones_like(jax.eval_shape(encode, params, batch["image"]))
+    encoder_loss = lambda params, images: jnp.sum(encode(params, images) * cotangent)
+    functions = {
+        "loss forward": (jax.jit(loss), (params, batch)),
+        "loss forward+backward": (jax.jit(jax.value_and_grad(loss)), (params, batch)),
+        "encoder forward": (jax.jit(encode), (params, batch["image"])),
+        "encoder forward+backward": (
+            jax.jit(jax.value_and_grad(encoder_loss)),
+            (params, batch["image"]),
+        ),
+    }
+    if m.kind == "refine":
+        image_tokens = jax.jit(encode)(params, batch["image"])
+        steps = {"fraction": fractions, "target": jnp.swapaxes(batch["targets"], 0, 1)}
+        self_condition = jnp.arange(batch["image"].shape[0]) % 4 == 0
+
+        def detailer_loss(params, image_tokens):
+            outputs = model.apply(
+                {"params": params},
+                image_tokens,
+                steps,
+                self_condition,
+                False,
+                method=RefineCaptioner._refine,
+                rngs={"dropout": rng},
+            )
+            return refine_loss(
+                outputs,
+                weights,
+                batch["scheduled_lengths"],
+                batch["mask"],
+                m.canvas_length,
+                config.targets.length_loss_weight,
+            )[0]
+
+        functions["detailer (K steps + loss) forward"] = (
+            jax.jit(detailer_loss),
+            (params, image_tokens),
+        )
+        functions["detailer (K steps + loss) forward+backward"] = (
+            jax.jit(jax.value_and_grad(detailer_loss, argnums=(0, 1))),
+            (params, image_tokens),
+        )
+    measures = {}
+    for name, (fn, fn_args) in functions.items():
+        jax.block_until_ready(fn(*fn_args))  # compile
+        measures[name] = functools.partial(common.time_call, lambda f=fn, a=fn_args: f(*a), 2)
+    measures["full train step"] = lambda: variant.run(2)
+    seconds = common.interleaved(measures, rounds, log=lambda s: print("  breakdown " + s))
+    result = {name: common.median(values) for name, values in seconds.items()}
+    b = config.batch_size
+    vocab = variant.vocab
+    text = (
+        m.num_refine_steps * text_pass_flops(config, vocab, m.canvas_length)
+        if m.kind == "refine"
+        else text_pass_flops(config, vocab, m.canvas_length + 1)
+    )
+    return {
+        "seconds": result,
+        "analytic_forward_flops": {"encoder": encoder_flops(config) * b, "text stack": text * b},
+    }
+
+
+def print_breakdown(name: str, result: dict, matmul_rate: float) -> None:
+    seconds = result["seconds"]
+    flops = result["analytic_forward_flops"]
+    step = seconds["full train step"]
+    rows = []
+    for part, s in seconds.items():
+        if part.startswith("encoder"):
+            f = flops["encoder"]
+        elif part.startswith("detailer"):
+            f = flops["text stack"]
+        else:
+            f = flops["encoder"] + flops["text stack"]
+        f *= 3 if ("backward" in part or part == "full train step") else 1
+        rows.append([part, s, 100 * s / step, f / s / 1e9, 100 * f / s / matmul_rate])
+    print(f"\n### Parts of {name}, timed alone\n")
+    headers = ["part", "s", "% of step", "analytic GFLOP/s", "MFU %"]
+    print(common.markdown_table(headers, rows))
+
+
+# --- Main -----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load_before = os.getloadavg()
+    variants = []
+    for kind, batch_size, remat, dtype, dropout, scan, prng in itertools.product(
+        csv(args.kinds),
+        csv(args.batch_sizes, int),
+        csv(args.remat),
+        csv(args.dtype),
+        csv(args.dropout, float),
+        csv(args.scan_detailer, lambda v: v.strip().lower() in ("1", "true", "yes")),
+        csv(args.prng),
+    ):
+        if kind != "refine" and scan is False:
+            continue  # the baseline has no detailer scan
+        config = build_config(
+            kind, batch_size, remat, dtype, dropout, scan, args.quick, args.num_refine_steps
+        )
+        variant = Variant(config, prng)
+        print(
+            f"compiled {variant.name}: {variant.num_params:,} parameters, {variant.compile_s:.1f}s",
+            flush=True,
+        )
+        variants.append(variant)
+
+    dtypes = sorted({v.config.model.dtype for v in variants})
+    matmuls = {}
+    for dtype in dtypes:
+        size = args.matmul_size
+
+        def measure_matmul(dtype=dtype, size=size):
+            result = common.matmul_flops_per_s(size, dtype, reps=3, rounds=1)
+            return result["seconds_per_product"]
+
+        matmuls[f"matmul {size}x{size} {dtype}"] = (dtype, measure_matmul)
+        measure_matmul()  # compile
+    measures = {v.name: functools.partial(v.run, args.steps) for v in variants}
+    measures.update({name: fn for name, (_, fn) in matmuls.items()})
+    seconds = common.interleaved(measures, args.rounds)
+    matmul_rate = {
+        dtype: 2.0 * args.matmul_size**3 / common.median(seconds[name])
+        for name, (dtype, _) in matmuls.items()
+    }
+
+    rows, records = [], []
+    for v in variants:
+        m = v.config.model
+        step_s = common.median(seconds[v.name])
+        flops_rate = v.flops_per_step / step_s
+        mfu = flops_rate / matmul_rate[m.dtype]
+        record = {
+            "name": v.name,
+            "model": common.model_summary(v.config),
+            "prng": v.prng or jax.config.jax_default_prng_impl,
+            "num_params": v.num_params,
+            "compile_s": v.compile_s,
+            "seconds_per_step": step_s,
+            "seconds_per_step_all": seconds[v.name],
+            "spread": common.spread(seconds[v.name]),
+            "examples_per_s": v.config.batch_size / step_s,
+            "analytic_flops_per_step": v.flops_per_step,
+            "analytic_flops_per_s": flops_rate,
+            "mfu": mfu,
+        }
+        if args.hlo_cost:
+            cost = v.compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            record["xla_cost_analysis"] = {
+                k: float(cost[k]) for k in ("flops", "bytes accessed", "transcendentals")
+            }
+        records.append(record)
+        rows.append(
+            [
+                m.kind,
+                v.config.batch_size,
+                m.remat,
+                m.dtype,
+                m.dropout_rate,
+                v.prng or "default",
+                step_s,
+                record["examples_per_s"],
+                v.flops_per_step / 1e9,
+                flops_rate / 1e9,
+                100 * mfu,
+            ]
+        )
+    info = common.machine_info()
+    print(f"\n## Train step throughput ({common.machine_line(info)})\n")
+    headers = ["model", "batch", "remat", "dtype", "dropout", "prng", "s/step", "examples/s"]
+    headers += ["GFLOP/step", "GFLOP/s", "MFU %"]
+    print(common.markdown_table(headers, rows))
+    print()
+    matmul_rows = [
+        [name, common.median(seconds[name]), matmul_rate[dtype] / 1e9]
+        for name, (dtype, _) in matmuls.items()
+    ]
+    print(common.markdown_table(["reference", "s/product", "GFLOP/s"], matmul_rows))
+
+    if args.hlo_cost:
+        print("\n### XLA cost analysis of the compiled step (loop bodies counted once)\n")
+        rows = [
+            [
+                r["name"],
+                r["xla_cost_analysis"]["flops"] / 1e9,
+                r["analytic_flops_per_step"] / 1e9,
+                r["xla_cost_analysis"]["bytes accessed"] / 1e9,
+                r["xla_cost_analysis"]["transcendentals"] / 1e6,
+            ]
+            for r in records
+        ]
+        headers = ["variant", "XLA GFLOP", "analytic GFLOP", "XLA GB accessed", "M transcend."]
+        print(common.markdown_table(headers, rows))
+
+    if args.breakdown:
+        for v, record in zip(variants, records, strict=True):
+            record["breakdown"] = breakdown(v, args.rounds)
+            print_breakdown(v.name, record["breakdown"], matmul_rate[v.config.model.dtype])
+
+    if args.profile_dir:
+        for i, (v, record) in enumerate(zip(variants, records, strict=True)):
+            folder = Path(args.profile_dir) / f"{i}_{common.slug(v.name)}"
+            record["profile"] = profile_variant(v, folder, args.profile_steps, args.top_ops)
+            common.print_profile(v.name, record["profile"], "step")
+
+    result = {
+        "benchmark": "train_throughput" + ("_quick" if args.quick else ""),
+        "quick": args.quick,
+        "config": "configs/flickr8k.py" + (":tiny" if args.quick else ""),
+        "steps_per_timing": args.steps,
+        "rounds": args.rounds,
+        "matmul": {
+            name: {
+                "dtype": dtype,
+                "size": args.matmul_size,
+                "seconds": seconds[name],
+                "flops_per_s": matmul_rate[dtype],
+            }
+            for name, (dtype, _) in matmuls.items()
+        },
+        "variants": records,
+        "machine": {**info, "load_average_before": [round(x, 2) for x in load_before]},
+    }
+    common.save(result, args.output, result["benchmark"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
