@@ -19,7 +19,7 @@ with a canvas of N tokens (default 13, the mean Flickr8k val caption), so it run
 positions (with a shorter cache, so slightly faster than an early-exiting decoder would be).
 
     python benchmarks/decode_speed.py            # about 5 minutes on 2 shared cores
-    python benchmarks/decode_speed.py --quick    # seconds: tiny config, batch 1 and 4
+    python benchmarks/decode_speed.py --quick    # seconds: tiny config, K=2, batch 1
 
 Writes JSON to --output (default benchmarks/results/decode_speed.json).
 """
@@ -63,7 +63,7 @@ def parse_args(argv):
     parser.add_argument("--target_s", type=float, default=0.5, help="seconds per timing")
     args = parser.parse_args(argv)
     if args.quick:
-        args.ks, args.batch_sizes, args.rounds, args.target_s = "2", "1,2", 2, 0.01
+        args.ks, args.batch_sizes, args.rounds, args.target_s = "2", "1", 2, 0.01
         args.ar_stop_length = 8
     return args
 

@@ -10,8 +10,8 @@ that does not repeat per step: the encoder, the optimizer), the slope b (one mor
 step, or one more canvas position), R^2 and each point's residual. The analytic FLOPs of
 each point (refine_jax/flops.py) are fitted the same way, for comparison.
 
-    python benchmarks/scaling.py               # 10 compiles + timings, ~15 minutes on 2 cores
-    python benchmarks/scaling.py --quick       # seconds: tiny config, 3 points
+    python benchmarks/scaling.py               # 11 compiles + timings, ~15 minutes on 2 cores
+    python benchmarks/scaling.py --quick       # seconds: tiny config, 2 points
     python benchmarks/scaling.py --ks=2,4,8 --lengths= --rounds=5
 
 Writes JSON to --output (default benchmarks/results/scaling.json).
@@ -32,7 +32,7 @@ from refine_jax.flops import training_flops_per_example
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny config, 3 points: seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny config, 2 points: seconds")
     parser.add_argument("--output", default=None, help="JSON result path")
     parser.add_argument("--ks", default="2,4,6,8,12,16", help="K values, at --base_length")
     parser.add_argument("--lengths", default="16,24,32,48,64", help="L values, at --base_k")
@@ -44,7 +44,7 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=3, help="timings per point (median)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.ks, args.lengths, args.base_k, args.base_length = "2,4", "8,16", 2, 8
+        args.ks, args.lengths, args.base_k, args.base_length = "2,4", "8", 2, 8  # 2 compiles
         args.steps, args.rounds = 1, 2
     return args
 

@@ -48,9 +48,11 @@ from refine_jax.train import bind_train_step, make_optimizer
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny config, 1 step: runs in seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny refine config: seconds")
     parser.add_argument("--output", default=None, help="JSON result path")
-    parser.add_argument("--kinds", default="refine,autoregressive", help="model kinds to time")
+    parser.add_argument(
+        "--kinds", default=None, help="model kinds to time (default refine,autoregressive)"
+    )
     parser.add_argument("--batch_sizes", default="", help="comma list; default: the config's")
     parser.add_argument("--remat", default="none", help="comma list of none | full | dots")
     parser.add_argument("--dtype", default="float32", help="comma list: float32, bfloat16")
@@ -75,6 +77,8 @@ def parse_args(argv):
         help="also time forward alone, forward+backward, encoder and text stack",
     )
     args = parser.parse_args(argv)
+    if args.kinds is None:  # --quick: the refinement model only, unless asked
+        args.kinds = "refine" if args.quick else "refine,autoregressive"
     if args.quick:
         args.steps, args.rounds, args.matmul_size = 1, 2, 256
         args.profile_steps = 1
