@@ -360,12 +360,17 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, bool]]:
     return ops
 
 
+VOCABULARY_WORK = "over the vocabulary: loss terms, softmax, argmax"
+
+
 def classify(path: str, is_dot: bool) -> tuple[str, str, str]:
-    """(model part, layer kind, pass) of one compiled op, from its source path."""
+    """(model part, layer kind, pass) of one compiled op, from its source path (the op_name
+    of its HLO metadata; a fusion carries its root's)."""
     if not path:
-        # Mostly the zero-filled buffers that scans stack their saved activations in, and
-        # copies of them.
-        return "unattributed", "no source path (scan buffers: zero fills, copies)", "?"
+        # Ops XLA made without metadata: the zero-filled buffers scans stack their saved
+        # activations in and copies of them; in decoding loops, matrix-vector products.
+        block = "no source path: matmuls" if is_dot else "no source path: fills, copies"
+        return "unattributed", block, "?"
     if "/encoder" in path:
         part = "encoder"
     elif any(key in path for key in ("/detailer/", "/decoder/", "._refine/", ".logits/")):
@@ -373,15 +378,15 @@ def classify(path: str, is_dot: bool) -> tuple[str, str, str]:
     elif "Captioner" in path:
         part = "model, outside both"  # e.g. the baseline's loss terms over the vocabulary
     else:
-        part = "train step (loss sums, optimizer)"
+        part = "outside the model (optimizer, loss sums, search)"
     block = next((b for key, b in BLOCKS if key in path), None)
     if block is None:
         if "while" in path.rsplit("/", 1)[-1]:
             block = "loop control"
         elif part in ("text stack", "model, outside both"):
-            block = "loss terms over the vocabulary (CE, softmax, argmax)"
-        elif part == "train step (loss sums, optimizer)":
-            block = "optimizer, loss sums"
+            block = VOCABULARY_WORK
+        elif part.startswith("outside the model"):
+            block = "outside the model"
         else:
             block = "other"
     if block in ("self-attention", "cross-attention") and is_dot:
@@ -395,6 +400,8 @@ def classify(path: str, is_dot: bool) -> tuple[str, str, str]:
             block += " projections"
     elif block in ("self-attention", "cross-attention", "MLP", "vocabulary projection"):
         block += " matmuls" if is_dot else " (not matmuls: softmax, gelu, bias, reshapes)"
+    elif block == VOCABULARY_WORK and is_dot:  # the logits matmul fused with a reduction
+        block = "vocabulary projection matmuls fused with a reduction"
     direction = "backward" if "transpose(" in path else "forward"
     return part, block, direction
 

@@ -365,6 +365,7 @@ def main(argv=None) -> int:
                 m.remat,
                 m.dtype,
                 m.dropout_rate,
+                "scan" if m.scan_detailer or m.kind != "refine" else "loop",
                 v.prng or "default",
                 step_s,
                 record["examples_per_s"],
@@ -375,7 +376,8 @@ def main(argv=None) -> int:
         )
     info = common.machine_info()
     print(f"\n## Train step throughput ({common.machine_line(info)})\n")
-    headers = ["model", "batch", "remat", "dtype", "dropout", "prng", "s/step", "examples/s"]
+    headers = ["model", "batch", "remat", "dtype", "dropout", "detailer", "prng", "s/step"]
+    headers.append("examples/s")
     headers += ["GFLOP/step", "GFLOP/s", "MFU %"]
     print(common.markdown_table(headers, rows))
     print()
