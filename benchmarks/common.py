@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 
 from refine_jax.config import load_config_file, validate_config  # noqa: E402
 from refine_jax.models import build_model  # noqa: E402
+from refine_jax.special_tokens import PAD_ID  # noqa: E402
 from refine_jax.targets import schedule_fractions  # noqa: E402
-from refine_jax.tokenizer import PAD_ID  # noqa: E402
 from refine_jax.train import TrainState, bind_train_step, init_variables, make_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

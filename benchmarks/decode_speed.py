@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from refine_jax.decoding import decode_batch
 from refine_jax.models import build_model
-from refine_jax.tokenizer import PAD_ID
+from refine_jax.special_tokens import PAD_ID
 
 
 def parse_args(argv):

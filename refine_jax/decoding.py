@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from refine_jax.models.autoregressive import AutoregressiveCaptioner, next_token_logits
 from refine_jax.models.refine import RefineCaptioner
-from refine_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from refine_jax.special_tokens import BOS_ID, EOS_ID, PAD_ID
 
 
 def _cache_for(decoder_model: AutoregressiveCaptioner, params, image_tokens: jax.Array):

@@ -16,11 +16,17 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 from etils import epath
 
+from refine_jax.special_tokens import (  # noqa: F401  (re-exported for existing importers)
+    BLANK_ID,
+    BLANK_PIECE,
+    BOS_ID,
+    EOS_ID,
+    NOT_TEXT_IDS,
+    PAD_ID,
+    UNK_ID,
+)
 from refine_jax.targets import SalienceStats
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, BLANK_ID = 0, 1, 2, 3, 4
-BLANK_PIECE = "<blank>"
-NOT_TEXT_IDS = (PAD_ID, BOS_ID, EOS_ID, BLANK_ID)  # dropped when a canvas is read as text
 MODEL_FILE = "spm.model"
 SALIENCE_FILE = "salience.json"
 

@@ -15,7 +15,7 @@ from refine_jax.models.autoregressive import (
     shift_right,
     with_eos,
 )
-from refine_jax.tokenizer import EOS_ID, PAD_ID
+from refine_jax.special_tokens import EOS_ID, PAD_ID
 from refine_jax.train import init_variables
 
 VOCAB = 30

@@ -8,8 +8,8 @@ from conftest import load_config
 
 from refine_jax.models import build_model
 from refine_jax.models.refine import clean_canvas, write_scheduled
+from refine_jax.special_tokens import BLANK_ID, PAD_ID
 from refine_jax.targets import schedule_fractions
-from refine_jax.tokenizer import BLANK_ID, PAD_ID
 from refine_jax.train import init_variables
 
 VOCAB = 40

@@ -30,8 +30,9 @@ from refine_jax.data.pipeline import (
 )
 from refine_jax.data.shard_writer import ShardWriter
 from refine_jax.data.shards import load_references
+from refine_jax.special_tokens import BLANK_ID
 from refine_jax.targets import coarse_to_fine
-from refine_jax.tokenizer import BLANK_ID, Tokenizer, train_tokenizer
+from refine_jax.tokenizer import Tokenizer, train_tokenizer
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 needs_flickr = pytest.mark.skipif(

@@ -39,7 +39,8 @@ from refine_jax.evaluation.report import (
     write_report,
 )
 from refine_jax.models import build_model
-from refine_jax.tokenizer import PAD_ID, train_tokenizer
+from refine_jax.special_tokens import PAD_ID
+from refine_jax.tokenizer import train_tokenizer
 
 needs_chromium = pytest.mark.skipif(
     find_chromium() is None,

@@ -38,13 +38,14 @@ import numpy as np
 from PIL import Image
 
 from refine_jax.data.records import CorruptImageError, SkipCounter, SkipReason, decode_image
+from refine_jax.special_tokens import BLANK_ID, PAD_ID
 from refine_jax.targets import (
     canvas_targets,
     caption_words,
     schedule_fractions,
     step_word_indices,
 )
-from refine_jax.tokenizer import BLANK_ID, PAD_ID, Tokenizer
+from refine_jax.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Skip codes

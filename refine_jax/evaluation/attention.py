@@ -23,7 +23,8 @@ from PIL import Image
 from refine_jax.decoding import greedy_decode
 from refine_jax.models.autoregressive import AutoregressiveCaptioner, shift_right, with_eos
 from refine_jax.models.refine import RefineCaptioner
-from refine_jax.tokenizer import NOT_TEXT_IDS, Tokenizer
+from refine_jax.special_tokens import NOT_TEXT_IDS
+from refine_jax.tokenizer import Tokenizer
 
 _LAYER = re.compile(r"layer_(\d+)$")
 

@@ -22,7 +22,7 @@ from refine_jax.models.layers import (
     token_embedding,
 )
 from refine_jax.models.vit import ViTEncoder
-from refine_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from refine_jax.special_tokens import BOS_ID, EOS_ID, PAD_ID
 
 
 class CausalDecoder(nn.Module):

@@ -31,7 +31,7 @@ from refine_jax.models.layers import (
     token_embedding,
 )
 from refine_jax.models.vit import ViTEncoder
-from refine_jax.tokenizer import BLANK_ID, NOT_TEXT_IDS, PAD_ID, UNK_ID
+from refine_jax.special_tokens import BLANK_ID, NOT_TEXT_IDS, PAD_ID, UNK_ID
 
 REMAT_POLICIES = ("none", "full", "dots")
 
