@@ -9,6 +9,7 @@ restored straight into the target shardings, which may belong to a different mes
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grain
@@ -20,6 +21,11 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 # Keys of config.model that change no parameter shape and may differ on restore.
+# Steps saved between evaluations carry no metrics by design; orbax warns about each one.
+logging.getLogger("absl").addFilter(
+    lambda record: "did not provide metrics" not in record.getMessage()
+)
+
 SHAPE_NEUTRAL_MODEL_KEYS = ("dropout_rate", "dtype", "remat", "scan_detailer", "pretrained_encoder")
 
 
@@ -61,12 +67,15 @@ class Checkpointer:
     ):
         self.directory = epath.Path(directory)
         policies = [checkpoint_managers.LatestN(keep)]
+        rank = (lambda metrics: metrics[best_metric]) if best_metric else None
         if best_metric:
             policies.append(
                 checkpoint_managers.BestN(
-                    get_metric_fn=lambda metrics: metrics[best_metric],
+                    get_metric_fn=rank,
                     reverse=best_mode == "min",
                     n=1,
+                    # A step saved without an evaluation is kept only as one of the last `keep`.
+                    keep_checkpoints_without_metrics=False,
                 )
             )
         self.manager = ocp.CheckpointManager(
@@ -76,6 +85,10 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=save_every,
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+                # Only with best_fn set does orbax write each step's metrics beside it, so the
+                # ranking survives a restart (retention is still the policy above).
+                best_fn=rank,
+                best_mode=best_mode,
                 enable_async_checkpointing=async_save,
             ),
             item_names=("state", "data", "signature"),

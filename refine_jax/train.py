@@ -337,7 +337,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"is step {checkpointer.latest_step()} in {workdir / 'checkpoints'}"
                     )
             previous_metrics = metrics
-            if step % config.log_every_steps == 0 or step == config.total_steps:
+            # A checkpoint is ranked only by its own step's evaluation, never an earlier one's.
+            eval_rates = {}
+            eval_due = step % config.eval_every_steps == 0 or step == config.total_steps
+            if step % config.log_every_steps == 0 or eval_due:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
                 steps_per_second = (step - last_step) / (now - last_time)
@@ -353,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "examples_per_second": steps_per_second * config.batch_size,
                     "model_flops_per_second": steps_per_second * flops_per_step,
                 }
-                if step % config.eval_every_steps == 0 or step == config.total_steps:
+                if eval_due:
                     samples, rates = evaluate()
                     eval_rates = {f"eval/{k}": v for k, v in rates.items()}
                     record.update(eval_rates)
@@ -372,7 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batches,
                 signature,
                 metrics=eval_rates or None,
-                force=step == config.total_steps,
+                # With a best metric, every evaluated step is saved so that it can be ranked.
+                force=step == config.total_steps
+                or bool(eval_rates and config.best_checkpoint_metric),
             )
 
         # --- Describe the held-out split (already done if the last step was evaluated).

@@ -29,9 +29,12 @@ def short_config(steps=3, mesh=(1, 1, 1), **model):
     return config
 
 
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(workdir):
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}  # a resumed step's last record wins
+    return {r["step"]: r["loss"] for r in records(workdir)}  # a resumed step's last record wins
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,9 @@ def test_single_device_mesh_uses_one_device():
 def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path, single_device_losses):
     train.train_and_evaluate(short_config(steps=2, mesh=(8, 1, 1)), str(tmp_path))
     train.train_and_evaluate(short_config(steps=3, mesh=(2, 2, 2)), str(tmp_path))
+    # The second run resumed at step 3 (a restore that did nothing would retrain and re-log
+    # steps 1 and 2, reaching the same deterministic step-3 loss).
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
     assert losses(tmp_path)[3] == pytest.approx(single_device_losses[3], abs=1e-5, rel=1e-5)
 
 
@@ -140,5 +146,60 @@ def test_too_many_nonfinite_updates_in_a_row_stop_the_run_keeping_the_last_good_
     saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert f"last good checkpoint is step {saved}" in str(error.value)
     monkeypatch.setattr(sharding, "global_batch", real_global_batch)
+    logged_before = len(records(tmp_path))
     train.train_and_evaluate(short_config(steps=saved + 2), str(tmp_path))
-    assert np.isfinite(losses(tmp_path)[saved + 2])
+    resumed = records(tmp_path)[logged_before:]
+    assert [r["step"] for r in resumed] == [saved + 1, saved + 2]  # resumed, not restarted
+    assert np.isfinite(resumed[-1]["loss"])
+
+
+def checkpoint_config(steps, checkpoint_every, eval_every):
+    config = short_config(steps=steps)
+    config.checkpoint_every_steps = checkpoint_every
+    config.eval_every_steps = eval_every
+    config.keep_checkpoints = 1
+    config.best_checkpoint_metric = "eval/score"
+    return config
+
+
+@pytest.mark.slow
+def test_the_best_checkpoint_is_ranked_by_its_own_steps_evaluation(tmp_path, monkeypatch):
+    from refine_jax.checkpointing import Checkpointer
+
+    scores = iter([0.9, 0.1, 0.95, 0.2])  # the evaluations at steps 2, 4 | 6, 8
+    monkeypatch.setattr(train, "evaluate_samples", lambda samples, config: {"score": next(scores)})
+
+    def kept_scores():
+        reader = Checkpointer(tmp_path / "checkpoints", 1, best_metric="eval/score")
+        steps = reader.manager.all_steps()
+        kept = {s: (reader.manager.metrics(s) or {}).get("eval/score") for s in steps}
+        reader.close()
+        return kept
+
+    # Saved every step, evaluated every other step (as configs/coco.py, scaled down). Step 3
+    # must not inherit step 2's score, and unevaluated steps are kept only as the latest.
+    train.train_and_evaluate(checkpoint_config(4, 1, 2), str(tmp_path))
+    assert kept_scores() == {2: 0.9, 4: 0.1}
+    # Resumed, saving every 4 steps: step 6 is saved because it is evaluated, and its score
+    # beats step 2's, read back from disk.
+    train.train_and_evaluate(checkpoint_config(8, 4, 2), str(tmp_path))
+    assert kept_scores() == {6: 0.95, 8: 0.2}
+    logged = {r["step"]: r["eval/score"] for r in records(tmp_path) if "eval/score" in r}
+    assert logged == {2: 0.9, 4: 0.1, 6: 0.95, 8: 0.2}
+
+
+@pytest.mark.slow
+def test_in_training_evaluation_is_logged_at_the_configured_steps(tmp_path):
+    config = short_config(steps=5)
+    config.log_every_steps = 2
+    config.eval_every_steps = 3
+    final = train.train_and_evaluate(config, str(tmp_path))
+    logged = records(tmp_path)
+    # Logging steps 2 and 4, evaluation steps 3 and 5 (the last step is always evaluated).
+    assert [r["step"] for r in logged] == [2, 3, 4, 5]
+    evaluated = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in logged}
+    assert [s for s, rates in evaluated.items() if rates] == [3, 5]
+    assert evaluated[5] == {f"eval/{k}": v for k, v in final.items()}
+    for key in ("eval/final_matches_reference", "eval/final_cider", "eval/final_bleu4"):
+        assert key in evaluated[3]
+    assert evaluated[3]["eval/num_images"] == config.data.eval_size
