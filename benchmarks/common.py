@@ -22,6 +22,7 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,7 +31,8 @@ from refine_jax.config import load_config_file, validate_config  # noqa: E402
 from refine_jax.models import build_model  # noqa: E402
 from refine_jax.special_tokens import PAD_ID  # noqa: E402
 from refine_jax.targets import schedule_fractions  # noqa: E402
-from refine_jax.train import TrainState, bind_train_step, init_variables, make_optimizer  # noqa: E402
+from refine_jax.train import bind_train_step  # noqa: E402
+from refine_jax.train_state import init_variables, initial_state, make_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "configs" / "flickr8k.py"
@@ -123,13 +125,9 @@ def make_train_step(config, jit_kwargs: dict | None = None):
     vocab = config.tokenizer.vocab_size
     model = build_model(config, vocab)
     optimizer, schedule = make_optimizer(config)
-
-    @jax.jit  # one compile instead of running (and compiling) every init op on its own
-    def init_state():
-        params = init_variables(model, config, vocab)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-    state = init_state()
+    # The trainer's state (refine_jax.train_state), jitted: one compile instead of running (and
+    # compiling) every init op on its own.
+    state = jax.jit(lambda: nn.unbox(initial_state(model, config, vocab, optimizer)))()
     params = state.params
     step = jax.jit(
         bind_train_step(config, model, optimizer, schedule),
@@ -151,12 +149,7 @@ def abstract_train_state(config):
     vocab = config.tokenizer.vocab_size
     model = build_model(config, vocab)
     optimizer, schedule = make_optimizer(config)
-
-    def init_state():
-        params = init_variables(model, config, vocab)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-    state = jax.eval_shape(init_state)
+    state = jax.eval_shape(lambda: nn.unbox(initial_state(model, config, vocab, optimizer)))
     step = jax.jit(bind_train_step(config, model, optimizer, schedule), donate_argnums=0)
     return model, step, state
 

@@ -24,20 +24,16 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from refine_jax.data import make_sources, training_captions  # noqa: E402
 from refine_jax.data.pipeline import CaptionFeatures, count_skips, train_batches  # noqa: E402
 from refine_jax.models import build_model  # noqa: E402
 from refine_jax.tokenizer import train_tokenizer  # noqa: E402
-from refine_jax.train import (  # noqa: E402
-    TrainState,
-    bind_train_step,
-    init_variables,
-    make_optimizer,
-)
+from refine_jax.train import bind_train_step  # noqa: E402
+from refine_jax.train_state import initial_state, make_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k"
@@ -90,10 +86,9 @@ def make_step(config, vocab_size: int):
     """The trainer's jitted train step (single device) and a fresh state."""
     model = build_model(config, vocab_size)
     optimizer, schedule = make_optimizer(config)
-    params = init_variables(model, config, vocab_size)
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    state = jax.jit(lambda: nn.unbox(initial_state(model, config, vocab_size, optimizer)))()
     step = jax.jit(bind_train_step(config, model, optimizer, schedule), donate_argnums=0)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
     return step, state, num_params
 
 

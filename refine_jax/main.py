@@ -8,6 +8,9 @@ Modes:
                             [--report_images=50]
     --mode=caption          describe your own images: --images=FOLDER_OR_GLOB [--output=FILE]
 
+Training records its config in DIR/config.json; eval and caption read it, so `--workdir=DIR`
+alone is enough there (a given --config wins, and must match the recorded model shape).
+
 On a TPU pod the same command runs on every worker; `jax.distributed.initialize()` finds the
 other workers by itself. Elsewhere (several local processes, GPU hosts) pass the coordinator
 flags. A single process skips it.
@@ -24,7 +27,10 @@ from ml_collections import config_flags
 from refine_jax import train
 
 config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (file.py:variant).", lock_config=True
+    "config",
+    None,
+    "Experiment config file (file.py:variant); eval/caption default: DIR/config.json.",
+    lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Where metrics, samples and checkpoints are written.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "caption"], "What to do with the config.")
@@ -50,7 +56,7 @@ flags.DEFINE_string(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -69,6 +75,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     initialize_distributed()
     if FLAGS.mode == "train":
+        if FLAGS.config is None:
+            raise app.UsageError("--mode=train needs --config=FILE.py[:VARIANT]")
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
         from refine_jax.evaluation import evaluate

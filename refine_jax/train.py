@@ -12,7 +12,6 @@ import signal
 import time
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,7 +32,7 @@ from refine_jax.data.pipeline import (
     train_batches,
 )
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
-from refine_jax.evaluation.evaluate import evaluate_samples
+from refine_jax.evaluation.metrics import evaluate_samples
 from refine_jax.flops import training_flops_per_example
 from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
 from refine_jax.metric_writer import MetricWriter
@@ -41,13 +40,14 @@ from refine_jax.models import build_model
 from refine_jax.models.pretrained import load_pretrained_encoder
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import Tokenizer, train_tokenizer
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
+from refine_jax.train_state import (  # init_variables: re-exported for existing importers
+    TrainState,
+    create_state,
+    init_variables,  # noqa: F401
+    make_optimizer,
+    restore_state,
+)
+from refine_jax.workdir_config import record_config
 
 
 def load_or_train_tokenizer(
@@ -76,37 +76,6 @@ def check_canvas_fits(config: ml_collections.ConfigDict, tokenizer: Tokenizer, s
             f"config.model.canvas_length = {config.model.canvas_length} is shorter than the "
             f"longest target ({need} tokens: {longest!r}); raise it to at least {need}"
         )
-
-
-def make_optimizer(
-    config: ml_collections.ConfigDict,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping; the learning rate of the n-th applied update (n from 0)
-    warms up linearly to its peak, reached at update `warmup_steps`, then decays as a cosine."""
-    warmup_cosine = optax.warmup_cosine_decay_schedule(
-        0.0,
-        config.learning_rate,
-        config.warmup_steps,
-        max(config.total_steps, config.warmup_steps + 1),
-    )
-    schedule = lambda count: warmup_cosine(count + 1)  # the first update is not wasted at 0
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm),
-        optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),
-    ), schedule
-
-
-def init_variables(model: nn.Module, config: ml_collections.ConfigDict, vocab_size: int):
-    """Parameters from dummy inputs of the configured shapes (used under eval_shape/jit)."""
-    m = config.model
-    images = jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32)
-    rng = jax.random.key(config.seed)
-    if m.kind == "refine":
-        targets = jnp.zeros((1, m.num_refine_steps, m.canvas_length), jnp.int32)
-        fractions = jnp.zeros((m.num_refine_steps,), jnp.float32)
-        return model.init(rng, images, targets, fractions, jnp.zeros((1,), bool))["params"]
-    return model.init(rng, images, jnp.zeros((1, m.canvas_length), jnp.int32))["params"]
 
 
 def train_step(
@@ -195,6 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate_config(config)
     workdir = epath.Path(workdir)  # local or gs://
     workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # eval and caption read it: --workdir alone is enough there
+        record_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(map(tuple, config.mesh.axis_rules))
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -213,14 +184,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     optimizer, schedule = make_optimizer(config)
     is_logger = jax.process_index() == 0
 
-    # --- State, created already sharded on the mesh.
-    def init_state():
-        params = init_variables(model, config, tokenizer.vocab_size)
-        # The optimizer state is built from the boxed params, so it inherits their axis names.
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
+    # --- State, created already sharded on the mesh (refine_jax.train_state).
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, state_shardings = sharding.create_sharded(init_state, mesh, rules)
+        state, state_shardings = create_state(
+            model, config, tokenizer.vocab_size, mesh, rules, optimizer
+        )
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
         if is_logger:
             print(f"{m.kind} model: {num_params:,} parameters on mesh {dict(mesh.shape)}")
@@ -277,8 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         signature = model_signature(config, state.params)
         if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(
-                checkpointer.latest_step(), state, state_shardings, batches, signature
+            state = restore_state(
+                checkpointer, checkpointer.latest_step(), state, state_shardings, signature, batches
             )
             if is_logger:
                 print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
@@ -317,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if is_logger:
                     print(f"SIGTERM: saved a checkpoint at step {step - 1}; exiting", flush=True)
                 checkpointer.close()
+                writer.close()
                 return {"stopped_at_step": step - 1}
             if step == profile_start:
                 jax.profiler.start_trace(str(workdir / "profile"))

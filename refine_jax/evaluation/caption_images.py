@@ -16,32 +16,47 @@ import glob
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from refine_jax.data.pipeline import preprocess_image
 from refine_jax.data.records import CorruptImageError, decode_image
 from refine_jax.decoding import decode_batch
-from refine_jax.evaluation.evaluate import LoadedModel, load_model
+from refine_jax.model_loading import LoadedModel, load_model
+from refine_jax.paths import folder_name, is_uri
 from refine_jax.sharding import to_host
+from refine_jax.workdir_config import config_for_workdir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def list_images(spec: str | os.PathLike) -> list[Path]:
-    """The image files `spec` names: a folder (its *.jpg/.jpeg/.png/.webp files, any case,
-    sorted), a glob (every matching file, sorted) or one file."""
-    text = os.path.expanduser(os.fspath(spec))
+def _glob_files(pattern: str) -> list[epath.Path]:
+    """Files matching a local or URI (`gs://...`) glob, sorted."""
+    if not is_uri(pattern):
+        return [
+            epath.Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)
+        ]
+    wildcard = min(pattern.index(c) for c in "*?[" if c in pattern)
+    base, _, first_part = pattern[:wildcard].rpartition("/")
+    matches = epath.Path(base).glob(first_part + pattern[wildcard:])
+    return sorted((p for p in matches if p.is_file()), key=str)
+
+
+def list_images(spec: str | os.PathLike) -> list[epath.Path]:
+    """The image files `spec` names (local or a URI): a folder (its *.jpg/.jpeg/.png/.webp
+    files, any case, sorted), a glob (every matching file, sorted) or one file."""
+    text = os.fspath(spec)
+    text = text if is_uri(text) else os.path.expanduser(text)
     if any(c in text for c in "*?["):
-        paths = [Path(p) for p in sorted(glob.glob(text, recursive=True)) if os.path.isfile(p)]
+        paths = _glob_files(text)
         if not paths:
             raise FileNotFoundError(f"no files match {text!r}")
         return paths
-    path = Path(text)
+    path = epath.Path(text)
     if path.is_dir():
         paths = sorted(
             p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -54,22 +69,15 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"no such image, folder or glob: {text!r}")
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
+def read_image(path: epath.Path, size: int) -> np.ndarray:
     """The model input [size, size, 3] in [-1, 1] of an image file; CorruptImageError (or
     OSError) when it cannot be read."""
     return preprocess_image(decode_image(path.read_bytes()), size)
 
 
-def default_output(workdir: str | os.PathLike, spec: str | os.PathLike) -> Path:
+def default_output(workdir: str | epath.PathLike, spec: str | os.PathLike) -> epath.Path:
     """DIR/captions/NAME.jsonl, NAME the folder the images are in (or the folder given)."""
-    text = os.path.abspath(os.path.expanduser(os.fspath(spec)))
-    wildcard = min((text.index(c) for c in "*?[" if c in text), default=None)
-    if wildcard is not None:
-        folder = os.path.dirname(text[:wildcard])
-    else:
-        folder = text if os.path.isdir(text) else os.path.dirname(text)
-    name = os.path.basename(folder.rstrip("/")) or "images"
-    return Path(workdir) / "captions" / f"{name}.jsonl"
+    return epath.Path(workdir) / "captions" / f"{folder_name(spec, 'images')}.jsonl"
 
 
 def describe_images(loaded: LoadedModel, images: np.ndarray) -> list[list[str]]:
@@ -93,8 +101,8 @@ def describe_images(loaded: LoadedModel, images: np.ndarray) -> list[list[str]]:
 
 
 def caption_images(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
+    config: ml_collections.ConfigDict | None,
+    workdir: str | epath.PathLike,
     images: str | os.PathLike,
     output: str | os.PathLike | None = None,
     checkpoint_step: int | None = None,
@@ -103,11 +111,13 @@ def caption_images(
     stderr: TextIO = sys.stderr,
 ) -> dict[str, Any]:
     """Captions the images `images` names; returns the summary {output, num_captioned,
-    checkpoint_step, skipped: [{file, error}]} and writes the JSONL and summary files."""
+    checkpoint_step, skipped: [{file, error}]} and writes the JSONL and summary files. `config`
+    None: the one recorded in the workdir at training."""
     paths = list_images(images)
+    config = loaded.config if loaded and config is None else config_for_workdir(config, workdir)
     loaded = loaded or load_model(config, workdir, checkpoint_step)
     size = config.model.image_size
-    good: list[Path] = []
+    good: list[epath.Path] = []
     arrays: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
     for path in paths:
@@ -119,7 +129,7 @@ def caption_images(
             print(f"skipping {path}: {e}", file=stderr)
     descriptions = describe_images(loaded, np.stack(arrays)) if arrays else []
 
-    output = Path(output) if output else default_output(workdir, images)
+    output = epath.Path(output) if output else default_output(workdir, images)
     summary = {
         "output": str(output),
         "num_captioned": len(good),
@@ -129,7 +139,7 @@ def caption_images(
     if jax.process_index() != 0:
         return summary
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
+    with output.open("w") as f:
         for path, steps in zip(good, descriptions, strict=True):
             f.write(json.dumps({"file": str(path), "steps": steps}) + "\n")
     for path, steps in zip(good, descriptions, strict=True):

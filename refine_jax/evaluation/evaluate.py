@@ -5,21 +5,18 @@
 
 writes DIR/eval/NAME/metrics.json, captions.jsonl and report.html. The split is the config's
 held-out source, or the tar shards at --eval_data scored against all references of the COCO-style
-`references.json` beside them. The trainer's periodic evaluation calls `evaluate_samples`.
+`references.json` beside them. Without --config, the config recorded in DIR at training is used.
+Scoring lives in `evaluation.metrics` (what the trainer imports), checkpoint loading in
+`refine_jax.model_loading`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,14 +24,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
+from etils import epath
 
-from refine_jax import sharding
-from refine_jax.checkpointing import Checkpointer, model_signature
-from refine_jax.config import validate_config
 from refine_jax.data import make_sources
-from refine_jax.data.pipeline import CaptionFeatures
-from refine_jax.data.records import is_record
+from refine_jax.data.referenced_shards import ReferencedShards
 from refine_jax.evaluation.attention import (
     added_word_indices,
     added_words_attention,
@@ -44,275 +37,30 @@ from refine_jax.evaluation.attention import (
     token_word_indices,
 )
 from refine_jax.evaluation.captioning import describe_split
-from refine_jax.evaluation.refinement_metrics import chain_agreement, refinement_metrics
+from refine_jax.evaluation.metrics import (
+    evaluate_samples,
+    flatten_metrics,
+    split_metrics,
+    step_schedule,
+)
 from refine_jax.evaluation.report import ReportImage, select_images, write_report
-from refine_jax.losses import step_weights
-from refine_jax.models import build_model
+from refine_jax.model_loading import LoadedModel, load_model, restore_params
+from refine_jax.paths import absolute, folder_name
 from refine_jax.sharding import to_host
-from refine_jax.targets import schedule_fractions
-from refine_jax.tokenizer import Tokenizer
+from refine_jax.workdir_config import config_for_workdir
 
 DEFAULT_EVAL_NAME = "heldout"
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics of described samples (what the trainer calls).
-
-
-def step_schedule(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-    """(s(k), w_k) of the config's refinement steps; ([1.0], [1.0]) for the autoregressive
-    baseline, which writes one description."""
-    m, t = config.model, config.targets
-    if m.kind != "refine":
-        return np.ones(1), np.ones(1)
-    return (
-        schedule_fractions(m.num_refine_steps, t.schedule, t.log_a),
-        step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio),
-    )
-
-
-def split_metrics(
-    samples: Sequence[dict], config: ml_collections.ConfigDict, per_image: bool = False
-) -> dict[str, Any]:
-    """`refinement_metrics` of describe_split samples (every sample counted once, even when two
-    share an image id), with the schedule and weights used and, when every sample carries the
-    true chain (shapes data), the per-step `chain_agreement`."""
-    if not samples:
-        raise ValueError("no samples to evaluate")
-    missing = [s["image_id"] for s in samples if not s["references"]]
-    if missing:
-        raise ValueError(f"{len(missing)} image(s) have no reference caption, e.g. {missing[:3]}")
-    schedule, weights = step_schedule(config)
-    trajectories = {n: list(s["steps"]) for n, s in enumerate(samples)}
-    references = {n: list(s["references"]) for n, s in enumerate(samples)}
-    metrics = refinement_metrics(trajectories, references, schedule, weights, per_image=per_image)
-    metrics["schedule"] = [float(x) for x in schedule]
-    metrics["weights"] = [float(x) for x in weights]
-    num_steps = metrics["num_steps"]
-    if all(len(s.get("chain") or ()) == num_steps for s in samples):
-        metrics["chain_agreement"] = chain_agreement(
-            trajectories, {n: list(s["chain"]) for n, s in enumerate(samples)}
-        )
-    if per_image:
-        for entry in metrics["per_image"]:
-            entry["image_id"] = samples[entry["image_id"]]["image_id"]
-    return metrics
-
-
-def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Flat, float-valued keys for a log line: scalars as they are, per-step lists as
-    `<name>_step_<k>` (cider_step_1, bleu4_step_1, progress_step_1, length_ratio_step_1,
-    chain_agreement_step_1, ...)."""
-    lists = {
-        "cider_per_step": "cider",
-        "bleu4_per_step": "bleu4",
-        "progress_per_step": "progress",
-        "length_ratio_per_step": "length_ratio",
-        "chain_agreement": "chain_agreement",
-    }
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if key in lists:
-            for k, v in enumerate(value or (), 1):
-                flat[f"{lists[key]}_step_{k}"] = float(v)
-        elif isinstance(value, bool | int | float) and not isinstance(value, bool):
-            flat[key] = float(value)
-    return flat
-
-
-def evaluate_samples(
-    samples: Sequence[dict], config: ml_collections.ConfigDict
-) -> dict[str, float]:
-    """DESIGN §4 metrics of `describe_split` output as flat JSON-serialisable floats, for
-    `eval/...` log entries: final_cider, final_bleu4, weighted_quality, gradualness(_raw),
-    length_adherence(_raw), refine_score, monotonic_fraction, num_images, num_steps,
-    num_blank_final and per step cider_step_k, bleu4_step_k, progress_step_k,
-    length_ratio_step_k (and chain_agreement_step_k on data with known chains)."""
-    return flatten_metrics(split_metrics(samples, config))
-
-
-# ---------------------------------------------------------------------------------------------
-# The model of a checkpoint.
-
-
-@dataclass
-class LoadedModel:
-    """A model with its parameters on the mesh, and what describing a split needs."""
-
-    config: ml_collections.ConfigDict
-    model: nn.Module
-    params: Any
-    tokenizer: Tokenizer
-    features: CaptionFeatures
-    fractions: np.ndarray
-    mesh: Mesh
-    rules: tuple
-    step: int | None  # the checkpoint step; None for freshly initialised parameters
-
-    def put_batch(self, batch: dict) -> dict:
-        """A host batch every process holds whole -> global arrays on the mesh."""
-        return sharding.global_batch_from_full(batch, self.mesh, self.rules)
-
-    @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
-        """The mesh and logical axis rules the model runs under."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            yield
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Tokenizer:
-    """The configured tokenizer (config.tokenizer.path), else the one training kept in workdir."""
-    path = config.tokenizer.path or Path(workdir) / "tokenizer"
-    try:
-        return Tokenizer.load(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{e}; train first (--mode=train) or set --config.tokenizer.path"
-        ) from None
-
-
-def _abstract_state(
-    config: ml_collections.ConfigDict, model: nn.Module, vocab_size: int, mesh: Mesh, rules: tuple
-) -> tuple[Any, Any]:
-    """(abstract TrainState, its shardings), built as train.py builds the real one."""
-    from refine_jax import train  # here, not at the top: the trainer imports this module
-
-    optimizer, _ = train.make_optimizer(config)
-
-    def init_state():
-        params = train.init_variables(model, config, vocab_size)
-        return train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(nn.unbox(params)))
-
-    boxed = jax.eval_shape(init_state)
-    abstract = jax.eval_shape(lambda: nn.unbox(init_state()))
-    return abstract, sharding.logical_shardings(boxed, mesh, rules)
-
-
-def restore_params(
-    config: ml_collections.ConfigDict,
-    checkpoint_dir: str | os.PathLike,
-    model: nn.Module,
-    vocab_size: int,
-    mesh: Mesh,
-    rules: tuple,
-    step: int | None = None,
-) -> tuple[Any, int]:
-    """(params, step) of checkpoint `step` (default: the latest) in `checkpoint_dir`, restored
-    with `Checkpointer.restore` into the sharded state layout of this config and mesh; a
-    checkpoint of another model shape fails naming what differs."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoints at {checkpoint_dir}")
-    target, shardings = _abstract_state(config, model, vocab_size, mesh, rules)
-    checkpointer = Checkpointer(checkpoint_dir, save_every=1, keep=1_000_000, async_save=False)
-    try:
-        available = sorted(checkpointer.manager.all_steps())
-        if not available:
-            raise FileNotFoundError(f"no checkpoints at {checkpoint_dir}")
-        step = available[-1] if step is None else int(step)
-        if step not in available:
-            raise ValueError(
-                f"no checkpoint of step {step} in {checkpoint_dir}; available: {available}"
-            )
-        state = checkpointer.restore(
-            step, target, shardings, None, model_signature(config, target.params)
-        )
-    finally:
-        checkpointer.close()
-    return state.params, step
-
-
-def load_model(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
-    checkpoint_step: int | None = None,
-    random_init: bool = False,
-    tokenizer: Tokenizer | None = None,
-) -> LoadedModel:
-    """The config's model with the parameters of checkpoint `checkpoint_step` (default: the
-    latest) in workdir/checkpoints, or freshly initialised ones with `random_init` (benchmarks)."""
-    validate_config(config)
-    mesh = sharding.make_mesh(config.mesh.shape)
-    rules = tuple(map(tuple, config.mesh.axis_rules))
-    tokenizer = tokenizer or load_tokenizer(config, workdir)
-    m, t = config.model, config.targets
-    model = build_model(config, tokenizer.vocab_size)
-    features = CaptionFeatures.from_config(config, tokenizer)  # evaluation uses its `map`
-    fractions = schedule_fractions(m.num_refine_steps, t.schedule, t.log_a).astype(np.float32)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if random_init:
-            from refine_jax import train
-
-            params, _ = sharding.create_sharded(
-                lambda: train.init_variables(model, config, tokenizer.vocab_size), mesh, rules
-            )
-            step = None
-        else:
-            params, step = restore_params(
-                config,
-                Path(workdir) / "checkpoints",
-                model,
-                tokenizer.vocab_size,
-                mesh,
-                rules,
-                checkpoint_step,
-            )
-    return LoadedModel(config, model, params, tokenizer, features, fractions, mesh, rules, step)
 
 
 # ---------------------------------------------------------------------------------------------
 # The split.
 
 
-class ReferencedShards:
-    """A shard split scored against a COCO-style references file: the good records of the
-    shards, in order, each with all of its references (`load_references`); bad samples are
-    counted in `skipped` and left out. An image the references file does not list (or lists
-    without captions) keeps the captions of its shard sample, counted as
-    `references_from_shard`. `limit` > 0 keeps the first `limit` samples of the shards."""
-
-    def __init__(self, path: str | os.PathLike, num_threads: int = 4, limit: int = 0):
-        from refine_jax.data.shards import TarShardSource, load_references
-
-        self.path = os.fspath(path)
-        self.source = TarShardSource(self.path)
-        self.references = load_references(self.path)
-        # Every image is decoded once here, so a corrupt one is left out rather than failing
-        # the evaluation half way.
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            count = min(limit, len(self.source)) if limit > 0 else len(self.source)
-            checked = list(pool.map(self.source.read, range(count)))
-        self.counts = self.source.structural_counts().observe_all(checked)
-        self.skipped = dict(self.counts.skipped)
-        self.indices = [i for i, element in enumerate(checked) if is_record(element)]
-        self.references_from_shard = sum(
-            not self.references.get(checked[i]["key"]) for i in self.indices
-        )
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        record = self.source.read(self.indices[index], verify_image=False)
-        captions = self.references.get(record["key"]) or record["captions"]
-        return {
-            "key": record["key"],
-            "image_bytes": record["image_bytes"],
-            "captions": list(captions),
-        }
-
-
 def default_eval_name(eval_data: str | None) -> str:
     """NAME of DIR/eval/NAME: the shard folder's name, or 'heldout' for the config's split."""
     if not eval_data:
         return DEFAULT_EVAL_NAME
-    path = os.path.abspath(os.path.expanduser(os.fspath(eval_data)))
-    wildcard = min((path.index(c) for c in "*?[" if c in path), default=None)
-    if wildcard is not None:  # the folder the glob's first pattern part lies in
-        path = os.path.dirname(path[:wildcard])
-    elif not os.path.isdir(path):  # a shard file
-        path = os.path.dirname(path)
-    return os.path.basename(path.rstrip("/")) or DEFAULT_EVAL_NAME
+    return folder_name(eval_data, DEFAULT_EVAL_NAME)
 
 
 def eval_split(
@@ -324,7 +72,7 @@ def eval_split(
     if eval_data:
         split = ReferencedShards(eval_data, num_threads, config.data.get("max_eval_examples", 0))
         return split, {
-            "eval_data": os.path.abspath(os.fspath(eval_data)),
+            "eval_data": absolute(eval_data),
             "skipped": dict(split.skipped),
             "references_from_shard": split.references_from_shard,
         }
@@ -410,8 +158,8 @@ def report_images(
 
 
 def evaluate_checkpoint(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
+    config: ml_collections.ConfigDict | None,
+    workdir: str | epath.PathLike,
     eval_data: str | None = None,
     eval_name: str | None = None,
     checkpoint_step: int | None = None,
@@ -421,9 +169,12 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Describes the split with the checkpoint, scores it, and writes DIR/eval/NAME/
     metrics.json, captions.jsonl and report.html (process 0). Returns the metrics (with
-    `output_dir` and `seconds`). `loaded` reuses an already loaded model."""
+    `output_dir` and `seconds`). `loaded` reuses an already loaded model; `config` None: the
+    one recorded in the workdir at training."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    workdir = epath.Path(workdir)
+    config = loaded.config if loaded and config is None else config_for_workdir(config, workdir)
     loaded = loaded or load_model(config, workdir, checkpoint_step)
     timings["load_model"] = time.perf_counter() - start
 
@@ -456,7 +207,7 @@ def evaluate_checkpoint(
     timings["report_attention"] = time.perf_counter() - tick
 
     name = eval_name or default_eval_name(eval_data)
-    output_dir = Path(workdir) / "eval" / name
+    output_dir = workdir / "eval" / name
     summary = {
         "eval_name": name,
         **info,
@@ -467,7 +218,7 @@ def evaluate_checkpoint(
     if jax.process_index() == 0:
         tick = time.perf_counter()
         output_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / "captions.jsonl", "w", encoding="utf-8") as f:
+        with (output_dir / "captions.jsonl").open("w") as f:
             for sample, scores in zip(samples, per_image, strict=True):
                 row = {
                     "image_id": sample["image_id"],

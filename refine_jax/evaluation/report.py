@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from refine_jax.evaluation.attention import word_diff
@@ -334,9 +335,9 @@ in this report.</p>
 """
 
 
-def write_report(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
-    """Renders the report (arguments of `render_report`) to `path`."""
-    path = Path(path)
+def write_report(path: str | epath.PathLike, *args: Any, **kwargs: Any) -> epath.Path:
+    """Renders the report (arguments of `render_report`) to `path` (local or a URI)."""
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(*args, **kwargs), encoding="utf-8")
     return path

@@ -1,0 +1,148 @@
+"""The registry of model kinds: what the trainer, evaluation and benchmarks need of each.
+
+A kind (`config.model.kind`) is one `ModelKind`: how to build its module, the dummy inputs that
+initialise its parameters, and the step schedule its descriptions are scored against. A new
+kind registers one entry (and adds its name to `config.MODEL_KINDS`) instead of adding
+`if kind == ...` branches to the trainer, the loader and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from refine_jax.losses import step_weights
+from refine_jax.models.autoregressive import AutoregressiveCaptioner
+from refine_jax.models.refine import RefineCaptioner
+from refine_jax.targets import schedule_fractions
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One model kind. `build(config, vocab_size, scan)` gives the module (`scan=None`: the
+    config's choice); `init_inputs(config)` the dummy arrays after the rng of `module.init`;
+    `step_schedule(config)` the (s(k), w_k) its described steps are scored with."""
+
+    name: str
+    build: Callable[[ml_collections.ConfigDict, int, bool | None], nn.Module]
+    init_inputs: Callable[[ml_collections.ConfigDict], tuple[jax.Array, ...]]
+    step_schedule: Callable[[ml_collections.ConfigDict], tuple[np.ndarray, np.ndarray]]
+
+
+_KINDS: dict[str, ModelKind] = {}
+
+
+def register_model_kind(kind: ModelKind) -> ModelKind:
+    """Adds `kind` under its name; registering a name twice is an error."""
+    if kind.name in _KINDS:
+        raise ValueError(f"model kind {kind.name!r} is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def model_kind(name: str) -> ModelKind:
+    """The registered kind `name`; an unknown name fails listing the registered ones."""
+    if name not in _KINDS:
+        raise ValueError(f"unknown model.kind {name!r}; registered kinds: {sorted(_KINDS)}")
+    return _KINDS[name]
+
+
+def registered_model_kinds() -> tuple[str, ...]:
+    return tuple(_KINDS)
+
+
+def _shared_module_args(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, Any]:
+    """Constructor arguments the encoder-plus-text-decoder kinds share."""
+    m = config.model
+    return dict(
+        vocab_size=vocab_size,
+        canvas_length=m.canvas_length,
+        image_size=m.image_size,
+        patch_size=m.patch_size,
+        width=m.width,
+        encoder_depth=m.encoder_depth,
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        dtype=jnp.dtype(m.dtype),
+        dropout_rate=m.dropout_rate,
+        remat=m.remat,
+    )
+
+
+def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:
+    size = config.model.image_size
+    return jnp.zeros((1, size, size, 3), jnp.float32)
+
+
+# --- The refinement captioner (DESIGN §2).
+
+
+def _build_refine(
+    config: ml_collections.ConfigDict, vocab_size: int, scan: bool | None
+) -> RefineCaptioner:
+    m = config.model
+    return RefineCaptioner(
+        num_refine_steps=m.num_refine_steps,
+        detailer_depth=m.detailer_depth,
+        scan=m.scan_detailer if scan is None else scan,
+        layout=config.targets.layout,
+        **_shared_module_args(config, vocab_size),
+    )
+
+
+def _refine_init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
+    m = config.model
+    return (
+        _dummy_images(config),
+        jnp.zeros((1, m.num_refine_steps, m.canvas_length), jnp.int32),
+        jnp.zeros((m.num_refine_steps,), jnp.float32),
+        jnp.zeros((1,), bool),
+    )
+
+
+def _refine_step_schedule(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    m, t = config.model, config.targets
+    return (
+        schedule_fractions(m.num_refine_steps, t.schedule, t.log_a),
+        step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio),
+    )
+
+
+# --- The autoregressive baseline: the same encoder and a causal decoder of the same depth.
+
+
+def _build_autoregressive(
+    config: ml_collections.ConfigDict, vocab_size: int, scan: bool | None
+) -> AutoregressiveCaptioner:
+    del scan  # the baseline has no refinement steps to scan
+    return AutoregressiveCaptioner(
+        decoder_depth=config.model.detailer_depth, **_shared_module_args(config, vocab_size)
+    )
+
+
+def _autoregressive_init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
+    return _dummy_images(config), jnp.zeros((1, config.model.canvas_length), jnp.int32)
+
+
+def _single_step_schedule(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """One description, scored as the final step."""
+    del config
+    return np.ones(1), np.ones(1)
+
+
+register_model_kind(ModelKind("refine", _build_refine, _refine_init_inputs, _refine_step_schedule))
+register_model_kind(
+    ModelKind(
+        "autoregressive",
+        _build_autoregressive,
+        _autoregressive_init_inputs,
+        _single_step_schedule,
+    )
+)

@@ -1,0 +1,111 @@
+"""The config a workdir was trained with, recorded in WORKDIR/config.json by the trainer, so that
+evaluation and captioning need only `--workdir` (a given `--config` still wins)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from refine_jax.checkpointing import SHAPE_NEUTRAL_MODEL_KEYS
+from refine_jax.config import base_config
+
+CONFIG_FILE = "config.json"
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> epath.Path:
+    """Writes the whole config as JSON to WORKDIR/config.json (renamed into place); call it on
+    one process only."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    partial = path.parent / f".{CONFIG_FILE}.partial"
+    partial.write_text(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
+    partial.replace(path)
+    return path
+
+
+def _as_config_value(value: Any) -> Any:
+    """JSON lists back to the tuples configs hold."""
+    if isinstance(value, list):
+        return tuple(_as_config_value(v) for v in value)
+    return value
+
+
+def _merge(node: ml_collections.ConfigDict, recorded: dict, prefix: str, unknown: list) -> None:
+    for key, value in recorded.items():
+        name = f"{prefix}{key}"
+        if key not in node:
+            unknown.append(name)
+        elif isinstance(node[key], ml_collections.ConfigDict):
+            _merge(node[key], value, f"{name}.", unknown)
+        else:
+            try:
+                node[key] = _as_config_value(value)
+            except TypeError as e:
+                raise ValueError(f"recorded config key {name} = {value!r}: {e}") from None
+
+
+def read_recorded_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict | None:
+    """The locked config recorded in WORKDIR/config.json (the defaults of `base_config` for keys
+    it predates), or None when the workdir has none (trained before configs were recorded)."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    config = base_config()
+    unknown: list[str] = []
+    _merge(config, json.loads(path.read_text()), "", unknown)
+    if unknown:
+        raise ValueError(
+            f"{path} has keys this version does not know: {', '.join(unknown)}; it was written "
+            "by another version of refine_jax: pass --config explicitly"
+        )
+    config.lock()
+    return config
+
+
+def model_shape_differences(
+    recorded: ml_collections.ConfigDict, given: ml_collections.ConfigDict
+) -> list[str]:
+    """'model.KEY: recorded X, given Y' for every shape-bearing model key that differs."""
+    old, new = recorded.model.to_dict(), given.model.to_dict()
+    return [
+        f"model.{key}: recorded {old.get(key)!r}, given {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key not in SHAPE_NEUTRAL_MODEL_KEYS and old.get(key) != new.get(key)
+    ]
+
+
+def config_for_workdir(
+    config: ml_collections.ConfigDict | None, workdir: str | epath.PathLike
+) -> ml_collections.ConfigDict:
+    """The config to evaluate or caption WORKDIR's checkpoints with: `config` when given (it must
+    agree with the recorded model shape), else the one recorded at training."""
+    recorded = read_recorded_config(workdir)
+    if config is None:
+        if recorded is None:
+            raise FileNotFoundError(
+                f"{epath.Path(workdir) / CONFIG_FILE} does not exist (the workdir was not "
+                "trained by this version, or not at all): pass --config=FILE.py[:VARIANT] and "
+                "the overrides it was trained with"
+            )
+        return recorded
+    if recorded is not None:
+        differences = model_shape_differences(recorded, config)
+        if differences:
+            raise ValueError(
+                f"--config does not match the model {epath.Path(workdir) / CONFIG_FILE} was "
+                "trained with:\n  "
+                + "\n  ".join(differences)
+                + "\nDrop --config to use the recorded one, or fix the differing keys."
+            )
+    return config
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "config_for_workdir",
+    "model_shape_differences",
+    "read_recorded_config",
+    "record_config",
+]
