@@ -2,11 +2,20 @@
 
 Step k of K targets about n·s(k) of the caption's n words. Words enter in a fixed priority
 order, so every step's target contains the previous one (nesting), and the last step is
-the whole caption. The priority order is:
+the whole caption. A caption's content words fall into phrases, each with one head word; the
+priority order is:
 
-1. phrase heads (the last word of a run of content words) before their modifiers;
-2. within each group, generic (frequent in the training captions) before rare;
-3. ties broken by position.
+1. the subject: the first phrase head that is noun-like, so step 1 names the main thing in
+   the picture ("dog", not "jumping");
+2. the other phrase heads, then their modifiers;
+3. within each group, generic (frequent in the training captions) before rare, ties by position.
+
+Whether a word is noun-like is read off the training captions, with no tagger: nouns end noun
+phrases (they are followed by a function word or the caption's end) and often directly follow
+a determiner ("a dog", "two dogs"); verbs rarely follow a determiner, and adjectives rarely end
+a phrase. A run of consecutive content words ("dog jumping", "large red circle") is split at
+its most noun-like word: that word heads the words before it, and the words after it form a
+phrase of their own.
 
 After each content word enters, the function words whose neighbouring phrases (or the caption
 boundary) now have their heads kept enter with it, in caption order, so "circle" grows into
@@ -38,6 +47,17 @@ FUNCTION_WORDS = frozenset(
     . , ; : ! ? ' " - ( ) 's
     """.split()
 )
+
+# Words that open a noun phrase: a word often right after one of these is noun-like.
+DETERMINERS = frozenset(
+    """
+    a an the this that these those some any each every another its their his her our my your
+    one two three four five six seven eight nine ten several many both few
+    """.split()
+)
+
+# A word that ends a phrase in fewer than this share of its occurrences is a modifier.
+_MODIFIER_ENDS = 0.25
 
 TARGET_KINDS = ("salience", "full")
 LAYOUTS = ("aligned", "left")
@@ -83,31 +103,123 @@ def scheduled_word_counts(num_words: int, fractions: np.ndarray) -> list[int]:
 
 @dataclass
 class SalienceStats:
-    """Word document frequencies over the training captions, saved next to the tokenizer."""
+    """Word statistics of the training captions, saved next to the tokenizer: in how many
+    captions each word appears (how generic it is) and, per occurrence, whether it directly
+    follows a determiner or a modifier, and whether it ends a phrase (how noun-like it is)."""
 
     word_counts: dict[str, int] = field(default_factory=dict)
     num_captions: int = 0
+    occurrences: dict[str, int] = field(default_factory=dict)
+    after_determiner: dict[str, int] = field(default_factory=dict)
+    ends_phrase: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_captions(cls, captions: Iterable[str]) -> SalienceStats:
+        captions = [caption_words(c) for c in captions]
         counts: collections.Counter[str] = collections.Counter()
-        num = 0
-        for caption in captions:
-            counts.update(set(caption_words(caption)))
-            num += 1
-        return cls(word_counts=dict(counts), num_captions=num)
+        occurrences: collections.Counter[str] = collections.Counter()
+        ends_phrase: collections.Counter[str] = collections.Counter()
+        for words in captions:
+            counts.update(set(words))
+            occurrences.update(words)
+            for i, word in enumerate(words):
+                if i + 1 == len(words) or words[i + 1] in FUNCTION_WORDS:
+                    ends_phrase[word] += 1
+        # A modifier (adjective, numeral, first word of a compound) almost never ends a phrase.
+        modifiers = {
+            w
+            for w, n in occurrences.items()
+            if w not in FUNCTION_WORDS and ends_phrase[w] < _MODIFIER_ENDS * n
+        }
+        opened: collections.Counter[str] = collections.Counter()
+        for words in captions:
+            for i, word in enumerate(words):
+                if i > 0 and (words[i - 1] in DETERMINERS or words[i - 1] in modifiers):
+                    opened[word] += 1
+        return cls(dict(counts), len(captions), dict(occurrences), dict(opened), dict(ends_phrase))
 
     def frequency(self, word: str) -> float:
         return self.word_counts.get(word, 0) / max(self.num_captions, 1)
 
+    def nounness(self, word: str) -> float:
+        """In [0, 1]: the share of the word's occurrences that follow a determiner or a modifier
+        times the share that end a phrase; 0 for a word never seen. Nouns do both ("a black
+        *dog* is"), adjectives rarely end a phrase, verbs rarely follow a determiner."""
+        seen = self.occurrences.get(word, 0)
+        if not seen:
+            return 0.0
+        opened = self.after_determiner.get(word, 0) / seen
+        return opened * self.ends_phrase.get(word, 0) / seen
+
     def save(self, path: str | epath.PathLike) -> None:
-        payload = {"num_captions": self.num_captions, "word_counts": self.word_counts}
+        payload = {
+            "num_captions": self.num_captions,
+            "word_counts": self.word_counts,
+            "occurrences": self.occurrences,
+            "after_determiner": self.after_determiner,
+            "ends_phrase": self.ends_phrase,
+        }
         epath.Path(path).write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | epath.PathLike) -> SalienceStats:
         payload = json.loads(epath.Path(path).read_text(encoding="utf-8"))
-        return cls(word_counts=payload["word_counts"], num_captions=payload["num_captions"])
+        if "occurrences" not in payload:
+            raise ValueError(
+                f"{path} holds salience statistics of an older format (no noun statistics); "
+                "retrain the tokenizer (python -m refine_jax.tokenizer) or start a new workdir"
+            )
+        return cls(
+            payload["word_counts"],
+            payload["num_captions"],
+            payload["occurrences"],
+            payload["after_determiner"],
+            payload["ends_phrase"],
+        )
+
+
+# A word this much more noun-like than the words after it in its run heads them; otherwise the
+# last word of the run does ("large red *circle*").
+_HEAD_MARGIN = 0.1
+# A subject is the first phrase head at least this noun-like.
+_SUBJECT_NOUNNESS = 0.2
+
+
+def phrase_heads(words: Sequence[str], stats: SalienceStats) -> dict[int, int]:
+    """For each content word position, the position of its phrase's head (see the module
+    docstring): a run of content words is split after its most noun-like word."""
+    head_of: dict[int, int] = {}
+    i = 0
+    while i < len(words):
+        if words[i] in FUNCTION_WORDS:
+            i += 1
+            continue
+        end = i
+        while end + 1 < len(words) and words[end + 1] not in FUNCTION_WORDS:
+            end += 1
+        start = i
+        while start <= end:  # split [start, end] at its head, repeatedly
+            head = end
+            for j in range(end - 1, start - 1, -1):
+                if stats.nounness(words[j]) > stats.nounness(words[head]) + _HEAD_MARGIN:
+                    head = j
+            for j in range(start, head + 1):
+                head_of[j] = head
+            start = head + 1
+        i = end + 1
+    return head_of
+
+
+def subject_position(words: Sequence[str], stats: SalienceStats) -> int | None:
+    """The position of the caption's subject: the first phrase head that is noun-like, else
+    the most noun-like head; None without content words."""
+    heads = sorted(set(phrase_heads(words, stats).values()))
+    if not heads:
+        return None
+    for head in heads:
+        if stats.nounness(words[head]) >= _SUBJECT_NOUNNESS:
+            return head
+    return max(heads, key=lambda h: (stats.nounness(words[h]), -h))
 
 
 def salience_order(words: Sequence[str], stats: SalienceStats) -> list[int]:
@@ -115,11 +227,11 @@ def salience_order(words: Sequence[str], stats: SalienceStats) -> list[int]:
     content = [i for i, w in enumerate(words) if w not in FUNCTION_WORDS]
     if not content:  # nothing but function words: keep them in caption order
         return list(range(len(words)))
-    # A phrase is a run of content words; its head is the last one ("large red *circle*").
-    head_of: dict[int, int] = {}
-    for i in reversed(content):
-        head_of[i] = head_of[i + 1] if i + 1 in head_of else i
-    ranked = sorted(content, key=lambda i: (head_of[i] != i, -stats.frequency(words[i]), i))
+    head_of = phrase_heads(words, stats)
+    subject = subject_position(words, stats)
+    ranked = sorted(
+        content, key=lambda i: (i != subject, head_of[i] != i, -stats.frequency(words[i]), i)
+    )
     kept: set[int] = set()
     order: list[int] = []
 

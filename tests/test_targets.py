@@ -12,9 +12,11 @@ from refine_jax.targets import (
     canvas_targets,
     caption_words,
     coarse_to_fine,
+    phrase_heads,
     schedule_fractions,
     scheduled_word_counts,
     step_word_indices,
+    subject_position,
 )
 
 VOCABULARY = ["dog", "man", "red", "ball", "grass", "running", "small", "park", "two", "water"]
@@ -113,3 +115,65 @@ def test_aligned_canvas_keeps_tokens_in_place_and_left_canvas_spells_the_target(
 def test_unknown_layout_is_rejected():
     with pytest.raises(ValueError, match="layout 'diagonal'"):
         canvas_targets([[5]], [[0]], "diagonal", blank_id=4)
+
+
+PHOTO_STATS = SalienceStats.from_captions(
+    [
+        "a dog runs on the grass .",
+        "a black dog is jumping over a log .",
+        "two dogs play in the snow .",
+        "a man is riding a bike .",
+        "a little girl in a red dress is running .",
+        "the boy throws a ball .",
+        "a brown dog is running through the water .",
+        "two men are playing soccer on a field .",
+        "the dogs are running .",
+        "three dogs in the snow .",
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "caption, subject",
+    [
+        ("a dog jumping over a log .", "dog"),  # the verb ends the run, the noun heads it
+        ("two dogs play in the snow .", "dogs"),
+        ("a black dog running on the grass .", "dog"),
+        ("a girl in a red dress running .", "girl"),
+    ],
+)
+def test_step_one_names_the_subject_not_the_verb(caption, subject):
+    steps = coarse_to_fine(caption, 4, PHOTO_STATS)
+    assert subject in steps[0].split(), steps
+    words = caption_words(caption)
+    assert words[subject_position(words, PHOTO_STATS)] == subject
+
+
+def test_a_run_of_content_words_splits_after_its_noun():
+    words = caption_words("a dog jumping over a log")
+    heads = phrase_heads(words, PHOTO_STATS)
+    assert heads[1] == 1 and heads[2] == 2  # "dog" and "jumping" head their own phrases
+    words = caption_words("a black dog runs")
+    assert phrase_heads(words, PHOTO_STATS)[1] == 2  # "black" modifies "dog"
+
+
+def test_shape_captions_grow_from_the_first_shape():
+    stats = SalienceStats.from_captions(generate(0, "train", i)["captions"][0] for i in range(500))
+    steps = coarse_to_fine("a large yellow square beside a small green circle", 4, stats)
+    assert steps == [
+        "a square",
+        "a square beside a circle",
+        "a large square beside a small circle",
+        "a large yellow square beside a small green circle",
+    ]
+
+
+def test_unseen_words_fall_back_to_the_last_word_of_a_run():
+    words = caption_words("a zorp blick")
+    assert phrase_heads(words, SalienceStats())[1] == 2
+
+
+def test_salience_stats_of_an_older_format_are_refused_with_a_hint(tmp_path):
+    (tmp_path / "salience.json").write_text('{"num_captions": 1, "word_counts": {"a": 1}}')
+    with pytest.raises(ValueError, match="retrain the tokenizer"):
+        SalienceStats.load(tmp_path / "salience.json")

@@ -93,6 +93,11 @@ def _build_refine(
         detailer_depth=m.detailer_depth,
         scan=m.scan_detailer if scan is None else scan,
         layout=config.targets.layout,
+        objective=config.targets.objective,
+        self_condition_layout=config.targets.self_condition_layout,
+        due_loss_weight=config.targets.due_loss_weight,
+        revise=config.decode.revise,
+        polish_steps=config.decode.polish_steps,
         **_shared_module_args(config, vocab_size),
     )
 

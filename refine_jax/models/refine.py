@@ -66,13 +66,78 @@ def write_scheduled(logits: jax.Array, fraction: jax.Array) -> jax.Array:
     return jnp.where(ended, PAD_ID, jnp.where(written, words, BLANK_ID))
 
 
+def is_word(tokens: jax.Array) -> jax.Array:
+    """Positions holding a word piece (not pad, blank or another special id)."""
+    return ~jnp.isin(tokens, jnp.asarray((*NOT_TEXT_IDS, UNK_ID)))
+
+
+def best_words(logits: jax.Array) -> jax.Array:
+    """Each position's most likely word piece (never pad, blank or another special id)."""
+    not_words = jnp.asarray((*NOT_TEXT_IDS, UNK_ID))
+    return jnp.argmax(logits.at[..., not_words].set(-jnp.inf), axis=-1)
+
+
+def write_due(
+    logits: jax.Array, due_logits: jax.Array, canvas: jax.Array, revise: bool = True
+) -> jax.Array:
+    """The canvas a `final`-objective step writes. logits [B, L, V] (the final word of every
+    position), due_logits [B, L] (whether the position is written by this step), the canvas
+    read [B, L] -> token ids [B, L].
+
+    The description ends at the first position more likely pad than not. Before that, every
+    position the model deems due (due logit > 0) gets its most likely word and the rest stay
+    blank, so how many words a step writes is the model's decision; at least the most due
+    position is written. With `revise`, a word already on the canvas may be replaced by a
+    likelier one; without, written words are copied.
+    """
+    probabilities = jax.nn.softmax(logits, axis=-1)
+    ended = jnp.cumsum(probabilities[..., PAD_ID] >= 0.5, axis=-1) > 0  # [B, L]
+    words = best_words(logits)
+    if not revise:
+        words = jnp.where(is_word(canvas), canvas, words)
+    due = (due_logits > 0) & ~ended
+    most_due = jnp.argmax(jnp.where(ended, -jnp.inf, due_logits), axis=-1)  # [B]
+    fallback = (jnp.arange(canvas.shape[-1]) == most_due[:, None]) & ~ended
+    due = jnp.where(jnp.any(due, axis=-1, keepdims=True), due, fallback)
+    return jnp.where(ended, PAD_ID, jnp.where(due, words, BLANK_ID))
+
+
+def final_objective_terms(
+    logits: jax.Array, due_logits: jax.Array, target: jax.Array, final: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(word cross-entropy, due cross-entropy, expected written length), each [B], of a
+    `final`-objective step: the final caption's token is predicted at every position up to
+    its end (the first pad included, so the length is learned), averaged over those positions;
+    the due decision (is the position written in this step's target?) over the caption's
+    positions. logits [B, L, V], due_logits, target, final [B, L]."""
+    first_pad = jnp.argmax(final == PAD_ID, axis=-1)  # [B]; 0 when the caption fills the canvas
+    positions = jnp.arange(final.shape[-1])
+    in_caption = final != PAD_ID
+    scored = in_caption | (positions == first_pad[:, None])
+    count = lambda m: jnp.maximum(jnp.sum(m, axis=-1), 1)
+    word_ce = optax.softmax_cross_entropy_with_integer_labels(logits, final)
+    word_ce = jnp.sum(word_ce * scored, axis=-1) / count(scored)
+    written = is_word(target)
+    due_ce = optax.sigmoid_binary_cross_entropy(due_logits, written.astype(jnp.float32))
+    due_ce = jnp.sum(due_ce * in_caption, axis=-1) / count(in_caption)
+    p_text = 1.0 - jax.nn.softmax(logits, axis=-1)[..., PAD_ID]
+    expected_length = jnp.sum(jax.nn.sigmoid(due_logits) * p_text, axis=-1)
+    return word_ce, due_ce, expected_length
+
+
 class DetailerStep(nn.Module):
     """One refinement step; the scan body. carry: canvas [B, L] -> next canvas [B, L].
 
     `step` carries, per step: `fraction` (s(k), the scheduled share of the final description,
-    which tells the detailer how much detail is due), and in training `target` [B, L].
-    With the `aligned` layout a step writes its scheduled share of the description
-    (`write_scheduled`); with `left` it writes each position's most likely token.
+    which tells the detailer how much detail is due), and in training `target` [B, L] and
+    `self_condition` [B] (read the own prediction at the next step); `final` [B, L] is the
+    whole caption's canvas (training with the `final` objective; None otherwise).
+
+    Objective `final` (aligned layout only): the step predicts the final caption's word at
+    every position plus a per-position due decision, and writes the due positions
+    (`write_due`), so it may revise earlier words. Objective `step`: the step predicts its own
+    target canvas; with the `aligned` layout it writes its scheduled share of the description
+    (`write_scheduled`), with `left` each position's most likely token.
     """
 
     vocab_size: int
@@ -84,6 +149,10 @@ class DetailerStep(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     layout: str = "aligned"
+    objective: str = "step"
+    self_condition_layout: str = "target"
+    due_loss_weight: float = 1.0
+    revise: bool = True
     keep_logits: bool = False
 
     @nn.compact
@@ -92,7 +161,7 @@ class DetailerStep(nn.Module):
         canvas: jax.Array,  # [B, L] int
         step: dict[str, jax.Array],
         image_tokens: jax.Array,  # [B, N, D]
-        self_condition: jax.Array | None,  # [B] bool: read own prediction at the next step
+        final: jax.Array | None,  # [B, L] int: the whole caption (training, `final` objective)
         deterministic: bool = True,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         x = token_embedding(self.vocab_size, self.width, self.dtype, "token_embedding")(canvas)
@@ -108,7 +177,15 @@ class DetailerStep(nn.Module):
         x = layer_norm(self.dtype, "final_norm")(x)
         logits = dense(self.vocab_size, ("embed", "vocab"), jnp.float32, "logits")(x)
         logits = constrain(logits, ("batch", "length", "vocab"))  # [B, L, V]
-        if self.layout == "aligned":
+        if self.objective == "final":
+            due_logits = dense(1, ("embed", "decision"), jnp.float32, "due")(x)[..., 0]  # [B, L]
+            prediction = write_due(
+                jax.lax.stop_gradient(logits),
+                jax.lax.stop_gradient(due_logits),
+                canvas,
+                self.revise,
+            )
+        elif self.layout == "aligned":
             prediction = write_scheduled(jax.lax.stop_gradient(logits), step["fraction"])
         else:
             prediction = clean_canvas(jnp.argmax(jax.lax.stop_gradient(logits), axis=-1))
@@ -116,20 +193,35 @@ class DetailerStep(nn.Module):
             return prediction, {"canvas": prediction, "pooled": jnp.mean(x, axis=1)}
 
         target = step["target"]  # [B, L]
-        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, target)
-        # Expected number of written (neither pad nor blank) positions: what the length term
-        # ties to the schedule.
-        probabilities = jax.nn.softmax(logits, axis=-1)
-        p_unwritten = probabilities[..., PAD_ID] + probabilities[..., BLANK_ID]
+        if self.objective == "final":
+            word_ce, due_ce, expected_length = final_objective_terms(
+                logits, due_logits, target, final
+            )
+            cross_entropy = word_ce + self.due_loss_weight * due_ce
+        else:
+            cross_entropy = jnp.mean(
+                optax.softmax_cross_entropy_with_integer_labels(logits, target), axis=-1
+            )
+            # Expected number of written (neither pad nor blank) positions: what the length
+            # term ties to the schedule.
+            probabilities = jax.nn.softmax(logits, axis=-1)
+            p_unwritten = probabilities[..., PAD_ID] + probabilities[..., BLANK_ID]
+            expected_length = jnp.sum(1.0 - p_unwritten, axis=-1)
         outputs = {
-            "cross_entropy": jnp.mean(cross_entropy, axis=-1),  # [B]
-            "expected_length": jnp.sum(1.0 - p_unwritten, axis=-1),  # [B]
+            "cross_entropy": cross_entropy,  # [B]
+            "expected_length": expected_length,  # [B]
             "exact_match": jnp.all(prediction == target, axis=-1),  # [B]
             "token_accuracy": jnp.mean(prediction == target, axis=-1),  # [B]
         }
         if self.keep_logits:  # inspection and tests only: this is the [K, B, L, V] tensor
             outputs["logits"] = logits
-        next_canvas = jnp.where(self_condition[:, None], prediction, target)
+        if self.self_condition_layout == "target":
+            # The own words on the target's layout: positions and length stay the reference's,
+            # so the next step learns to repair wrong words rather than to write them twice.
+            own = jnp.where(is_word(target), best_words(jax.lax.stop_gradient(logits)), target)
+        else:
+            own = prediction
+        next_canvas = jnp.where(step["self_condition"][:, None], own, target)
         return next_canvas, outputs
 
 
@@ -151,6 +243,11 @@ class RefineCaptioner(nn.Module):
     remat: str = "none"
     scan: bool = True
     layout: str = "aligned"  # of the targets: how a step writes its canvas (see DetailerStep)
+    objective: str = "step"  # "final" or "step" (see DetailerStep)
+    self_condition_layout: str = "target"  # "target" or "own" (see DetailerStep)
+    due_loss_weight: float = 1.0
+    revise: bool = True  # decoding: a step may replace words already written
+    polish_steps: int = 0  # decoding: extra applications of the final step
     keep_logits: bool = False  # also return every step's logits (tests and inspection only)
 
     def setup(self):
@@ -182,6 +279,10 @@ class RefineCaptioner(nn.Module):
             dtype=self.dtype,
             dropout_rate=self.dropout_rate,
             layout=self.layout,
+            objective=self.objective,
+            self_condition_layout=self.self_condition_layout,
+            due_loss_weight=self.due_loss_weight,
+            revise=self.revise,
             keep_logits=self.keep_logits,
         )
         if self.scan:
@@ -191,23 +292,23 @@ class RefineCaptioner(nn.Module):
                 variable_axes={"intermediates": 0},
                 split_rngs={"params": False, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=self.num_refine_steps,
-            )
+            )  # its length is that of the steps given: K in training, more with polish passes
         self.detailer = step_cls(**kwargs)
 
     def encode(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.encoder(images, deterministic)
 
-    def _refine(self, image_tokens, steps, self_condition, deterministic):
+    def _refine(self, image_tokens, steps, final, deterministic):
+        """Applies the detailer once per entry of `steps` (leading axis), from the blank canvas."""
         batch = image_tokens.shape[0]
         blank = jnp.full((batch, self.canvas_length), BLANK_ID, jnp.int32)
         if self.scan:
-            _, outputs = self.detailer(blank, steps, image_tokens, self_condition, deterministic)
+            _, outputs = self.detailer(blank, steps, image_tokens, final, deterministic)
             return outputs
         canvas, per_step = blank, []
-        for k in range(self.num_refine_steps):
+        for k in range(steps["fraction"].shape[0]):
             step_k = jax.tree.map(lambda a, k=k: a[k], steps)
-            canvas, out = self.detailer(canvas, step_k, image_tokens, self_condition, deterministic)
+            canvas, out = self.detailer(canvas, step_k, image_tokens, final, deterministic)
             per_step.append(out)
         return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
 
@@ -216,17 +317,31 @@ class RefineCaptioner(nn.Module):
         images: jax.Array,  # [B, H, W, 3]
         targets: jax.Array,  # [B, K, L] int
         fractions: jax.Array,  # [K] scheduled fractions s(k)
-        self_condition: jax.Array,  # [B] bool
+        self_condition: jax.Array,  # [B] or [B, K] bool: read own prediction after step k
         deterministic: bool = True,
     ) -> dict[str, jax.Array]:
         """Training pass: per-step loss terms, each [K, B]."""
         image_tokens = self.encode(images, deterministic)
-        steps = {"fraction": fractions, "target": jnp.swapaxes(targets, 0, 1)}  # [K, B, L]
-        return self._refine(image_tokens, steps, self_condition, deterministic)
+        num_steps = targets.shape[1]
+        if self_condition.ndim == 1:
+            self_condition = jnp.repeat(self_condition[:, None], num_steps, axis=1)
+        steps = {
+            "fraction": fractions,
+            "target": jnp.swapaxes(targets, 0, 1),  # [K, B, L]
+            "self_condition": jnp.swapaxes(self_condition, 0, 1),  # [K, B]
+        }
+        final = targets[:, -1] if self.objective == "final" else None  # [B, L]
+        return self._refine(image_tokens, steps, final, deterministic)
 
     def describe(self, images: jax.Array, fractions: jax.Array) -> dict[str, Any]:
-        """Decoding: `canvas` [K, B, L] token ids written at each step, `pooled` [K, B, D]."""
+        """Decoding: `canvas` [K, B, L] token ids written at each step, `pooled` [K, B, D].
+        With `polish_steps`, the final step is applied that many more times and the last
+        application's canvas is step K's."""
         image_tokens = self.encode(images, True)
-        batch = images.shape[0]
-        no_self_condition = jnp.zeros((batch,), jnp.bool_)
-        return self._refine(image_tokens, {"fraction": fractions}, no_self_condition, True)
+        if self.polish_steps:
+            fractions = jnp.concatenate([fractions, jnp.repeat(fractions[-1:], self.polish_steps)])
+        out = self._refine(image_tokens, {"fraction": fractions}, None, True)
+        if self.polish_steps:
+            keep = jnp.r_[jnp.arange(self.num_refine_steps - 1), fractions.shape[0] - 1]
+            out = jax.tree.map(lambda a: a[keep], out)
+        return out
