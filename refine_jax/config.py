@@ -7,6 +7,7 @@ result, so a misspelt key (in the file or as `--config.x=y`) is an error, not a 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Sequence
 
@@ -157,8 +158,26 @@ def _check_choice(value: str, name: str, choices: Sequence[str]) -> None:
         raise ValueError(f"config.{name} = {value!r} is not one of {list(choices)}")
 
 
+def _non_finite_values(node, prefix: str = "config") -> list[str]:
+    """Dotted names of every NaN or infinite number in a config (inside tuples too)."""
+    if isinstance(node, ml_collections.ConfigDict):
+        items = ((f"{prefix}.{key}", node[key]) for key in node.keys())
+    elif isinstance(node, (tuple, list)):
+        items = ((f"{prefix}[{i}]", value) for i, value in enumerate(node))
+    elif isinstance(node, float) and not math.isfinite(node):
+        return [f"{prefix} = {node}"]
+    else:
+        return []
+    return [bad for name, value in items for bad in _non_finite_values(value, name)]
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the bad key for values no run could succeed with."""
+    non_finite = _non_finite_values(config)
+    if non_finite:
+        raise ValueError(f"non-finite config value: {', '.join(non_finite)}; use a finite number")
+    if not config.learning_rate >= 0:
+        raise ValueError(f"config.learning_rate must be >= 0, got {config.learning_rate}")
     m, t = config.model, config.targets
     _check_choice(m.kind, "model.kind", MODEL_KINDS)
     _check_choice(m.remat, "model.remat", REMAT_POLICIES)

@@ -1,4 +1,8 @@
-"""Training metrics to `metrics.jsonl` and TensorBoard event files, from process 0 only."""
+"""Training metrics to `metrics.jsonl` and TensorBoard event files, from process 0 only.
+
+`metrics.jsonl` is strict JSON: a non-finite value (the loss of a skipped update) is written as
+`null`, never as the bare `NaN`/`Infinity` tokens strict readers reject.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,14 @@ import math
 
 from absl import logging
 from etils import epath
+
+
+def strict_json_values(metrics: dict) -> dict:
+    """The metrics with every non-finite float replaced by None (JSON null)."""
+    return {
+        name: None if isinstance(value, float) and not math.isfinite(value) else value
+        for name, value in metrics.items()
+    }
 
 
 class MetricWriter:
@@ -29,7 +41,8 @@ class MetricWriter:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, **strict_json_values(metrics)}, allow_nan=False))
+            f.write("\n")
         if self._tensorboard is not None:
             for name, value in metrics.items():
                 if math.isfinite(value):  # a skipped non-finite step is in metrics.jsonl

@@ -81,7 +81,8 @@ def check_canvas_fits(config: ml_collections.ConfigDict, tokenizer: Tokenizer, s
 def train_step(
     state: TrainState, batch: dict, *, model, optimizer, schedule, config, weights, fractions
 ):
-    """One update. A non-finite loss or gradient skips the update and is counted."""
+    """One update. A non-finite loss, gradient or update skips the update and is counted, so the
+    parameters and optimizer state only ever take finite values."""
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     dropout_rng, self_condition_rng = jax.random.split(rng)
     batch_size = batch["image"].shape[0]
@@ -118,7 +119,10 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The update itself is checked too: a finite gradient can still give a non-finite update
+    # (a non-finite learning rate, an overflowing optimizer moment).
+    updates_finite = jnp.all(jnp.stack([jnp.isfinite(u).all() for u in jax.tree.leaves(updates)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & updates_finite
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
         state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
