@@ -35,7 +35,7 @@ import time
 import common  # noqa: I001 (sets JAX_PLATFORMS before jax is imported)
 import jax
 
-from refine_jax.models.refine import REMAT_POLICIES
+from refine_jax.config import REMAT_POLICIES
 
 FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 

@@ -13,12 +13,21 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from refine_jax.data.labels import DEFAULT_TEMPLATES
-from refine_jax.losses import WEIGHTINGS
-from refine_jax.models.refine import REMAT_POLICIES
-from refine_jax.targets import LAYOUTS, SCHEDULES, TARGET_KINDS
-
-MODEL_KINDS = ("refine", "autoregressive")
+# The choices of config values, owned here so that loading a config imports no JAX, Flax or PIL;
+# the modules that implement them import them from here.
+MODEL_KINDS = ("refine", "autoregressive")  # registered in models/kinds.py
+REMAT_POLICIES = ("none", "full", "dots")  # models.refine
+TARGET_KINDS = ("salience", "full")  # targets
+LAYOUTS = ("aligned", "left")  # targets.canvas_targets
+SCHEDULES = ("linear", "log")  # targets.schedule_fractions
+WEIGHTINGS = ("linear", "geometric", "final_only", "uniform")  # losses.step_weights
+DEFAULT_TEMPLATES = (  # data.labels: how a class label becomes a caption
+    "a photo of a {label}",
+    "a picture of a {label}",
+    "an image of a {label}",
+    "a close-up photo of a {label}",
+    "a photo of the {label}",
+)
 
 # Logical axis -> mesh axis (None: replicated). Parameters shard over 'fsdp' along their
 # embedding axis and over 'tensor' along heads / mlp / vocab; the batch over data and fsdp.

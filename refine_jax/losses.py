@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-WEIGHTINGS = ("linear", "geometric", "final_only", "uniform")
+from refine_jax.config import WEIGHTINGS
 
 
 def step_weights(num_steps: int, weighting: str = "linear", ratio: float = 2.0) -> np.ndarray:

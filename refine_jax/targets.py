@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from etils import epath
 
+from refine_jax.config import LAYOUTS, SCHEDULES, TARGET_KINDS
+
 # Closed-class English words: articles, prepositions, conjunctions, pronouns, auxiliaries and
 # punctuation. They carry little content on their own and join the content words around them.
 FUNCTION_WORDS = frozenset(
@@ -58,10 +60,6 @@ DETERMINERS = frozenset(
 
 # A word that ends a phrase in fewer than this share of its occurrences is a modifier.
 _MODIFIER_ENDS = 0.25
-
-TARGET_KINDS = ("salience", "full")
-LAYOUTS = ("aligned", "left")
-SCHEDULES = ("linear", "log")
 
 
 def caption_words(caption: str) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any, SupportsIndex
 
 from absl import logging
 
+from refine_jax.config import DEFAULT_TEMPLATES
 from refine_jax.data.records import (
     CorruptImageError,
     Record,
@@ -41,13 +42,6 @@ from refine_jax.data.records import (
 )
 from refine_jax.data.shards import NoSamplesError
 
-DEFAULT_TEMPLATES = (
-    "a photo of a {label}",
-    "a picture of a {label}",
-    "an image of a {label}",
-    "a close-up photo of a {label}",
-    "a photo of the {label}",
-)
 MODES = ("one", "all")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _SYNSET = re.compile(r"n\d{8}")

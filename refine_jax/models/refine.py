@@ -33,8 +33,6 @@ from refine_jax.models.layers import (
 from refine_jax.models.vit import ViTEncoder
 from refine_jax.special_tokens import BLANK_ID, NOT_TEXT_IDS, PAD_ID, UNK_ID
 
-REMAT_POLICIES = ("none", "full", "dots")
-
 
 def clean_canvas(tokens: jax.Array) -> jax.Array:
     """Blanks every position after the first pad: a description ends at its first pad."""
