@@ -120,9 +120,12 @@ def beam_decode(
     return _finish(tokens.at[:, -1].set(EOS_ID))
 
 
-def refine_decode(model: RefineCaptioner, params, images: jax.Array, fractions) -> dict:
-    """Every step's canvas [B, K, L] and pooled detailer state [B, K, D]."""
-    out = model.apply({"params": params}, images, fractions, method=RefineCaptioner.describe)
+def refine_decode(
+    model: RefineCaptioner, params, images: jax.Array, fractions, start: jax.Array | None = None
+) -> dict:
+    """Every step's canvas [B, K, L] and pooled detailer state [B, K, D], from the blank
+    description or the `start` canvases [B, L] (see `models.refine.start_canvas`)."""
+    out = model.apply({"params": params}, images, fractions, start, method=RefineCaptioner.describe)
     return {
         "canvas": jnp.swapaxes(out["canvas"], 0, 1),
         "pooled": jnp.swapaxes(out["pooled"], 0, 1),
@@ -131,11 +134,20 @@ def refine_decode(model: RefineCaptioner, params, images: jax.Array, fractions) 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def decode_batch(
-    model: nn.Module, params, images: jax.Array, fractions, method: str = "greedy", beam: int = 1
+    model: nn.Module,
+    params,
+    images: jax.Array,
+    fractions,
+    method: str = "greedy",
+    beam: int = 1,
+    start: jax.Array | None = None,
 ) -> jax.Array:
-    """Token canvases of every step, [B, K, L] (K = 1 for the baseline)."""
+    """Token canvases of every step, [B, K, L] (K = 1 for the baseline). `start` [B, L]:
+    descriptions the refinement model continues instead of the blank one."""
     if isinstance(model, RefineCaptioner):
-        return refine_decode(model, params, images, fractions)["canvas"]
+        return refine_decode(model, params, images, fractions, start)["canvas"]
+    if start is not None:
+        raise ValueError("only a refinement model can continue a given description")
     if method == "beam" and beam > 1:
         return beam_decode(model, params, images, beam)[:, None]
     return greedy_decode(model, params, images)[:, None]

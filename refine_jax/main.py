@@ -19,12 +19,15 @@ flags. A single process skips it.
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from refine_jax import train
+from refine_jax.errors import RefineJaxError
 
 config_flags.DEFINE_config_file(
     "config",
@@ -51,11 +54,19 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("report_images", 50, "eval: at most this many images in report.html.")
 flags.DEFINE_string("images", None, "caption: a folder, glob or file of JPEG/PNG/WebP images.")
 flags.DEFINE_string(
+    "start_from",
+    None,
+    "caption: a partial description (step 0) every image continues from, e.g. 'a dog'.",
+)
+flags.DEFINE_string(
     "output", None, "caption: the JSONL file to write (default: DIR/captions/NAME.jsonl)."
 )
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool(
+    "verbose", False, "On an error, print its traceback too (it is always in DIR/error.log)."
+)
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -68,7 +79,66 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()  # a TPU pod slice: the topology comes from the environment
 
 
+# Errors that are the input's or the environment's, not the code's: reported as their message.
+USER_ERRORS = (RefineJaxError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def report_error(error: BaseException, workdir: str | None, verbose: bool) -> int:
+    """Reports an error as one line on stderr (with its traceback when `verbose`), writes the
+    traceback to WORKDIR/error.log, and returns the exit status."""
+    details = "".join(traceback.format_exception(error))
+    log = None
+    if workdir:
+        index = jax.process_index()
+        log = os.path.join(workdir, "error.log" if index == 0 else f"error.{index}.log")
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with open(log, "w") as f:
+                f.write(details)
+        except OSError:
+            log = None
+    if verbose:
+        sys.stderr.write(details)
+    message = str(error).strip() or type(error).__name__
+    if not isinstance(error, USER_ERRORS):
+        message = f"{type(error).__name__}: {message}"
+    where = f" (traceback in {log})" if log and not verbose else ""
+    print(f"error: {message}{where}", file=sys.stderr, flush=True)
+    return 1
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config override naming no key of the config (which
+    ml_collections reports as a long traceback) turned into one line."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        while error.args and isinstance(error.args[0], Exception):  # KeyError in AttributeError
+            error = error.args[0]
+        key, *hint = str(error.args[0] if error.args else error).splitlines()
+        overrides = " ".join(a.split("=")[0] for a in argv[1:] if a.startswith("--config."))
+        print(
+            f"error: unknown config key {key} in {overrides or 'the config'}. "
+            + " ".join([*hint, "Every key is in refine_jax/config.py:base_config."]),
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main(argv):
+    """Runs the mode; the project's errors end the process with one line and status 1."""
+    try:
+        run_mode(argv)
+    except app.UsageError:
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:
+        sys.exit(report_error(error, FLAGS.workdir, FLAGS.verbose))
+
+
+def run_mode(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax and grain log every step at INFO
@@ -102,8 +172,9 @@ def main(argv):
             FLAGS.images,
             output=FLAGS.output,
             checkpoint_step=FLAGS.checkpoint_step,
+            start_from=FLAGS.start_from,
         )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -22,7 +22,7 @@ def one_hot_logits(rows):
     out = np.zeros((len(rows), len(rows[0]), VOCAB), np.float32)
     for b, row in enumerate(rows):
         for i, spec in enumerate(row):
-            for token, value in (spec.items() if isinstance(spec, dict) else [(spec, 4.0)]):
+            for token, value in spec.items() if isinstance(spec, dict) else [(spec, 4.0)]:
                 out[b, i, token] = value
     return jnp.asarray(out)
 
@@ -113,9 +113,7 @@ def test_scanned_and_unscanned_agree_for_each_objective(objective):
         return jnp.sum(out["cross_entropy"]), out
 
     (loss_a, out_a), grads_a = jax.value_and_grad(loss, argnums=1, has_aux=True)(scanned, params)
-    (loss_b, out_b), grads_b = jax.value_and_grad(loss, argnums=1, has_aux=True)(
-        unscanned, params
-    )
+    (loss_b, out_b), grads_b = jax.value_and_grad(loss, argnums=1, has_aux=True)(unscanned, params)
     np.testing.assert_allclose(out_a["logits"], out_b["logits"], atol=1e-5)
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
@@ -159,3 +157,19 @@ def test_polish_passes_apply_the_final_step_again_and_keep_k_canvases():
     longer = jnp.concatenate([fractions, fractions[-1:], fractions[-1:]])
     by_hand = model.apply({"params": params}, images, longer, method=model.describe)
     np.testing.assert_array_equal(polished["canvas"][-1], by_hand["canvas"][-1])
+
+
+def test_a_given_start_stays_at_every_step_though_the_model_would_rewrite_it():
+    config = tiny_config("final")
+    model = build_model(config, VOCAB)
+    params = init_variables(model, config, VOCAB)
+    images, _, fractions = inputs(config)
+    start = jnp.full((3, config.model.canvas_length), BLANK_ID).at[:, :3].set(jnp.array([5, 6, 7]))
+    out = model.apply({"params": params}, images, fractions, start, method=model.describe)
+    np.testing.assert_array_equal(out["canvas"][:, :, :3], np.broadcast_to([5, 6, 7], (4, 3, 3)))
+
+    def unpinned(m, images):  # the same start canvas, without keeping its words
+        return m._refine(m.encode(images), {"fraction": fractions}, None, True, start)
+
+    free = model.apply({"params": params}, images, method=unpinned)
+    assert not np.array_equal(free["canvas"][:, :, :3], out["canvas"][:, :, :3])

@@ -27,8 +27,10 @@ from refine_jax.data.pipeline import preprocess_image
 from refine_jax.data.records import CorruptImageError, decode_image
 from refine_jax.decoding import decode_batch
 from refine_jax.model_loading import LoadedModel, load_model
+from refine_jax.models.refine import start_canvas
 from refine_jax.paths import folder_name, is_uri
 from refine_jax.sharding import to_host
+from refine_jax.targets import caption_words
 from refine_jax.workdir_config import config_for_workdir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -80,10 +82,29 @@ def default_output(workdir: str | epath.PathLike, spec: str | os.PathLike) -> ep
     return epath.Path(workdir) / "captions" / f"{folder_name(spec, 'images')}.jsonl"
 
 
-def describe_images(loaded: LoadedModel, images: np.ndarray) -> list[list[str]]:
+def start_canvases(loaded: LoadedModel, text: str, batch_size: int) -> np.ndarray:
+    """[batch_size, L] canvases of a description a person starts from (`start_canvas`)."""
+    if loaded.config.model.kind != "refine":
+        raise ValueError(
+            f"--start_from needs a refinement model; this checkpoint is a "
+            f"{loaded.config.model.kind!r} model"
+        )
+    words = caption_words(text)
+    if not words:
+        raise ValueError("--start_from is empty; give the words to start from")
+    tokens = [loaded.tokenizer.encode(word) for word in words]
+    canvas = start_canvas(tokens, loaded.config.model.canvas_length)
+    return np.tile(np.asarray(canvas, np.int32), (batch_size, 1))
+
+
+def describe_images(
+    loaded: LoadedModel, images: np.ndarray, start_from: str | None = None
+) -> list[list[str]]:
     """Every step's description of each image in `images` [n, S, S, 3], in batches of the
-    config's batch size (the last one padded, so one compilation serves them all)."""
+    config's batch size (the last one padded, so one compilation serves them all); with
+    `start_from`, every image continues that description (its words stay) instead of blank."""
     batch_size = loaded.config.batch_size
+    start_tokens = start_canvases(loaded, start_from, batch_size) if start_from else None
     out: list[list[str]] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -94,6 +115,9 @@ def describe_images(loaded: LoadedModel, images: np.ndarray) -> list[list[str]]:
                 loaded.params,
                 loaded.put_batch({"image": padded})["image"],
                 loaded.fractions,
+                start=None
+                if start_tokens is None
+                else loaded.put_batch({"start": start_tokens})["start"],
             )
         canvases = to_host(canvases)
         out.extend([loaded.tokenizer.decode(c) for c in canvases[i]] for i in range(len(chunk)))
@@ -107,12 +131,14 @@ def caption_images(
     output: str | os.PathLike | None = None,
     checkpoint_step: int | None = None,
     loaded: LoadedModel | None = None,
+    start_from: str | None = None,
     stdout: TextIO = sys.stdout,
     stderr: TextIO = sys.stderr,
 ) -> dict[str, Any]:
     """Captions the images `images` names; returns the summary {output, num_captioned,
     checkpoint_step, skipped: [{file, error}]} and writes the JSONL and summary files. `config`
-    None: the one recorded in the workdir at training."""
+    None: the one recorded in the workdir at training. `start_from`: a partial description
+    every image continues from (step 0 written by a person)."""
     paths = list_images(images)
     config = loaded.config if loaded and config is None else config_for_workdir(config, workdir)
     loaded = loaded or load_model(config, workdir, checkpoint_step)
@@ -127,13 +153,14 @@ def caption_images(
         except (CorruptImageError, OSError) as e:
             skipped.append({"file": str(path), "error": str(e)})
             print(f"skipping {path}: {e}", file=stderr)
-    descriptions = describe_images(loaded, np.stack(arrays)) if arrays else []
+    descriptions = describe_images(loaded, np.stack(arrays), start_from) if arrays else []
 
     output = epath.Path(output) if output else default_output(workdir, images)
     summary = {
         "output": str(output),
         "num_captioned": len(good),
         "checkpoint_step": loaded.step,
+        "start_from": start_from,
         "skipped": skipped,
     }
     if jax.process_index() != 0:

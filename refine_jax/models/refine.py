@@ -188,6 +188,8 @@ class DetailerStep(nn.Module):
         else:
             prediction = clean_canvas(jnp.argmax(jax.lax.stop_gradient(logits), axis=-1))
         if "target" not in step:  # decoding: carry the prediction
+            if "start" in step:  # words a person wrote stay where they are
+                prediction = jnp.where(is_word(step["start"]), step["start"], prediction)
             return prediction, {"canvas": prediction, "pooled": jnp.mean(x, axis=1)}
 
         target = step["target"]  # [B, L]
@@ -296,14 +298,15 @@ class RefineCaptioner(nn.Module):
     def encode(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.encoder(images, deterministic)
 
-    def _refine(self, image_tokens, steps, final, deterministic):
-        """Applies the detailer once per entry of `steps` (leading axis), from the blank canvas."""
-        batch = image_tokens.shape[0]
-        blank = jnp.full((batch, self.canvas_length), BLANK_ID, jnp.int32)
+    def _refine(self, image_tokens, steps, final, deterministic, start=None):
+        """Applies the detailer once per entry of `steps` (leading axis), from the `start`
+        canvas [B, L] (default: the blank description)."""
+        if start is None:
+            start = jnp.full((image_tokens.shape[0], self.canvas_length), BLANK_ID, jnp.int32)
         if self.scan:
-            _, outputs = self.detailer(blank, steps, image_tokens, final, deterministic)
+            _, outputs = self.detailer(start, steps, image_tokens, final, deterministic)
             return outputs
-        canvas, per_step = blank, []
+        canvas, per_step = start, []
         for k in range(steps["fraction"].shape[0]):
             step_k = jax.tree.map(lambda a, k=k: a[k], steps)
             canvas, out = self.detailer(canvas, step_k, image_tokens, final, deterministic)
@@ -331,15 +334,34 @@ class RefineCaptioner(nn.Module):
         final = targets[:, -1] if self.objective == "final" else None  # [B, L]
         return self._refine(image_tokens, steps, final, deterministic)
 
-    def describe(self, images: jax.Array, fractions: jax.Array) -> dict[str, Any]:
+    def describe(
+        self, images: jax.Array, fractions: jax.Array, start: jax.Array | None = None
+    ) -> dict[str, Any]:
         """Decoding: `canvas` [K, B, L] token ids written at each step, `pooled` [K, B, D].
-        With `polish_steps`, the final step is applied that many more times and the last
-        application's canvas is step K's."""
+
+        `start` [B, L] is a description to continue instead of the blank one (its words are
+        kept at their positions; see `start_canvas`). With `polish_steps`, the final step is
+        applied that many more times and the last application's canvas is step K's."""
         image_tokens = self.encode(images, True)
         if self.polish_steps:
             fractions = jnp.concatenate([fractions, jnp.repeat(fractions[-1:], self.polish_steps)])
-        out = self._refine(image_tokens, {"fraction": fractions}, None, True)
+        steps = {"fraction": fractions}
+        if start is not None:
+            steps["start"] = jnp.broadcast_to(start, (fractions.shape[0], *start.shape))
+        out = self._refine(image_tokens, steps, None, True, start)
         if self.polish_steps:
             keep = jnp.r_[jnp.arange(self.num_refine_steps - 1), fractions.shape[0] - 1]
             out = jax.tree.map(lambda a: a[keep], out)
         return out
+
+
+def start_canvas(word_tokens: list[list[int]], canvas_length: int) -> list[int]:
+    """The canvas of a description a person starts from: its tokens first, then blanks for the
+    detailer to fill (no pad, so the detailer decides where the description ends)."""
+    tokens = [t for word in word_tokens for t in word]
+    if len(tokens) >= canvas_length:
+        raise ValueError(
+            f"the start description has {len(tokens)} tokens; the canvas holds "
+            f"{canvas_length}, so nothing is left to refine"
+        )
+    return tokens + [BLANK_ID] * (canvas_length - len(tokens))
