@@ -5,12 +5,27 @@ grain iterator state of every process (`data`), and `signature` (the model confi
 parameter's shape). Restoring reads the signature first, so a checkpoint of another model
 shape fails with a message naming what differs instead of an obscure shape error; arrays are
 restored straight into the target shardings, which may belong to a different mesh.
+
+Every save also gets a checksum file (`N/checksums.json`: size and sha256 of each file of its
+items), written by process 0 once the save's files are complete and before orbax commits the
+step. Resuming verifies a checkpoint against it first; a damaged checkpoint (a changed, truncated
+or missing file, or one orbax cannot read) is skipped with a warning naming what is wrong, the
+newest intact one is restored, and the damaged ones newer than it are moved to
+`checkpoints_damaged/` so retention never counts them in place of intact ones.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import logging
-from typing import Any
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -19,6 +34,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
+
+from refine_jax.errors import CheckpointError, CheckpointMismatchError
+
+CHECKSUMS_FILE = "checksums.json"
+Restored = TypeVar("Restored")
 
 # Keys of config.model that change no parameter shape and may differ on restore.
 # Steps saved between evaluations carry no metrics by design; orbax warns about each one.
@@ -53,6 +73,86 @@ def signature_differences(saved: dict, current: dict) -> list[str]:
     return differences
 
 
+def _item_files(step_dir: epath.Path) -> list[epath.Path]:
+    """The files of a step's items (state/, data/, signature/): all but the step-level files
+    orbax still writes when it commits the step."""
+
+    def files_under(folder: epath.Path) -> list[epath.Path]:
+        found = []
+        for path in folder.iterdir():
+            found.extend(files_under(path) if path.is_dir() else [path])
+        return found
+
+    return sorted(path for item in step_dir.iterdir() if item.is_dir() for path in files_under(item))
+
+
+def _sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(step_dir: epath.Path) -> None:
+    """Records the size and sha256 of every item file of a finished save in `checksums.json`."""
+    files = {
+        str(path.relative_to(step_dir)): {"size": path.stat().length, "sha256": _sha256(path)}
+        for path in _item_files(step_dir)
+    }
+    (step_dir / CHECKSUMS_FILE).write_text(json.dumps({"version": 1, "files": files}))
+
+
+def checkpoint_damage(step_dir: epath.Path) -> str | None:
+    """What is wrong with a checkpoint's files ("state/_METADATA is missing", ...), or None when
+    they match its checksum file. A checkpoint without one (written before checksums were kept)
+    cannot be verified here; None too, and restoring it is the test."""
+    checksums = step_dir / CHECKSUMS_FILE
+    if not checksums.exists():
+        return None
+    try:
+        expected = json.loads(checksums.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{CHECKSUMS_FILE} is unreadable ({error})"
+    problems = []
+    for name, want in sorted(expected.items()):
+        path = step_dir / name
+        if not path.exists():
+            problems.append(f"{name} is missing")
+        elif (size := path.stat().length) != want["size"]:
+            problems.append(f"{name} has {size} bytes, {want['size']} were saved")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{name} has changed since it was saved (checksum mismatch)")
+    if not problems:
+        return None
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
+def probe_writable(directory: str | epath.PathLike, needed_bytes: int = 0) -> None:
+    """Fails at once, with CheckpointError naming the directory, when checkpoints cannot be
+    written there: not creatable, read-only, or (local disks) less free space than
+    `needed_bytes`. Orbax would otherwise fail in a background thread much later."""
+    directory = epath.Path(directory)
+    probe = directory / f".write_probe.{jax.process_index()}.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write checkpoints to {directory}: {error.strerror or error}; "
+            "choose a writable --workdir"
+        ) from error
+    if not str(directory).startswith("gs://"):
+        free = shutil.disk_usage(os.fspath(directory)).free
+        if free < needed_bytes:
+            raise CheckpointError(
+                f"only {free / 2**20:.0f} MiB free in {directory}; a checkpoint needs about "
+                f"{needed_bytes / 2**20:.0f} MiB: free space or choose another --workdir"
+            )
+
+
 class Checkpointer:
     """Saves every `save_every` steps (async), keeps the last `keep` and optionally the best."""
 
@@ -66,6 +166,10 @@ class Checkpointer:
         async_save: bool = True,
     ):
         self.directory = epath.Path(directory)
+        # Steps saved and not yet given their checksum file, oldest first (saves run in order).
+        self._awaiting_checksums: collections.deque[int] = collections.deque()
+        self._checksums_lock = threading.Lock()
+        self._async_save = async_save
         policies = [checkpoint_managers.LatestN(keep)]
         rank = (lambda metrics: metrics[best_metric]) if best_metric else None
         if best_metric:
@@ -78,7 +182,7 @@ class Checkpointer:
                     keep_checkpoints_without_metrics=False,
                 )
             )
-        self.manager = ocp.CheckpointManager(
+        self._make_manager = lambda: ocp.CheckpointManager(
             self.directory
             if str(self.directory).startswith("gs://")
             else self.directory.absolute(),
@@ -90,9 +194,15 @@ class Checkpointer:
                 best_fn=rank,
                 best_mode=best_mode,
                 enable_async_checkpointing=async_save,
+                async_options=ocp.AsyncOptions(
+                    post_finalization_callback=self._write_pending_checksums
+                )
+                if async_save
+                else None,
             ),
             item_names=("state", "data", "signature"),
         )
+        self.manager = self._make_manager()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -109,7 +219,9 @@ class Checkpointer:
         """Saves when due (or `force`); a step already on disk is left as it is."""
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(
+        with self._checksums_lock:  # queued first: an async save may finish before save returns
+            self._awaiting_checksums.append(step)
+        saved = self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
@@ -119,6 +231,30 @@ class Checkpointer:
             metrics=metrics,
             force=force,
         )
+        if not saved:
+            with self._checksums_lock:
+                self._awaiting_checksums.remove(step)
+        elif not self._async_save:
+            self._write_pending_checksums()
+        return saved
+
+    def _write_pending_checksums(self) -> None:
+        """Writes the checksum file of the oldest save awaiting one (orbax calls this once a
+        save's files are complete, before the step directory is committed)."""
+        with self._checksums_lock:
+            if not self._awaiting_checksums:
+                return
+            step = self._awaiting_checksums.popleft()
+        if jax.process_index() != 0:
+            return
+        # Before the commit the files are in a temporary folder (local disks); on object
+        # stores orbax writes in place.
+        pending = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        step_dir = pending[0] if pending else self.directory / str(step)
+        try:
+            write_checksums(step_dir)
+        except Exception as error:  # the checkpoint is still usable, only unverified
+            logging.warning("could not write checksums of checkpoint %s: %s", step_dir, error)
 
     def restore(
         self,
@@ -135,7 +271,7 @@ class Checkpointer:
         )["signature"]
         differences = signature_differences(saved, signature)
         if differences:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint {self.directory}/{step} was written by a different model:\n  "
                 + "\n  ".join(differences)
             )
@@ -148,6 +284,75 @@ class Checkpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_newest_intact(
+        self, restore: Callable[[int], Restored]
+    ) -> tuple[int, Restored] | None:
+        """`(step, restore(step))` for the newest checkpoint that verifies and restores, or None
+        when there is none at all. Damaged ones newer than it are named in a warning and moved
+        to `<directory>_damaged/`; when every checkpoint is damaged, CheckpointError names them
+        all (and nothing is moved). A checkpoint of another model shape is an error, not damage.
+        """
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            problem = checkpoint_damage(self.directory / str(step))
+            if problem is None:
+                try:
+                    restored = restore(step)
+                except CheckpointMismatchError:
+                    raise
+                except Exception as error:  # orbax's errors for unreadable files vary
+                    reason = str(error).splitlines()[0] if str(error) else ""
+                    problem = f"orbax cannot restore it: {type(error).__name__}: {reason[:500]}"
+                    self._reopen()  # a failed restore can leave the manager unusable
+                else:
+                    self._set_aside(damaged, step)
+                    return step, restored
+            damaged.append((step, problem))
+        if not damaged:
+            return None
+        raise CheckpointError(
+            f"no intact checkpoint in {self.directory}: "
+            + "; ".join(f"step {step}: {problem}" for step, problem in damaged)
+            + ". Move the checkpoints away to start afresh, or restore them from a copy."
+        )
+
+    def _set_aside(self, damaged: list[tuple[int, str]], restored_step: int) -> None:
+        """Warns about the damaged checkpoints skipped for `restored_step` and moves them out of
+        the managed directory (process 0), so that retention never counts them."""
+        if not damaged:
+            return
+        aside = self.directory.parent / f"{self.directory.name}_damaged"
+        for step, problem in damaged:
+            logging.warning(
+                "checkpoint %s/%d is damaged (%s); skipped, resuming from step %d; it is moved "
+                "to %s",
+                self.directory,
+                step,
+                problem,
+                restored_step,
+                aside,
+            )
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step, _ in damaged:
+                target = aside / str(step)
+                if target.exists():
+                    target = aside / f"{step}.{time.strftime('%Y%m%dT%H%M%S')}"
+                (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("refine_jax checkpoints set aside")
+        self._reopen()  # the manager caches the steps it has seen
+
+    def _reopen(self) -> None:
+        """A fresh manager of the same directory (after a failed restore, or steps moved)."""
+        try:
+            self.manager.close()
+        except Exception as error:
+            logging.warning("closing the checkpoint manager failed: %s", error)
+        self.manager = self._make_manager()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import time
 
 import flax.linen as nn
@@ -20,7 +19,7 @@ import optax
 from etils import epath
 
 from refine_jax import sharding
-from refine_jax.checkpointing import Checkpointer, model_signature
+from refine_jax.checkpointing import Checkpointer, model_signature, probe_writable
 from refine_jax.config import validate_config
 from refine_jax.data import make_sources, training_captions
 from refine_jax.data.pipeline import (
@@ -31,6 +30,7 @@ from refine_jax.data.pipeline import (
     structural_skip_counts,
     train_batches,
 )
+from refine_jax.errors import WorkdirLockedError
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
 from refine_jax.evaluation.metrics import evaluate_samples
 from refine_jax.flops import training_flops_per_example
@@ -38,6 +38,7 @@ from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
 from refine_jax.metric_writer import MetricWriter
 from refine_jax.models import build_model
 from refine_jax.models.pretrained import load_pretrained_encoder
+from refine_jax.stop_signals import StopSignals
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import Tokenizer, train_tokenizer
 from refine_jax.train_state import (  # init_variables: re-exported for existing importers
@@ -48,6 +49,7 @@ from refine_jax.train_state import (  # init_variables: re-exported for existing
     restore_state,
 )
 from refine_jax.workdir_config import record_config
+from refine_jax.workdir_lock import WorkdirLock
 
 
 def load_or_train_tokenizer(
@@ -162,10 +164,39 @@ def bind_train_step(
     )
 
 
+def lock_workdir(workdir: epath.Path) -> WorkdirLock:
+    """The workdir's lock, taken by process 0 (the only one that matters); every process raises
+    WorkdirLockedError together when another live run holds it."""
+    lock, refusal = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirLockedError as error:
+            refusal = error
+    refused = sharding.sum_over_processes(np.asarray([refusal is not None]))[0]
+    if refused:
+        raise refusal or WorkdirLockedError(f"workdir {workdir} is in use by another run")
+    return lock
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains as configured, logging to workdir/metrics.jsonl; returns the final eval summary."""
+    """Trains as configured, logging to workdir/metrics.jsonl; returns the final eval summary.
+    One run per workdir: it is locked for the run's duration. SIGTERM or SIGINT save a
+    checkpoint and end the run cleanly; a second SIGINT exits at once."""
+    validate_config(config)  # before anything is locked, read or compiled
+    lock = lock_workdir(epath.Path(workdir))
+    stop_signals = StopSignals(before_forced_exit=lock.release).install()
+    try:
+        return _train_and_evaluate(config, workdir, stop_signals)
+    finally:
+        stop_signals.uninstall()
+        lock.release()
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, stop_signals: StopSignals
+) -> dict:
     # --- Setup: everything that can fail on bad input fails here, before compilation.
-    validate_config(config)
     workdir = epath.Path(workdir)  # local or gs://
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # eval and caption read it: --workdir alone is enough there
@@ -240,7 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             return samples, {**exact_match_rates(samples), **evaluate_samples(samples, config)}
 
-        # --- Resume from the latest checkpoint, if any (a re-run of the same command resumes).
+        # --- Resume from the newest intact checkpoint, if any (a re-run of the same command
+        # resumes). A location checkpoints cannot be written to fails now, not at the first save.
+        probe_writable(workdir / "checkpoints", sum(x.nbytes for x in jax.tree.leaves(state)))
         checkpointer = Checkpointer(
             workdir / "checkpoints",
             config.checkpoint_every_steps,
@@ -248,10 +281,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.best_checkpoint_metric or None,
         )
         signature = model_signature(config, state.params)
-        if checkpointer.latest_step() is not None:
-            state = restore_state(
-                checkpointer, checkpointer.latest_step(), state, state_shardings, signature, batches
+        restored = checkpointer.restore_newest_intact(
+            lambda step: restore_state(
+                checkpointer, step, state, state_shardings, signature, batches
             )
+        )
+        if restored is not None:
+            state = restored[1]
             if is_logger:
                 print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
         elif m.pretrained_encoder:
@@ -261,18 +297,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if is_logger:
                 print(f"encoder initialised from {m.pretrained_encoder}")
 
-        # --- Training loop. SIGTERM (preemption) saves a checkpoint and ends the run cleanly.
-        # Processes must stop at the same step to save together: with several, the signal is
-        # shared at the next logging step (a point where they already synchronise).
-        stop_requested = []
-        signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-
+        # --- Training loop. SIGTERM (preemption) or SIGINT saves a checkpoint and ends the run
+        # cleanly. Processes must stop at the same step to save together: with several, the
+        # signal is shared at the next logging step (a point where they already synchronise).
         def should_stop(step: int) -> bool:
             if jax.process_count() == 1:
-                return bool(stop_requested)
+                return bool(stop_signals.received)
             if (step - 1) % config.log_every_steps:
                 return False
-            return bool(sharding.sum_over_processes(np.asarray([len(stop_requested)]))[0])
+            received = len(stop_signals.received)
+            return bool(sharding.sum_over_processes(np.asarray([received]))[0])
 
         writer = MetricWriter(workdir, enabled=is_logger)
         flops_per_step = (
@@ -287,7 +321,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 checkpointer.save(step - 1, state, batches, signature, force=True)
                 checkpointer.wait()
                 if is_logger:
-                    print(f"SIGTERM: saved a checkpoint at step {step - 1}; exiting", flush=True)
+                    print(
+                        f"{stop_signals.requested or 'SIGTERM'}: saved a checkpoint at step "
+                        f"{step - 1}; exiting",
+                        flush=True,
+                    )
                 checkpointer.close()
                 writer.close()
                 return {"stopped_at_step": step - 1}

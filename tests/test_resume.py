@@ -95,3 +95,82 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     assert "SIGTERM: saved a checkpoint at step" in stdout
     last_logged = max(step_losses(tmp_path))
     assert max(saved_steps(tmp_path)) >= last_logged
+
+
+def test_sigint_saves_a_checkpoint_and_exits_zero_without_a_traceback(tmp_path):
+    process = subprocess.Popen(
+        command(tmp_path, steps=100_000),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "SIGINT: saved a checkpoint at step" in stdout
+    assert "KeyboardInterrupt" not in stderr and "Traceback" not in stderr
+    assert max(saved_steps(tmp_path)) >= max(step_losses(tmp_path))
+
+
+def in_process_config(steps):
+    """The config `command` gives the trainer, for runs inside the test process."""
+    from conftest import load_config
+
+    config = load_config("shapes", "tiny")
+    config.total_steps = steps
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.eval_every_steps = 1000
+    config.data.eval_size = 8
+    return config
+
+
+def test_sigint_saves_a_checkpoint_that_resumes_bit_exactly(tmp_path, monkeypatch, capsys):
+    from refine_jax import sharding, train
+
+    reference = tmp_path / "uninterrupted"
+    train.train_and_evaluate(in_process_config(8), str(reference))
+
+    real_global_batch, calls = sharding.global_batch, []
+
+    def ctrl_c_during_step_three(batch, mesh, rules):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_global_batch(batch, mesh, rules)
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(sharding, "global_batch", ctrl_c_during_step_three)
+    assert train.train_and_evaluate(in_process_config(8), str(interrupted)) == {
+        "stopped_at_step": 3
+    }
+    assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C is the caller's again
+    assert max(saved_steps(interrupted)) == 3
+    monkeypatch.setattr(sharding, "global_batch", real_global_batch)
+    capsys.readouterr()
+    train.train_and_evaluate(in_process_config(8), str(interrupted))
+    assert "resumed from step 3" in capsys.readouterr().out
+    expected, resumed = step_losses(reference), step_losses(interrupted)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+
+
+def test_a_second_sigint_exits_at_once_after_releasing_the_workdir(tmp_path):
+    from refine_jax.stop_signals import StopSignals
+
+    exits, released = [], []
+    stop = StopSignals(before_forced_exit=lambda: released.append(True), exit_now=exits.append)
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == ["SIGTERM", "SIGINT"] and not exits
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [128 + signal.SIGINT] and released == [True]
+    finally:
+        stop.uninstall()
