@@ -35,6 +35,8 @@ setup(
             "pycocoevalcap>=1.2,<2",
             "ruff>=0.6,<1",
             "portpicker>=1.6,<2",
+            # tests/test_import_graph.py checks the layered import contracts in .importlinter
+            "import-linter>=2.1,<3",
             # tests/test_colabs.py executes the notebooks in colabs/
             "nbformat>=5.10,<6",
             "nbclient>=0.10,<0.12",

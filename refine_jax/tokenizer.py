@@ -6,6 +6,7 @@ canvas position whose word a later refinement step has yet to write). Normalisat
 identity with byte fallback, so decode(encode(s)) == s exactly.
 
 Command: python -m refine_jax.tokenizer --captions=shapes|SHARD_PATH --output_dir=DIR
+(refine_jax/commands/train_tokenizer.py)
 """
 
 from __future__ import annotations
@@ -118,32 +119,7 @@ def train_tokenizer(
     return Tokenizer(model.getvalue(), SalienceStats.from_captions(captions))
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    from refine_jax.data import training_captions
-    from refine_jax.data.shapes import ShapesSource
+if __name__ == "__main__":  # the command lives in refine_jax/commands/train_tokenizer.py
+    import runpy
 
-    if FLAGS.captions == "shapes":
-        source = ShapesSource("train", FLAGS.max_captions)
-    else:
-        from refine_jax.data.shards import TarShardSource
-
-        source = TarShardSource(FLAGS.captions)
-    captions = training_captions(source, FLAGS.max_captions)
-    tokenizer = train_tokenizer(captions, FLAGS.vocab_size)
-    tokenizer.save(FLAGS.output_dir)
-    print(
-        f"trained on {len(captions)} captions: {tokenizer.vocab_size} pieces -> {FLAGS.output_dir}"
-    )
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("captions", None, "'shapes' or a shard folder/glob to read captions from.")
-    flags.DEFINE_string("output_dir", None, "Where to write spm.model and salience.json.")
-    flags.DEFINE_integer("vocab_size", 1000, "Sentencepiece vocabulary size (an upper bound).")
-    flags.DEFINE_integer("max_captions", 20_000, "Read at most this many samples' captions.")
-    flags.mark_flags_as_required(["captions", "output_dir"])
-    FLAGS = flags.FLAGS
-    app.run(main)
+    runpy.run_module("refine_jax.commands.train_tokenizer", run_name="__main__", alter_sys=True)

@@ -29,6 +29,7 @@ from typing import Any, SupportsIndex
 import grain
 import numpy as np
 
+from refine_jax.data.caption_source import sample_captions
 from refine_jax.data.pipeline import epoch_dataset
 from refine_jax.data.records import SkipCounter
 
@@ -108,8 +109,6 @@ class MixtureSource:
 
     def read_captions(self, index: SupportsIndex) -> tuple[list[str], list[str], str | None]:
         """Captions of one sample, without reading the image where the component can."""
-        from refine_jax.data import sample_captions
-
         c, i = self.locate(index)
         return sample_captions(self.components[c].source, i)
 

@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from refine_jax.data import make_sources
+from refine_jax.data.caption_source import CaptionSource, sample_key
 from refine_jax.data.referenced_shards import ReferencedShards
 from refine_jax.evaluation.attention import (
     added_word_indices,
@@ -65,7 +66,7 @@ def default_eval_name(eval_data: str | None) -> str:
 
 def eval_split(
     config: ml_collections.ConfigDict, eval_data: str | None = None, num_threads: int = 4
-) -> tuple[Any, dict]:
+) -> tuple[CaptionSource, dict]:
     """(source, info) of the split to evaluate: `eval_data` shards scored against their
     references.json, else the config's held-out source; config.data.max_eval_examples > 0
     keeps the first that many samples of either."""
@@ -87,21 +88,20 @@ def _attention_fn(model: nn.Module):
     return jax.jit(functools.partial(describe_with_attention, model))
 
 
-def source_positions(source: Any, samples: Sequence[dict]) -> list[int]:
+def source_positions(source: CaptionSource, samples: Sequence[dict]) -> list[int]:
     """The position in `source` of each sample: the same position when every element was
     described, else found by key (the eval pipeline leaves unusable elements out)."""
     if len(samples) == len(source):
         return list(range(len(samples)))
     positions: dict[str, int] = {}
     for i in range(len(source)):
-        key = source.key(i) if hasattr(source, "key") else source[i]["key"]
-        positions.setdefault(key, i)
+        positions.setdefault(sample_key(source, i), i)
     return [positions[s["image_id"]] for s in samples]
 
 
 def report_images(
     loaded: LoadedModel,
-    source: Any,
+    source: CaptionSource,
     samples: Sequence[dict],
     per_image: Sequence[dict],
     indices: Sequence[int],

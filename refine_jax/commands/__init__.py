@@ -1,0 +1,1 @@
+"""Command-line entry points, kept out of the library modules they drive."""

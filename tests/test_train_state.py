@@ -1,0 +1,46 @@
+"""The train state is built one way: the loader's abstract state is the trainer's state, shape
+for shape and sharding for sharding (optimizer moments shard like their parameters), and every
+model kind the config allows is registered."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import pytest
+from conftest import load_config
+
+from refine_jax import sharding
+from refine_jax.config import MODEL_KINDS
+from refine_jax.models import build_model
+from refine_jax.models.kinds import model_kind, registered_model_kinds
+from refine_jax.train_state import abstract_state, create_state
+
+
+def specs(tree) -> dict[str, object]:
+    return {
+        jax.tree_util.keystr(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny,autoregressive"])
+def test_loader_abstract_state_is_the_trainers_state(variant):
+    config = load_config("shapes", variant)
+    model = build_model(config, 60)
+    mesh = sharding.make_mesh((2, 2, 2))
+    rules = tuple(map(tuple, config.mesh.axis_rules))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, trainer_shardings = create_state(model, config, 60, mesh, rules)
+        abstract, loader_shardings = abstract_state(model, config, 60, mesh, rules)
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+    assert shapes(abstract) == shapes(state)
+    assert specs(loader_shardings) == specs(trainer_shardings)
+    adam = loader_shardings.opt_state[1][0]
+    assert specs(adam.mu) == specs(loader_shardings.params)  # moments inherit the axis names
+    assert any(spec != jax.sharding.PartitionSpec() for spec in specs(adam.mu).values())
+
+
+def test_every_configurable_model_kind_is_registered():
+    assert set(registered_model_kinds()) == set(MODEL_KINDS)
+    with pytest.raises(ValueError, match="unknown model.kind 'diffusion'.*registered kinds"):
+        model_kind("diffusion")
