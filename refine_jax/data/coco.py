@@ -131,6 +131,14 @@ def _check_options(restval: str | None, caption_source: str) -> None:
         raise ValueError(f"caption_source must be one of {CAPTION_SOURCES}: {caption_source!r}")
 
 
+def _inside(folder: str, *parts: str) -> bool:
+    """Whether folder/parts stays inside folder as written (no `..` out, no absolute part);
+    symbolic links inside the folder are followed as usual."""
+    base = os.path.normpath(os.path.abspath(folder))
+    path = os.path.normpath(os.path.join(base, *parts))
+    return os.path.commonpath([base, path]) == base
+
+
 def plan_splits(
     coco_dir: str | os.PathLike,
     karpathy_json: str | os.PathLike,
@@ -148,6 +156,18 @@ def plan_splits(
     coco_dir = require_path(coco_dir, "COCO folder", is_dir=True)
     images = load_karpathy(karpathy_json)
     kept = [im for im in images if target_split(im["split"], restval) is not None]
+    outside = [im for im in kept if not _inside(coco_dir, im["filepath"], im["filename"])]
+    if outside:
+        first = outside[0]
+        logging.warning(
+            "%d image(s) of %s name a path outside the COCO folder %s (e.g. %r); refused and "
+            "left out",
+            len(outside),
+            os.fspath(karpathy_json),
+            coco_dir,
+            os.path.join(first["filepath"], first["filename"]),
+        )
+        kept = [im for im in kept if _inside(coco_dir, im["filepath"], im["filename"])]
     folders = sorted({im["filepath"] for im in kept})
     for folder in folders:
         require_path(os.path.join(coco_dir, folder), "COCO image folder", is_dir=True)

@@ -56,6 +56,7 @@ class SkipReason(enum.StrEnum):
     WHITESPACE_CAPTION = "whitespace_caption"  # caption of whitespace only
     NON_UTF8_CAPTION = "non_utf8_caption"  # caption bytes that are not valid UTF-8
     BAD_JSON = "bad_json"  # KEY.json that is not valid JSON or has a malformed `captions`
+    JSON_TOO_LARGE = "json_too_large"  # KEY.json over the size limit: not read at all
     TRUNCATED_SHARD = "truncated_shard"  # sample cut off (or unreadable) at a shard's end
     DUPLICATE_MEMBER = "duplicate_member"  # second member with the same KEY.ext (ignored)
     CORRUPT_RECORD = "corrupt_record"  # serialised record that does not decode

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from refine_jax.data.records import is_record
 from refine_jax.data.shards import TarShardSource, load_references
+from refine_jax.errors import DataError
 
 
 class ReferencedShards:
@@ -31,6 +32,13 @@ class ReferencedShards:
         self.references_from_shard = sum(
             not self.references.get(checked[i]["key"]) for i in self.indices
         )
+        if self.indices and self.references_from_shard == len(self.indices):
+            first = checked[self.indices[0]]["key"]
+            raise DataError(
+                f"the references beside {self.path} list none of its {len(self.indices)} images "
+                f"(e.g. key {first!r}; {len(self.references)} image ids in the file): the "
+                "references.json belongs to other shards, or its image ids are not the KEYs"
+            )
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -59,6 +59,7 @@ from refine_jax.data.records import (
     decode_image,
     skipped,
 )
+from refine_jax.errors import DataError
 
 PathsArg = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -66,6 +67,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
 META_EXTENSION = "json"
 INDEX_SUFFIX = ".index.json"
+# A KEY.json sidecar larger than this is not read (a caption file is kilobytes; a huge one would
+# be parsed whole for every sample): the sample uses its .txt caption, or is skipped.
+MAX_JSON_BYTES = 1 << 20
 INDEX_VERSION = 1
 _BLOCK = 512
 # Member ranges of one sample closer together than this are fetched with a single read.
@@ -468,6 +472,7 @@ class TarShardSource:
       cache_dir: where to write member indexes; default: next to the shards when writable, else
         ``~/.cache/refine_jax/tar_index``.
       verify_images: fully decode each image when read, so corrupt ones become skip markers.
+      max_json_bytes: KEY.json members larger than this are not read, counted `json_too_large`.
     """
 
     def __init__(
@@ -475,7 +480,9 @@ class TarShardSource:
         paths: PathsArg,
         cache_dir: str | os.PathLike | None = None,
         verify_images: bool = True,
+        max_json_bytes: int = MAX_JSON_BYTES,
     ) -> None:
+        self.max_json_bytes = max_json_bytes
         self._shards = expand_paths(paths, ".tar")
         self._cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
         self.verify_images = verify_images
@@ -632,8 +639,13 @@ class TarShardSource:
         shard, i = self._locate(index)
         key = self._keys[i]
         io_, isz, to, ts, jo, js = (int(v) for v in self._spans[i])
+        oversized = js > self.max_json_bytes
+        if oversized:
+            jo, js = -1, 0  # not read
         image, txt, meta = self._read_members(shard, [(io_, isz), (to, ts), (jo, js)])
-        captions, dropped, reason = captions_from_members(txt, meta)
+        captions, dropped, reason = self._with_oversized_json(
+            captions_from_members(txt, meta), oversized
+        )
         if reason is not None:
             return skipped(key, reason)
         assert image is not None
@@ -653,12 +665,28 @@ class TarShardSource:
     def __getitem__(self, index: SupportsIndex) -> Record | Skipped:
         return self.read(index)
 
+    @staticmethod
+    def _with_oversized_json(gathered: tuple, oversized: bool) -> tuple:
+        """`captions_from_members`'s result, with a KEY.json left unread for its size counted:
+        as the skip reason when no caption remains, else as a dropped part."""
+        captions, dropped, reason = gathered
+        if not oversized:
+            return gathered
+        if reason is not None:
+            return captions, dropped, SkipReason.JSON_TOO_LARGE
+        return captions, [*dropped, SkipReason.JSON_TOO_LARGE], None
+
     def read_captions(self, index: SupportsIndex) -> tuple[list[str], list[str], str | None]:
         """Captions of sample ``index``, image not read: ``(captions, dropped, reason)``."""
         shard, i = self._locate(index)
         _, _, to, ts, jo, js = (int(v) for v in self._spans[i])
+        oversized = js > self.max_json_bytes
+        if oversized:
+            jo, js = -1, 0  # not read
         txt, meta = self._read_members(shard, [(to, ts), (jo, js)])
-        captions, dropped, reason = captions_from_members(txt, meta)
+        captions, dropped, reason = self._with_oversized_json(
+            captions_from_members(txt, meta), oversized
+        )
         return captions, [str(r) for r in dropped], (str(reason) if reason else None)
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -738,10 +766,16 @@ def load_references(path: str | os.PathLike) -> dict[str, list[str]]:
     p = epath.Path(ref_path)
     if not p.exists():
         raise FileNotFoundError(f"references file does not exist: {ref_path!r}")
-    data = json.loads(p.read_text())
-    refs: dict[str, list[str]] = {}
-    for image in data.get("images", []):
-        refs.setdefault(str(image["id"]), [])
-    for ann in data.get("annotations", []):
-        refs.setdefault(str(ann["image_id"]), []).append(ann["caption"])
+    try:
+        data = json.loads(p.read_text())
+        refs: dict[str, list[str]] = {}
+        for image in data.get("images", []):
+            refs.setdefault(str(image["id"]), [])
+        for ann in data.get("annotations", []):
+            refs.setdefault(str(ann["image_id"]), []).append(ann["caption"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(
+            f"cannot read the references file {ref_path}: {type(error).__name__}: {error} "
+            "(expected COCO caption JSON: images [{id}], annotations [{image_id, caption}])"
+        ) from error
     return refs
