@@ -28,6 +28,8 @@ DEFAULT_TEMPLATES = (  # data.labels: how a class label becomes a caption
     "a close-up photo of a {label}",
     "a photo of the {label}",
 )
+OBJECTIVES = ("final", "step")  # what a refinement step predicts (models.refine.DetailerStep)
+SELF_CONDITION_LAYOUTS = ("target", "own")  # where self-conditioned words are placed
 
 # Logical axis -> mesh axis (None: replicated). Parameters shard over 'fsdp' along their
 # embedding axis and over 'tensor' along heads / mlp / vocab; the batch over data and fsdp.
@@ -96,10 +98,21 @@ def base_config() -> ml_collections.ConfigDict:
     config.targets.schedule = "linear"
     config.targets.layout = "aligned"  # or "left" (see refine_jax.targets.canvas_targets)
     config.targets.log_a = 4.0
-    config.targets.self_condition_rate = 0.25
+    # "final": every step predicts the whole caption's word at each position and decides which
+    # positions are due now; "step": every step predicts its own target canvas.
+    config.targets.objective = "final"
+    config.targets.due_loss_weight = 1.0
+    # Per example and step, the next step reads the own prediction instead of the target:
+    # "target" keeps the target's positions with the own words there, "own" the whole canvas.
+    config.targets.self_condition_rate = 0.5
+    config.targets.self_condition_layout = "target"
     config.targets.loss_weighting = "linear"
     config.targets.geometric_ratio = 2.0
     config.targets.length_loss_weight = 0.1
+
+    config.decode = ml_collections.ConfigDict()
+    config.decode.revise = True  # a step may replace words earlier steps wrote
+    config.decode.polish_steps = 0  # extra applications of the final step
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "shapes"  # shapes | shards | tfds_coco | labels | mixture (data/__init__)
@@ -116,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.index_cache_dir = ""  # tar member indexes; empty: next to shards or ~/.cache
     config.data.random_crop = False  # training: random square crop (never a flip)
     config.data.crop_min_scale = 1.0  # random crop side, as a fraction of the shorter side
+    # Shards written by refine_jax.caption_shards carry a teacher's captions: training draws one
+    # of them instead of a reference at this rate (sequence-level distillation).
+    config.data.teacher_caption_rate = 0.0
     config.data.num_threads = 2  # grain read threads (per worker process when there are any)
     config.data.num_workers = 0  # grain worker processes; 0: threads in the trainer's process
     config.data.worker_buffer_size = 2  # batches each worker process prepares ahead
@@ -194,6 +210,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(t.schedule, "targets.schedule", SCHEDULES)
     _check_choice(t.layout, "targets.layout", LAYOUTS)
     _check_choice(t.loss_weighting, "targets.loss_weighting", WEIGHTINGS)
+    _check_choice(t.objective, "targets.objective", OBJECTIVES)
+    _check_choice(t.self_condition_layout, "targets.self_condition_layout", SELF_CONDITION_LAYOUTS)
+    if t.objective == "final" and (t.layout != "aligned" or t.kind != "salience"):
+        raise ValueError(
+            "config.targets.objective = 'final' needs targets.layout = 'aligned' and "
+            f"targets.kind = 'salience' (got {t.layout!r}, {t.kind!r}); or use objective 'step'"
+        )
+    if config.decode.polish_steps < 0:
+        raise ValueError(
+            f"config.decode.polish_steps must be >= 0, got {config.decode.polish_steps}"
+        )
     if m.num_refine_steps < 1:
         raise ValueError(
             f"config.model.num_refine_steps (K) must be >= 1, got {m.num_refine_steps}"
@@ -209,6 +236,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if m.width % m.num_heads:
         raise ValueError(
             f"config.model.width {m.width} is not divisible by num_heads {m.num_heads}"
+        )
+    if not 0.0 <= config.data.teacher_caption_rate <= 1.0:
+        raise ValueError(
+            "config.data.teacher_caption_rate must be in [0, 1], got "
+            f"{config.data.teacher_caption_rate}"
         )
     if not 0.0 <= t.self_condition_rate <= 1.0:
         raise ValueError(

@@ -37,7 +37,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from refine_jax.data.records import CorruptImageError, SkipCounter, SkipReason, decode_image
+from refine_jax.data.records import (
+    TEACHER_CAPTIONS_FIELD,
+    CorruptImageError,
+    SkipCounter,
+    SkipReason,
+    decode_image,
+)
 from refine_jax.special_tokens import BLANK_ID, PAD_ID
 from refine_jax.targets import (
     canvas_targets,
@@ -146,7 +152,8 @@ def pad_to(ids: Sequence[int], length: int) -> np.ndarray:
 class CaptionFeatures(grain.transforms.RandomMap):
     """Record or skip marker -> example arrays (see the module docstring).
 
-    ``random_map`` (training) draws the caption among the references and, with ``random_crop``,
+    ``random_map`` (training) draws the caption among the references (or, at
+    ``teacher_caption_rate``, among a teacher's captions) and, with ``random_crop``,
     a random crop; ``map`` (evaluation) takes the first reference and the centre crop.
     """
 
@@ -160,6 +167,7 @@ class CaptionFeatures(grain.transforms.RandomMap):
     layout: str = "aligned"
     random_crop: bool = False
     crop_min_scale: float = 1.0
+    teacher_caption_rate: float = 0.0
 
     @classmethod
     def from_config(
@@ -178,6 +186,7 @@ class CaptionFeatures(grain.transforms.RandomMap):
             t.layout,
             d.random_crop,
             d.crop_min_scale,
+            d.teacher_caption_rate,
         )
 
     def fit_to_canvas(self, caption: str) -> tuple[str, bool]:
@@ -263,7 +272,12 @@ class CaptionFeatures(grain.transforms.RandomMap):
         }
 
     def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict:
+        """Training: a teacher's caption at ``teacher_caption_rate`` where the record has one
+        (distilled shards), else one of the references, drawn uniformly."""
         captions = record.get("captions") or [None]
+        teachers = record.get(TEACHER_CAPTIONS_FIELD)
+        if teachers and rng.random() < self.teacher_caption_rate:
+            captions = teachers
         caption = captions[int(rng.integers(len(captions)))]
         return self.features(record, caption, rng)
 

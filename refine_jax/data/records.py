@@ -147,15 +147,28 @@ def captions_from_members(
     return captions, problems, None
 
 
-def _json_captions(json_bytes: bytes) -> list[str] | None:
-    """The ``captions`` list of a KEY.json member: [] when absent, None when malformed."""
+# The KEY.json field of captions a teacher model wrote (see refine_jax.caption_shards); training
+# draws from it at config.data.teacher_caption_rate.
+TEACHER_CAPTIONS_FIELD = "teacher_captions"
+
+
+def teacher_captions(json_bytes: bytes | None) -> list[str]:
+    """The good captions of a KEY.json member's teacher field ([] when absent or malformed)."""
+    if json_bytes is None:
+        return []
+    found = _json_captions(json_bytes, TEACHER_CAPTIONS_FIELD) or []
+    return [text for text, reason in map(check_caption, found) if reason is None]
+
+
+def _json_captions(json_bytes: bytes, field: str = "captions") -> list[str] | None:
+    """The ``field`` list of a KEY.json member: [] when absent, None when malformed."""
     try:
         meta = json.loads(json_bytes)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(meta, dict):
         return None
-    captions = meta.get("captions")
+    captions = meta.get(field)
     if captions is None:
         return []
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):

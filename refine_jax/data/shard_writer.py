@@ -71,7 +71,7 @@ def check_key(key: str) -> str:
     return key
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = MTIME
@@ -191,9 +191,9 @@ class ShardWriter:
             path = os.path.join(self.output_dir, shard_name(len(self.shard_paths)))
             self._tar = tarfile.open(path + ".tmp", "w", format=tarfile.GNU_FORMAT)
             self._in_shard = 0
-        _add_member(self._tar, f"{key}.{image_ext}", bytes(image_bytes))
-        _add_member(self._tar, f"{key}.txt", captions[0].encode("utf-8"))
-        _add_member(self._tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+        add_member(self._tar, f"{key}.{image_ext}", bytes(image_bytes))
+        add_member(self._tar, f"{key}.txt", captions[0].encode("utf-8"))
+        add_member(self._tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
         self._in_shard += 1
 
         self._keys.add(key)

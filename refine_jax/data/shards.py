@@ -49,6 +49,7 @@ from absl import logging
 from etils import epath
 
 from refine_jax.data.records import (
+    TEACHER_CAPTIONS_FIELD,
     CorruptImageError,
     Record,
     SkipCounter,
@@ -58,6 +59,7 @@ from refine_jax.data.records import (
     checked_index,
     decode_image,
     skipped,
+    teacher_captions,
 )
 from refine_jax.errors import DataError
 
@@ -660,6 +662,9 @@ class TarShardSource:
         record: Record = {"key": key, "image_bytes": image, "captions": captions}
         if dropped:
             record["dropped"] = [str(r) for r in dropped]
+        teachers = teacher_captions(meta)
+        if teachers:
+            record[TEACHER_CAPTIONS_FIELD] = teachers
         return record
 
     def __getitem__(self, index: SupportsIndex) -> Record | Skipped:
