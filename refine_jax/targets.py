@@ -13,9 +13,9 @@ priority order is:
 Whether a word is noun-like is read off the training captions, with no tagger: nouns end noun
 phrases (they are followed by a function word or the caption's end) and often directly follow
 a determiner ("a dog", "two dogs"); verbs rarely follow a determiner, and adjectives rarely end
-a phrase. A run of consecutive content words ("dog jumping", "large red circle") is split at
-its most noun-like word: that word heads the words before it, and the words after it form a
-phrase of their own.
+a phrase. A run of consecutive content words ("dog jumping", "large red circle") is split after
+its first noun-like word that the next word does not outdo: that word heads the words before
+it, and the words after it form a phrase of their own.
 
 After each content word enters, the function words whose neighbouring phrases (or the caption
 boundary) now have their heads kept enter with it, in caption order, so "circle" grows into
@@ -176,16 +176,16 @@ class SalienceStats:
         )
 
 
-# A word this much more noun-like than the words after it in its run heads them; otherwise the
-# last word of the run does ("large red *circle*").
+# A noun-like word (nounness at least _NOUN_LIKE) this much more noun-like than the next word of
+# its run ends a phrase there ("*dog* jumping"); otherwise the last word of the run is the head
+# ("large red *circle*"). A subject is the first phrase head that is noun-like.
+_NOUN_LIKE = 0.2
 _HEAD_MARGIN = 0.1
-# A subject is the first phrase head at least this noun-like.
-_SUBJECT_NOUNNESS = 0.2
 
 
 def phrase_heads(words: Sequence[str], stats: SalienceStats) -> dict[int, int]:
     """For each content word position, the position of its phrase's head (see the module
-    docstring): a run of content words is split after its most noun-like word."""
+    docstring): a run of content words is split after its first noun-like word."""
     head_of: dict[int, int] = {}
     i = 0
     while i < len(words):
@@ -196,11 +196,13 @@ def phrase_heads(words: Sequence[str], stats: SalienceStats) -> dict[int, int]:
         while end + 1 < len(words) and words[end + 1] not in FUNCTION_WORDS:
             end += 1
         start = i
-        while start <= end:  # split [start, end] at its head, repeatedly
+        while start <= end:  # split [start, end] after its first noun-like word, repeatedly
             head = end
-            for j in range(end - 1, start - 1, -1):
-                if stats.nounness(words[j]) > stats.nounness(words[head]) + _HEAD_MARGIN:
+            for j in range(start, end):
+                noun = stats.nounness(words[j])
+                if noun >= _NOUN_LIKE and noun > stats.nounness(words[j + 1]) + _HEAD_MARGIN:
                     head = j
+                    break
             for j in range(start, head + 1):
                 head_of[j] = head
             start = head + 1
@@ -215,7 +217,7 @@ def subject_position(words: Sequence[str], stats: SalienceStats) -> int | None:
     if not heads:
         return None
     for head in heads:
-        if stats.nounness(words[head]) >= _SUBJECT_NOUNNESS:
+        if stats.nounness(words[head]) >= _NOUN_LIKE:
             return head
     return max(heads, key=lambda h: (stats.nounness(words[h]), -h))
 

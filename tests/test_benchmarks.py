@@ -16,6 +16,7 @@ SYNTHETIC_SCRIPTS = [
     "memory_vs_k.py",
     "scaling.py",
     "gradualness.py",  # trains on the generated shapes data
+    "target_salience.py",  # shapes captions with --quick
 ]
 
 
