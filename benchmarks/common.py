@@ -20,19 +20,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from refine_jax.config import load_config_file, validate_config  # noqa: E402
-from refine_jax.models import build_model  # noqa: E402
-from refine_jax.special_tokens import PAD_ID  # noqa: E402
-from refine_jax.targets import schedule_fractions  # noqa: E402
-from refine_jax.train import bind_train_step  # noqa: E402
-from refine_jax.train_state import init_variables, initial_state, make_optimizer  # noqa: E402
+from refine_jax.config import load_config_file, validate_config
+from refine_jax.models import build_model
+from refine_jax.special_tokens import PAD_ID
+from refine_jax.targets import schedule_fractions
+from refine_jax.train import bind_train_step
+from refine_jax.train_state import init_variables, initial_state, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "configs" / "flickr8k.py"

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-import common  # noqa: I001 (sets JAX_PLATFORMS before jax is imported)
+import common  # noqa: I001 (the folder's shared helpers, imported first)
 import jax
 import jax.numpy as jnp
 

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 
-import common  # noqa: I001 (sets JAX_PLATFORMS before jax is imported)
+import common  # noqa: I001 (the folder's shared helpers, imported first)
 import jax
 
 from refine_jax.config import REMAT_POLICIES

@@ -24,7 +24,7 @@ import functools
 import os
 import sys
 
-import common  # noqa: I001 (sets JAX_PLATFORMS before jax is imported)
+import common  # noqa: I001 (the folder's shared helpers, imported first)
 import numpy as np
 
 from refine_jax.flops import training_flops_per_example
