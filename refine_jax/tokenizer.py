@@ -26,7 +26,7 @@ from refine_jax.special_tokens import (  # noqa: F401  (re-exported for existing
     PAD_ID,
     UNK_ID,
 )
-from refine_jax.targets import SalienceStats
+from refine_jax.targets import SalienceStats, normalize_caption
 
 MODEL_FILE = "spm.model"
 SALIENCE_FILE = "salience.json"
@@ -93,8 +93,9 @@ class Tokenizer:
 def train_tokenizer(
     captions: Sequence[str], vocab_size: int = 1000, model_type: str = "bpe"
 ) -> Tokenizer:
-    """Trains a sentencepiece model and the salience statistics on `captions`."""
-    captions = [c for c in captions if c.strip()]
+    """Trains a sentencepiece model and the salience statistics on `captions`, as the model
+    sees them (`normalize_caption`: lower case, single spaces), so no piece is spent on case."""
+    captions = [normalize_caption(c) for c in captions if c.strip()]
     if not captions:
         raise ValueError("cannot train a tokenizer on no captions")
     model = io.BytesIO()

@@ -114,3 +114,17 @@ def test_command_trains_and_saves_a_tokenizer(tmp_path):
     tokenizer = Tokenizer.load(out)
     assert tokenizer.salience.num_captions == 500
     assert tokenizer.decode(tokenizer.encode("a small blue square")) == "a small blue square"
+
+
+def test_pieces_are_learned_from_lower_cased_captions():
+    captions = [f"A Dog Runs On The Grass number {i % 7} ." for i in range(200)]
+    tokenizer = train_tokenizer(captions, vocab_size=320)
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto)
+    pieces = [processor.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    assert not any(c.isupper() for piece in pieces for c in piece if not piece.startswith("<"))
+    assert tokenizer.decode(tokenizer.encode("a dog runs")) == "a dog runs"
+    assert (
+        tokenizer.salience.word_counts["dog"] == 200 and "Dog" not in tokenizer.salience.word_counts
+    )
