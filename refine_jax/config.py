@@ -29,7 +29,7 @@ DEFAULT_TEMPLATES = (  # data.labels: how a class label becomes a caption
     "a photo of the {label}",
 )
 OBJECTIVES = ("final", "step")  # what a refinement step predicts (models.refine.DetailerStep)
-SELF_CONDITION_LAYOUTS = ("target", "own")  # where self-conditioned words are placed
+SELF_CONDITION_LAYOUTS = ("target", "written", "own")  # where self-conditioned words are placed
 
 # Logical axis -> mesh axis (None: replicated). Parameters shard over 'fsdp' along their
 # embedding axis and over 'tensor' along heads / mlp / vocab; the batch over data and fsdp.
@@ -103,7 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.targets.objective = "final"
     config.targets.due_loss_weight = 1.0
     # Per example and step, the next step reads the own prediction instead of the target:
-    # "target" keeps the target's positions with the own words there, "own" the whole canvas.
+    # "target" keeps the target's positions with the own words there; "written" the canvas the
+    # step wrote where its length is the reference's (else as "target"); "own" the written
+    # canvas as it is.
     config.targets.self_condition_rate = 0.5
     config.targets.self_condition_layout = "target"
     config.targets.loss_weighting = "linear"

@@ -92,8 +92,10 @@ def train_step(
     def loss_fn(params):
         rngs = {"dropout": dropout_rng}
         if config.model.kind == "refine":
-            self_condition = jax.random.bernoulli(
-                self_condition_rng, config.targets.self_condition_rate, (batch_size,)
+            self_condition = jax.random.bernoulli(  # per example and step
+                self_condition_rng,
+                config.targets.self_condition_rate,
+                (batch_size, config.model.num_refine_steps),
             )
             outputs = model.apply(
                 {"params": params},

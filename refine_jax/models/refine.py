@@ -215,10 +215,17 @@ class DetailerStep(nn.Module):
         }
         if self.keep_logits:  # inspection and tests only: this is the [K, B, L, V] tensor
             outputs["logits"] = logits
+        # Self-conditioning (DESIGN §3: train the way it decodes). "target": the own words on
+        # the target's positions, so length and layout stay the reference's and the next step
+        # learns to repair wrong words rather than to write them twice. "written": the canvas
+        # this step wrote (its own due set, blanks and words, as decoding carries it) where its
+        # length is the reference's, else as "target". "own": the written canvas as it is.
+        on_target = jnp.where(is_word(target), best_words(jax.lax.stop_gradient(logits)), target)
         if self.self_condition_layout == "target":
-            # The own words on the target's layout: positions and length stay the reference's,
-            # so the next step learns to repair wrong words rather than to write them twice.
-            own = jnp.where(is_word(target), best_words(jax.lax.stop_gradient(logits)), target)
+            own = on_target
+        elif self.self_condition_layout == "written":
+            same_length = jnp.all((prediction == PAD_ID) == (target == PAD_ID), axis=-1)
+            own = jnp.where(same_length[:, None], prediction, on_target)
         else:
             own = prediction
         next_canvas = jnp.where(step["self_condition"][:, None], own, target)
@@ -244,7 +251,7 @@ class RefineCaptioner(nn.Module):
     scan: bool = True
     layout: str = "aligned"  # of the targets: how a step writes its canvas (see DetailerStep)
     objective: str = "step"  # "final" or "step" (see DetailerStep)
-    self_condition_layout: str = "target"  # "target" or "own" (see DetailerStep)
+    self_condition_layout: str = "target"  # "target", "written" or "own" (see DetailerStep)
     due_loss_weight: float = 1.0
     revise: bool = True  # decoding: a step may replace words already written
     polish_steps: int = 0  # decoding: extra applications of the final step
