@@ -83,7 +83,8 @@ def _item_files(step_dir: epath.Path) -> list[epath.Path]:
             found.extend(files_under(path) if path.is_dir() else [path])
         return found
 
-    return sorted(path for item in step_dir.iterdir() if item.is_dir() for path in files_under(item))
+    items = [item for item in step_dir.iterdir() if item.is_dir()]
+    return sorted(path for item in items for path in files_under(item))
 
 
 def _sha256(path: epath.Path) -> str:
