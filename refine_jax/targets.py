@@ -17,9 +17,10 @@ a phrase. A run of consecutive content words ("dog jumping", "large red circle")
 its first noun-like word that the next word does not outdo: that word heads the words before
 it, and the words after it form a phrase of their own.
 
-After each content word enters, the function words whose neighbouring phrases (or the caption
-boundary) now have their heads kept enter with it, in caption order, so "circle" grows into
-"a circle" and "a circle above a square" rather than "circle square".
+After each content word enters, the function words it completes enter with it, in caption
+order: a determiner with the phrase it opens, any other function word once the phrases (or the
+caption boundary) on both of its sides have their heads kept, so "circle" grows into "a circle",
+"a circle a square" and "a circle above a square" rather than "circle square".
 """
 
 from __future__ import annotations
@@ -236,10 +237,14 @@ def salience_order(words: Sequence[str], stats: SalienceStats) -> list[int]:
     order: list[int] = []
 
     def joins_kept_phrases(j: int) -> bool:
-        # A function word enters once the phrases on both of its sides have their heads kept.
+        # A determiner enters with the phrase it opens ("a circle"); any other function word
+        # once the phrases on both of its sides have their heads kept ("circle above square").
         left = [c for c in content if c < j]
         right = [c for c in content if c > j]
-        return (not left or head_of[left[-1]] in kept) and (not right or head_of[right[0]] in kept)
+        right_kept = not right or head_of[right[0]] in kept
+        if words[j] in DETERMINERS:
+            return right_kept
+        return (not left or head_of[left[-1]] in kept) and right_kept
 
     for i in ranked:
         kept.add(i)

@@ -168,13 +168,43 @@ def token_embedding(vocab_size: int, width: int, dtype: Dtype, name: str) -> nn.
 
 
 def learned_positions(
-    module: nn.Module, name: str, length: int, width: int, axis: str
+    module: nn.Module,
+    name: str,
+    length: int,
+    width: int,
+    axis: str,
+    init: Callable | None = None,
 ) -> jax.Array:
-    """A [1, length, width] learned position table registered as a parameter of `module`."""
-    init: Callable = nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=0.02), (axis, "embed")
-    )
-    return module.param(name, init, (length, width))[None]
+    """A [1, length, width] learned position table registered as a parameter of `module`,
+    initialised by `init` (default: normal, stddev 0.02)."""
+    init = init or nn.initializers.normal(stddev=0.02)
+    partitioned = nn.with_logical_partitioning(init, (axis, "embed"))
+    return module.param(name, partitioned, (length, width))[None]
+
+
+def sincos2d_init(grid_height: int, grid_width: int) -> Callable:
+    """An initialiser of a [grid_height * grid_width, width] position table with 2-D sine-cosine
+    features: a quarter of the channels each for sin and cos of the row and of the column, so
+    patches in the same row (or column) start out alike along those channels."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        length, width = shape
+        if length != grid_height * grid_width or width % 4:
+            raise ValueError(
+                f"sincos2d positions need {grid_height}x{grid_width} patches and a "
+                f"width divisible by 4, got table shape {shape}"
+            )
+        rows, cols = np.meshgrid(np.arange(grid_height), np.arange(grid_width), indexing="ij")
+        omega = 1.0 / 10_000 ** (np.arange(width // 4) / max(width // 4 - 1, 1))
+        angles_y = rows.reshape(-1, 1) * omega[None]  # [N, width/4]
+        angles_x = cols.reshape(-1, 1) * omega[None]
+        table = np.concatenate(
+            [np.sin(angles_x), np.cos(angles_x), np.sin(angles_y), np.cos(angles_y)], axis=1
+        )
+        return jnp.asarray(table, dtype)
+
+    return init
 
 
 def sinusoid(values: jax.Array, features: int) -> jax.Array:

@@ -1,4 +1,5 @@
-"""ViT image encoder: patchify, learned positions, pre-LN blocks stacked with `nn.scan`."""
+"""ViT image encoder: patchify, learned positions (2-D sin-cos initialised), pre-LN blocks stacked
+with `nn.scan`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from refine_jax.models.layers import (
     dense,
     layer_norm,
     learned_positions,
+    sincos2d_init,
 )
 
 
@@ -49,6 +51,7 @@ class ViTEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     remat: bool = False
+    position_init: str = "sincos2d"  # of the learned position table: "sincos2d" or "normal"
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -61,7 +64,16 @@ class ViTEncoder(nn.Module):
         x = dense(self.width, ("pixels", "embed"), self.dtype, "embedding")(
             patches.astype(self.dtype)
         )
-        x = x + learned_positions(self, "pos_embedding", x.shape[1], self.width, "patches")
+        grid = (h // p, w // p)
+        init = sincos2d_init(*grid) if self.position_init == "sincos2d" else None
+        x = x + learned_positions(
+            self,
+            "pos_embedding",
+            x.shape[1],
+            self.width,
+            "patches",
+            **({"init": init} if init else {}),
+        )
         x = constrain(x, ("batch", "patches", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
