@@ -30,3 +30,11 @@ def flickr8k_dir() -> Path:
     if not path.exists():
         pytest.skip(f"Flickr8k shards not found at {path} (shared data is not checked out)")
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: end-to-end runs (notebooks, benchmark --quick runs, multi-process training, full "
+        "trainings); the README's test command runs them, `-m 'not slow'` is the fast loop",
+    )

@@ -7,6 +7,8 @@ import sys
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 # Scripts that read the Flickr8k shards, and scripts that build random inputs of the
 # configured shapes (they need no data).
 DATA_SCRIPTS = ["input_pipeline.py", "eval_speed.py", "flickr8k_quality.py"]

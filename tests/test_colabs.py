@@ -21,6 +21,8 @@ import pytest
 from conftest import REPO
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow
+
 COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
 # Notebooks of one lane run one after the other; lanes run at the same time. A notebook not

@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import portpicker
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 COMMON = [
     "--config=configs/shapes.py:tiny",
