@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     # step wrote where its length is the reference's (else as "target"); "own" the written
     # canvas as it is.
     config.targets.self_condition_rate = 0.5
-    config.targets.self_condition_layout = "target"
+    config.targets.self_condition_layout = "written"
     config.targets.loss_weighting = "linear"
     config.targets.geometric_ratio = 2.0
     config.targets.length_loss_weight = 0.1

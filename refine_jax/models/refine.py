@@ -147,8 +147,8 @@ class DetailerStep(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     layout: str = "aligned"
-    objective: str = "step"
-    self_condition_layout: str = "target"
+    objective: str = "final"
+    self_condition_layout: str = "written"
     due_loss_weight: float = 1.0
     revise: bool = True
     keep_logits: bool = False
@@ -250,8 +250,8 @@ class RefineCaptioner(nn.Module):
     remat: str = "none"
     scan: bool = True
     layout: str = "aligned"  # of the targets: how a step writes its canvas (see DetailerStep)
-    objective: str = "step"  # "final" or "step" (see DetailerStep)
-    self_condition_layout: str = "target"  # "target", "written" or "own" (see DetailerStep)
+    objective: str = "final"  # "final" or "step" (see DetailerStep)
+    self_condition_layout: str = "written"  # "target", "written" or "own" (see DetailerStep)
     due_loss_weight: float = 1.0
     revise: bool = True  # decoding: a step may replace words already written
     polish_steps: int = 0  # decoding: extra applications of the final step
