@@ -123,7 +123,7 @@ def test_scanned_and_unscanned_agree_for_each_objective(objective):
 def test_self_conditioning_reads_own_words_on_the_targets_layout():
     """Step 2 of a self-conditioned example reads step 1's best words at the positions step
     1's target writes, and the target elsewhere: the same logits as feeding that canvas."""
-    config = tiny_config("final")
+    config = tiny_config("final", self_condition_layout="target")
     model = build_model(config, VOCAB, scan=False).clone(keep_logits=True)
     params = init_variables(model, config, VOCAB)
     images, targets, fractions = inputs(config)
@@ -173,3 +173,26 @@ def test_a_given_start_stays_at_every_step_though_the_model_would_rewrite_it():
 
     free = model.apply({"params": params}, images, method=unpinned)
     assert not np.array_equal(free["canvas"][:, :, :3], out["canvas"][:, :, :3])
+
+
+def test_written_self_conditioning_reads_what_the_step_wrote_when_its_length_is_right():
+    """With the 'written' layout, step 2 reads step 1's written canvas (write_due) where its
+    pads are the target's, else step 1's words on the target's positions."""
+    config = tiny_config("final", self_condition_layout="written")
+    model = build_model(config, VOCAB, scan=False).clone(keep_logits=True)
+    params = init_variables(model, config, VOCAB)
+    images, targets, fractions = inputs(config)
+    on = jnp.ones((3, 4), bool).at[:, 1:].set(False)
+    out = model.apply({"params": params}, images, targets, fractions, on)
+
+    def step_one(m, images):  # the canvas decoding writes at step 1, and step 1's due logits
+        return m.describe(images, fractions)
+
+    written = model.apply({"params": params}, images, method=step_one)["canvas"][0]  # [B, L]
+    best = jnp.argmax(out["logits"][0].at[..., :5].set(-jnp.inf), axis=-1)
+    on_target = jnp.where(targets[:, 0] > 4, best, targets[:, 0])
+    same_length = jnp.all((written == PAD_ID) == (targets[:, 0] == PAD_ID), axis=-1)
+    expected = jnp.where(same_length[:, None], written, on_target)
+    fed = targets.at[:, 0].set(expected)
+    again = model.apply({"params": params}, images, fed, fractions, jnp.zeros((3, 4), bool))
+    np.testing.assert_allclose(out["logits"][1], again["logits"][1], atol=1e-5)
