@@ -58,6 +58,7 @@ class SkipReason(enum.StrEnum):
     BAD_JSON = "bad_json"  # KEY.json that is not valid JSON or has a malformed `captions`
     JSON_TOO_LARGE = "json_too_large"  # KEY.json over the size limit: not read at all
     TRUNCATED_SHARD = "truncated_shard"  # sample cut off (or unreadable) at a shard's end
+    UNREADABLE_SHARD = "unreadable_shard"  # a whole shard that cannot be read as a tar (one)
     DUPLICATE_MEMBER = "duplicate_member"  # second member with the same KEY.ext (ignored)
     CORRUPT_RECORD = "corrupt_record"  # serialised record that does not decode
 

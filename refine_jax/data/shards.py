@@ -9,14 +9,20 @@ Grain shuffles globally only over a random-access source, and a tar has no table
 :class:`TarShardSource` scans each shard's headers once and keeps a member index (for every sample:
 the byte offset and size of its image, txt and json members), cached as JSON next to the shard
 (``00000.tar.index.json``) or, when that folder is read-only, in a cache directory. The cache is
-keyed by shard path + size + mtime, so a changed shard is re-indexed. Reading a sample then reads
-only its byte ranges.
+keyed by the shard's path, size, mtime and content fingerprint (a hash of its first and last
+64 KiB, which hold its first and last tar headers), so a changed shard is re-indexed, even one
+replaced by another of the same size and mtime. Reading a sample then reads only its byte ranges,
+together with the tar header just before them: when that is no longer the indexed member's and
+the shard's fingerprint has changed, the shard was rewritten under the running job, and
+:class:`ShardChangedError` names it instead of garbage being read as bad samples.
 
 Bad data is never fatal and never silent. Structural problems are found while indexing and kept in
 the index (so they are counted again on every open, without a rescan):
 
 * ``truncated_shard``: a sample whose member data runs past the end of a cut-off tar, or the
   unreadable remainder after the last complete member (one per cut header / unreadable tail);
+* ``unreadable_shard``: a shard that is not a readable tar at all, or cannot be opened (one per
+  shard; a warning names it every time the source is opened);
 * ``missing_image``: captions but no image member; ``missing_caption``: an image but neither
   ``.txt`` nor ``.json``; ``duplicate_member`` (dropped part): a repeated KEY.ext, first one kept.
 
@@ -72,7 +78,10 @@ INDEX_SUFFIX = ".index.json"
 # A KEY.json sidecar larger than this is not read (a caption file is kilobytes; a huge one would
 # be parsed whole for every sample): the sample uses its .txt caption, or is skipped.
 MAX_JSON_BYTES = 1 << 20
-INDEX_VERSION = 1
+# 2: indexes record a content fingerprint; indexes of version 1 are rebuilt.
+INDEX_VERSION = 2
+# Bytes hashed at each end of a shard for its fingerprint.
+FINGERPRINT_BYTES = 64 * 1024
 _BLOCK = 512
 # Member ranges of one sample closer together than this are fetched with a single read.
 _MERGE_GAP = 64 * 1024
@@ -81,6 +90,14 @@ _GLOB_CHARS = "*?["
 
 class NoSamplesError(ValueError):
     """Raised when a source holds no readable sample at all."""
+
+
+class IndexVersionError(ValueError):
+    """A cached index written in another format version (it is rebuilt)."""
+
+
+class ShardChangedError(DataError):
+    """A shard no longer holds what its index says: it was rewritten while a job was reading it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +159,18 @@ def _stat(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def shard_fingerprint(path: str, size: int) -> str:
+    """sha256 of a shard's size and its first and last :data:`FINGERPRINT_BYTES`: cheap to take,
+    and it changes when a shard is replaced by another, even of the same size and mtime."""
+    digest = hashlib.sha256(str(size).encode())
+    with _open_binary(path) as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
     """Splits a member name into (KEY, lower-case extension) at the base name's first dot."""
     slash = name.rfind("/")
@@ -160,7 +189,8 @@ class ShardIndex:
     """Where every sample of one shard lies, and what was wrong with the shard's structure.
 
     ``spans[i]`` is ``(image_offset, image_size, txt_offset, txt_size, json_offset, json_size)``
-    of sample ``keys[i]`` (offset -1 when the member is absent).
+    of sample ``keys[i]`` (offset -1 when the member is absent). ``size``, ``mtime_ns`` and
+    ``fingerprint`` (:func:`shard_fingerprint`) describe the file the index was built from.
     """
 
     path: str
@@ -171,6 +201,7 @@ class ShardIndex:
     skipped: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    fingerprint: str = ""
 
     def to_json(self) -> str:
         samples = [[k, *map(int, s)] for k, s in zip(self.keys, self.spans, strict=True)]
@@ -180,6 +211,7 @@ class ShardIndex:
                 "shard": self.path,
                 "size": self.size,
                 "mtime_ns": self.mtime_ns,
+                "fingerprint": self.fingerprint,
                 "skipped": self.skipped,
                 "dropped": self.dropped,
                 "error": self.error,
@@ -192,7 +224,7 @@ class ShardIndex:
     def from_json(cls, text: str) -> ShardIndex:
         d = json.loads(text)
         if d.get("version") != INDEX_VERSION:
-            raise ValueError(f"index version {d.get('version')} != {INDEX_VERSION}")
+            raise IndexVersionError(f"index version {d.get('version')} != {INDEX_VERSION}")
         samples = d["samples"]
         spans = np.array([s[1:] for s in samples], dtype=np.int64).reshape(len(samples), 6)
         return cls(
@@ -204,7 +236,12 @@ class ShardIndex:
             skipped={k: int(v) for k, v in d["skipped"].items()},
             dropped={k: int(v) for k, v in d["dropped"].items()},
             error=d["error"],
+            fingerprint=str(d["fingerprint"]),
         )
+
+    def describes(self, size: int, mtime_ns: int, fingerprint: str) -> bool:
+        """Whether this index was built from a file of this size, mtime and fingerprint."""
+        return (self.size, self.mtime_ns, self.fingerprint) == (size, mtime_ns, fingerprint)
 
 
 def _open_binary(path: str) -> BinaryIO:
@@ -241,6 +278,7 @@ def scan_tar(path: str) -> ShardIndex:
     damaged sample(s) are counted as ``truncated_shard`` (see the module docstring).
     """
     size, mtime_ns = _stat(path)
+    fingerprint = shard_fingerprint(path, size)
     members: list[tarfile.TarInfo] = []
     error: str | None = None
     with _open_binary(path) as f:
@@ -253,7 +291,9 @@ def scan_tar(path: str) -> ShardIndex:
                 mtime_ns,
                 [],
                 np.zeros((0, 6), np.int64),
+                skipped={str(SkipReason.UNREADABLE_SHARD): 1},
                 error=f"not a readable tar file: {e}",
+                fingerprint=fingerprint,
             )
         while True:
             try:
@@ -350,6 +390,7 @@ def scan_tar(path: str) -> ShardIndex:
         skipped={str(k): v for k, v in sorted(skipped_counts.items()) if v},
         dropped={str(k): v for k, v in sorted(dropped.items()) if v},
         error=error,
+        fingerprint=fingerprint,
     )
 
 
@@ -413,12 +454,17 @@ def _write_atomically(path: str, text: str) -> None:
 def load_or_build_index(shard: str, cache_dir: str | None = None) -> tuple[ShardIndex, bool]:
     """Returns ``(index, built)``: a valid cached index, or a fresh scan (then cached).
 
-    A cached index is valid when its version, shard size and mtime match. It is looked for next
-    to the shard and in the cache directory. A new one is written to ``cache_dir`` when given,
-    otherwise next to the shard when that folder is writable, otherwise to
-    :func:`default_cache_dir`.
+    A cached index is valid when its version, shard size, mtime and fingerprint match. It is
+    looked for next to the shard and in the cache directory. A new one is written to
+    ``cache_dir`` when given, otherwise next to the shard when that folder is writable, otherwise
+    to :func:`default_cache_dir`. A shard that cannot be read at all gets an index (not cached)
+    with no sample, counted ``unreadable_shard``.
     """
-    size, mtime_ns = _stat(shard)
+    try:
+        size, mtime_ns = _stat(shard)
+        fingerprint = shard_fingerprint(shard, size)
+    except OSError as e:
+        return _unreadable_index(shard, e), True
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     sidecar = sidecar_index_path(shard)
     cached = cache_index_path(shard, cache)
@@ -428,15 +474,21 @@ def load_or_build_index(shard: str, cache_dir: str | None = None) -> tuple[Shard
             continue
         try:
             index = ShardIndex.from_json(text)
+        except IndexVersionError as e:
+            logging.info("Rebuilding index %s (%s)", candidate, e)
+            continue
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             logging.warning("Ignoring unreadable index %s: %s", candidate, e)
             continue
         same_shard = index.path == shard if check_path else True
-        if same_shard and index.size == size and index.mtime_ns == mtime_ns:
+        if same_shard and index.describes(size, mtime_ns, fingerprint):
             index.path = shard
             return index, False
 
-    index = scan_tar(shard)
+    try:
+        index = scan_tar(shard)
+    except OSError as e:
+        return _unreadable_index(shard, e), True
     text = index.to_json()
     targets = [cached] if cache_dir is not None else []
     if cache_dir is None:
@@ -451,9 +503,35 @@ def load_or_build_index(shard: str, cache_dir: str | None = None) -> tuple[Shard
             logging.warning("Cannot write index %s (%s); trying the next place.", target, e)
     else:
         logging.warning("Index of %s could not be cached; it will be rebuilt next time.", shard)
-    if index.error:
-        logging.warning("Shard %s: %s; skipped %s", shard, index.error, index.skipped)
     return index, True
+
+
+def _unreadable_index(shard: str, error: OSError) -> ShardIndex:
+    """The index of a shard that cannot be opened or read: no sample, one unreadable_shard."""
+    return ShardIndex(
+        shard,
+        -1,
+        -1,
+        [],
+        np.zeros((0, 6), np.int64),
+        skipped={str(SkipReason.UNREADABLE_SHARD): 1},
+        error=f"cannot be read: {error}",
+    )
+
+
+def _header_matches(block: bytes, key: str, size: int) -> bool:
+    """Whether a tar header block is that of a member of sample ``key`` holding ``size`` bytes
+    (a name cut to the header's 100 bytes, as long names are, is matched as far as it goes)."""
+    try:
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    name = info.name
+    return (
+        info.size == size
+        and bool(name)
+        and (name.startswith(key + ".") or (key + ".").startswith(name))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +587,12 @@ class TarShardSource:
                 self._structural.drop(reason, n)
             if index.error:
                 self._structural.shard_errors[index.path] = index.error
+                # On every open, not only when indexed: what is left out is never silent.
+                logging.warning(
+                    "Shard %s: %s; left out: %s", index.path, index.error, index.skipped
+                )
+        #: (size, mtime_ns, fingerprint) of each shard as indexed, to tell a rewritten shard.
+        self._indexed = [(i.size, i.mtime_ns, i.fingerprint) for i in indexes]
         self._keys = [k for index in indexes for k in index.keys]
         self._spans = (
             np.concatenate([index.spans for index in indexes])
@@ -582,23 +666,49 @@ class TarShardSource:
                 handle.seek(offset)
                 data = handle.read(size)
         if len(data) != size:
-            raise OSError(
-                f"short read from {self._shards[shard]} at byte {offset}: the shard changed "
-                "since it was indexed; reopen the source to re-index it"
-            )
+            raise self._changed(shard, f"a short read at byte {offset}")
         return data
 
-    def _read_members(self, shard: int, ranges: Sequence[tuple[int, int]]) -> list[bytes | None]:
-        """Reads several members of one sample, in one read when they lie close together."""
+    def _changed(self, shard: int, evidence: str) -> ShardChangedError:
+        path = self._shards[shard]
+        return ShardChangedError(
+            f"shard {path} changed since it was indexed ({evidence}): it was rewritten while "
+            "this job read it. Re-run once it is complete: a changed shard is indexed again"
+        )
+
+    def _read_member(self, shard: int, key: str, offset: int, size: int, length: int) -> bytes:
+        """``length`` bytes from the data of member ``offset``/``size`` of sample ``key``, read
+        with the member's tar header; raises ShardChangedError when the header is no longer
+        that member's and the shard's size, mtime or fingerprint has changed."""
+        data = self._read_range(shard, offset - _BLOCK, length + _BLOCK)
+        if not _header_matches(data[:_BLOCK], key, size) and self._fingerprint_changed(shard):
+            raise self._changed(shard, f"the tar header at byte {offset - _BLOCK} is not {key}'s")
+        return data[_BLOCK:]
+
+    def _fingerprint_changed(self, shard: int) -> bool:
+        """Whether the shard's size, mtime or fingerprint differs from when it was indexed."""
+        path = self._shards[shard]
+        try:
+            size, mtime_ns = _stat(path)
+            now = (size, mtime_ns, shard_fingerprint(path, size))
+        except OSError:
+            return True
+        return now != self._indexed[shard]
+
+    def _read_members(
+        self, shard: int, key: str, ranges: Sequence[tuple[int, int]]
+    ) -> list[bytes | None]:
+        """Reads several members of sample ``key``, in one read when they lie close together;
+        the first member's header is checked (see :meth:`_read_member`)."""
         present = [(o, n) for o, n in ranges if o >= 0]
         if not present:
             return [None] * len(ranges)
-        lo = min(o for o, _ in present)
+        lo, first_size = min(present)
         hi = max(o + n for o, n in present)
         if hi - lo <= sum(n for _, n in present) + _MERGE_GAP:
-            blob = self._read_range(shard, lo, hi - lo)
+            blob = self._read_member(shard, key, lo, first_size, hi - lo)
             return [blob[o - lo : o - lo + n] if o >= 0 else None for o, n in ranges]
-        return [self._read_range(shard, o, n) if o >= 0 else None for o, n in ranges]
+        return [self._read_member(shard, key, o, n, n) if o >= 0 else None for o, n in ranges]
 
     def close(self) -> None:
         """Closes this process's open shard files (they reopen lazily on the next read)."""
@@ -644,7 +754,7 @@ class TarShardSource:
         oversized = js > self.max_json_bytes
         if oversized:
             jo, js = -1, 0  # not read
-        image, txt, meta = self._read_members(shard, [(io_, isz), (to, ts), (jo, js)])
+        image, txt, meta = self._read_members(shard, key, [(io_, isz), (to, ts), (jo, js)])
         captions, dropped, reason = self._with_oversized_json(
             captions_from_members(txt, meta), oversized
         )
@@ -688,7 +798,7 @@ class TarShardSource:
         oversized = js > self.max_json_bytes
         if oversized:
             jo, js = -1, 0  # not read
-        txt, meta = self._read_members(shard, [(to, ts), (jo, js)])
+        txt, meta = self._read_members(shard, self._keys[i], [(to, ts), (jo, js)])
         captions, dropped, reason = self._with_oversized_json(
             captions_from_members(txt, meta), oversized
         )
