@@ -37,12 +37,12 @@ import time
 from pathlib import Path
 
 import common  # noqa: I001 (the folder's shared helpers, imported first)
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from refine_jax.flops import encoder_flops, text_pass_flops, training_flops_per_example
-from refine_jax.losses import autoregressive_loss, refine_loss
-from refine_jax.models.refine import RefineCaptioner
+from refine_jax.flops import encoder_flops, text_stack_flops, training_flops_per_example
+from refine_jax.models.kinds import model_kind
 from refine_jax.train import bind_train_step, make_optimizer
 
 
@@ -157,41 +157,19 @@ def profile_variant(variant: Variant, folder: Path, steps: int, top: int) -> dic
 
 def breakdown(variant: Variant, rounds: int) -> dict:
     """Times parts of the step in isolation: the loss forward, forward+backward (no optimizer),
-    the encoder forward / forward+backward, and the rest (the text stack with its loss)."""
+    the encoder forward / forward+backward, and the rest (the text stack with its loss, on
+    fixed image tokens)."""
     config, model = variant.config, variant.model
     optimizer, schedule = make_optimizer(config)
     bound = bind_train_step(config, model, optimizer, schedule)
     weights, fractions = bound.keywords["weights"], bound.keywords["fractions"]
+    kind_loss = model_kind(config.model.kind).loss
     batch = variant.batch
     params = jax.tree.map(jnp.copy, variant.state.params)  # the train step donates its own
-    m = config.model
     rng = jax.random.key(1)
 
-    def loss(params, batch):  # the trainer's loss (train_step's loss_fn), fixed self-conditioning
-        rngs = {"dropout": rng}
-        if m.kind == "refine":
-            self_condition = jnp.arange(batch["image"].shape[0]) % 4 == 0
-            outputs = model.apply(
-                {"params": params},
-                batch["image"],
-                batch["targets"],
-                fractions,
-                self_condition,
-                deterministic=False,
-                rngs=rngs,
-            )
-            return refine_loss(
-                outputs,
-                weights,
-                batch["scheduled_lengths"],
-                batch["mask"],
-                m.canvas_length,
-                config.targets.length_loss_weight,
-            )[0]
-        outputs = model.apply(
-            {"params": params}, batch["image"], batch["caption"], deterministic=False, rngs=rngs
-        )
-        return autoregressive_loss(outputs, batch["mask"])[0]
+    def loss(params, batch):  # the trainer's loss (the model kind's, as train_step calls it)
+        return kind_loss(model, params, batch, rng, config, weights, fractions)[0]
 
     def encode(params, images):
         return model.apply(
@@ -202,8 +180,18 @@ def breakdown(variant: Variant, rounds: int) -> dict:
             rngs={"dropout": rng},
         )
 
+    def text_stack_loss(params, image_tokens):  # the loss with the encoder's output given
+        def given_image_tokens(next_fn, args, kwargs, context):
+            if context.method_name == "encode" and type(context.module) is type(model):
+                return image_tokens
+            return next_fn(*args, **kwargs)
+
+        with nn.intercept_methods(given_image_tokens):
+            return loss(params, batch)
+
     cotangent = jnp.ones_like(jax.eval_shape(encode, params, batch["image"]))
     encoder_loss = lambda params, images: jnp.sum(encode(params, images) * cotangent)
+    image_tokens = jax.jit(encode)(params, batch["image"])
     functions = {
         "loss forward": (jax.jit(loss), (params, batch)),
         "loss forward+backward": (jax.jit(jax.value_and_grad(loss)), (params, batch)),
@@ -212,39 +200,12 @@ def breakdown(variant: Variant, rounds: int) -> dict:
             jax.jit(jax.value_and_grad(encoder_loss)),
             (params, batch["image"]),
         ),
+        "text stack + loss forward": (jax.jit(text_stack_loss), (params, image_tokens)),
+        "text stack + loss forward+backward": (
+            jax.jit(jax.value_and_grad(text_stack_loss, argnums=(0, 1))),
+            (params, image_tokens),
+        ),
     }
-    if m.kind == "refine":
-        image_tokens = jax.jit(encode)(params, batch["image"])
-        steps = {"fraction": fractions, "target": jnp.swapaxes(batch["targets"], 0, 1)}
-        self_condition = jnp.arange(batch["image"].shape[0]) % 4 == 0
-
-        def detailer_loss(params, image_tokens):
-            outputs = model.apply(
-                {"params": params},
-                image_tokens,
-                steps,
-                self_condition,
-                False,
-                method=RefineCaptioner._refine,
-                rngs={"dropout": rng},
-            )
-            return refine_loss(
-                outputs,
-                weights,
-                batch["scheduled_lengths"],
-                batch["mask"],
-                m.canvas_length,
-                config.targets.length_loss_weight,
-            )[0]
-
-        functions["detailer (K steps + loss) forward"] = (
-            jax.jit(detailer_loss),
-            (params, image_tokens),
-        )
-        functions["detailer (K steps + loss) forward+backward"] = (
-            jax.jit(jax.value_and_grad(detailer_loss, argnums=(0, 1))),
-            (params, image_tokens),
-        )
     measures = {}
     for name, (fn, fn_args) in functions.items():
         jax.block_until_ready(fn(*fn_args))  # compile
@@ -253,12 +214,7 @@ def breakdown(variant: Variant, rounds: int) -> dict:
     seconds = common.interleaved(measures, rounds, log=lambda s: print("  breakdown " + s))
     result = {name: common.median(values) for name, values in seconds.items()}
     b = config.batch_size
-    vocab = variant.vocab
-    text = (
-        m.num_refine_steps * text_pass_flops(config, vocab, m.canvas_length)
-        if m.kind == "refine"
-        else text_pass_flops(config, vocab, m.canvas_length + 1)
-    )
+    text = text_stack_flops(config, variant.vocab)
     return {
         "seconds": result,
         "analytic_forward_flops": {"encoder": encoder_flops(config) * b, "text stack": text * b},
@@ -273,7 +229,7 @@ def print_breakdown(name: str, result: dict, matmul_rate: float) -> None:
     for part, s in seconds.items():
         if part.startswith("encoder"):
             f = flops["encoder"]
-        elif part.startswith("detailer"):
+        elif part.startswith("text stack"):
             f = flops["text stack"]
         else:
             f = flops["encoder"] + flops["text stack"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from refine_jax.models.kinds import model_kind
+
 
 def encoder_flops(config: ml_collections.ConfigDict) -> float:
     """Forward FLOPs of the ViT encoder for one image."""
@@ -40,13 +42,15 @@ def text_pass_flops(config: ml_collections.ConfigDict, vocab_size: int, length: 
 
 
 def forward_flops_per_example(config: ml_collections.ConfigDict, vocab_size: int) -> float:
-    """One image's forward pass: the encoder, then K detailer steps (or one decoder pass)."""
-    m = config.model
-    if m.kind == "refine":
-        text = m.num_refine_steps * text_pass_flops(config, vocab_size, m.canvas_length)
-    else:
-        text = text_pass_flops(config, vocab_size, m.canvas_length + 1)
-    return encoder_flops(config) + text
+    """One image's forward pass: the encoder, then the model kind's text-stack passes (K
+    detailer steps, or one decoder pass)."""
+    return encoder_flops(config) + text_stack_flops(config, vocab_size)
+
+
+def text_stack_flops(config: ml_collections.ConfigDict, vocab_size: int) -> float:
+    """Forward FLOPs of all text-stack passes of one image, as its model kind runs them."""
+    passes, length = model_kind(config.model.kind).text_passes(config)
+    return passes * text_pass_flops(config, vocab_size, length)
 
 
 def training_flops_per_example(config: ml_collections.ConfigDict, vocab_size: int) -> float:

@@ -34,9 +34,9 @@ from refine_jax.errors import WorkdirLockedError
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
 from refine_jax.evaluation.metrics import evaluate_samples
 from refine_jax.flops import training_flops_per_example
-from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
 from refine_jax.metric_writer import MetricWriter
 from refine_jax.models import build_model
+from refine_jax.models.kinds import model_kind
 from refine_jax.models.pretrained import load_pretrained_encoder
 from refine_jax.stop_signals import StopSignals
 from refine_jax.targets import schedule_fractions
@@ -86,38 +86,10 @@ def train_step(
     """One update. A non-finite loss, gradient or update skips the update and is counted, so the
     parameters and optimizer state only ever take finite values."""
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    dropout_rng, self_condition_rng = jax.random.split(rng)
-    batch_size = batch["image"].shape[0]
+    kind_loss = model_kind(config.model.kind).loss
 
     def loss_fn(params):
-        rngs = {"dropout": dropout_rng}
-        if config.model.kind == "refine":
-            self_condition = jax.random.bernoulli(  # per example and step
-                self_condition_rng,
-                config.targets.self_condition_rate,
-                (batch_size, config.model.num_refine_steps),
-            )
-            outputs = model.apply(
-                {"params": params},
-                batch["image"],
-                batch["targets"],
-                fractions,
-                self_condition,
-                deterministic=False,
-                rngs=rngs,
-            )
-            return refine_loss(
-                outputs,
-                weights,
-                batch["scheduled_lengths"],
-                batch["mask"],
-                config.model.canvas_length,
-                config.targets.length_loss_weight,
-            )
-        outputs = model.apply(
-            {"params": params}, batch["image"], batch["caption"], deterministic=False, rngs=rngs
-        )
-        return autoregressive_loss(outputs, batch["mask"])
+        return kind_loss(model, params, batch, rng, config, weights, fractions)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -148,21 +120,18 @@ def bind_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
 ):
-    """`train_step` with the model, optimizer, step fractions s(k) and loss weights w_k bound:
-    a function (state, batch) -> (state, metrics), ready to jit."""
-    m, t = config.model, config.targets
+    """`train_step` with the model, optimizer, step fractions s(k) and loss weights w_k (the
+    model kind's step schedule) bound: a function (state, batch) -> (state, metrics), ready to
+    jit."""
+    fractions, weights = model_kind(config.model.kind).step_schedule(config)
     return functools.partial(
         train_step,
         model=model,
         optimizer=optimizer,
         schedule=schedule,
         config=config,
-        weights=jnp.asarray(
-            step_weights(m.num_refine_steps, t.loss_weighting, t.geometric_ratio), jnp.float32
-        ),
-        fractions=jnp.asarray(
-            schedule_fractions(m.num_refine_steps, t.schedule, t.log_a), jnp.float32
-        ),
+        weights=jnp.asarray(weights, jnp.float32),
+        fractions=jnp.asarray(fractions, jnp.float32),
     )
 
 

@@ -1,9 +1,10 @@
 """The registry of model kinds: what the trainer, evaluation and benchmarks need of each.
 
 A kind (`config.model.kind`) is one `ModelKind`: how to build its module, the dummy inputs that
-initialise its parameters, and the step schedule its descriptions are scored against. A new
-kind registers one entry (and adds its name to `config.MODEL_KINDS`) instead of adding
-`if kind == ...` branches to the trainer, the loader and evaluation.
+initialise its parameters, the step schedule its descriptions are scored against, its training
+loss and the text-stack passes its FLOPs are counted from. A new kind registers one entry (and
+adds its name to `config.MODEL_KINDS`) instead of adding `if kind == ...` branches to the
+trainer, the loader, evaluation and the benchmarks.
 """
 
 from __future__ import annotations
@@ -18,22 +19,40 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from refine_jax.losses import step_weights
+from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
 from refine_jax.models.autoregressive import AutoregressiveCaptioner
 from refine_jax.models.refine import RefineCaptioner
 from refine_jax.targets import schedule_fractions
+
+# (model, params, batch, rng, config, weights w_k, fractions s(k)) -> (loss, metrics)
+LossFn = Callable[
+    [
+        nn.Module,
+        Any,
+        dict[str, jax.Array],
+        jax.Array,
+        ml_collections.ConfigDict,
+        jax.Array,
+        jax.Array,
+    ],
+    tuple[jax.Array, dict[str, jax.Array]],
+]
 
 
 @dataclass(frozen=True)
 class ModelKind:
     """One model kind. `build(config, vocab_size, scan)` gives the module (`scan=None`: the
     config's choice); `init_inputs(config)` the dummy arrays after the rng of `module.init`;
-    `step_schedule(config)` the (s(k), w_k) its described steps are scored with."""
+    `step_schedule(config)` the (s(k), w_k) its described steps are scored with; `loss` the
+    training loss of a batch (a `LossFn`; `rng` is the step's key, dropout included);
+    `text_passes(config)` (passes of the text stack per forward pass, tokens per pass)."""
 
     name: str
     build: Callable[[ml_collections.ConfigDict, int, bool | None], nn.Module]
     init_inputs: Callable[[ml_collections.ConfigDict], tuple[jax.Array, ...]]
     step_schedule: Callable[[ml_collections.ConfigDict], tuple[np.ndarray, np.ndarray]]
+    loss: LossFn
+    text_passes: Callable[[ml_collections.ConfigDict], tuple[int, int]]
 
 
 _KINDS: dict[str, ModelKind] = {}
@@ -120,6 +139,48 @@ def _refine_step_schedule(config: ml_collections.ConfigDict) -> tuple[np.ndarray
     )
 
 
+def refine_step_losses(
+    outputs: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    config: ml_collections.ConfigDict,
+    weights: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of the refinement model's per-step outputs ([K, B] terms) on `batch`."""
+    return refine_loss(
+        outputs,
+        weights,
+        batch["scheduled_lengths"],
+        batch["mask"],
+        config.model.canvas_length,
+        config.targets.length_loss_weight,
+    )
+
+
+def _refine_loss(model, params, batch, rng, config, weights, fractions):
+    """The K steps from the blank description; each example reads its own prediction instead
+    of the target after a step with probability `targets.self_condition_rate` (per step)."""
+    dropout_rng, self_condition_rng = jax.random.split(rng)
+    self_condition = jax.random.bernoulli(
+        self_condition_rng,
+        config.targets.self_condition_rate,
+        (batch["image"].shape[0], config.model.num_refine_steps),
+    )
+    outputs = model.apply(
+        {"params": params},
+        batch["image"],
+        batch["targets"],
+        fractions,
+        self_condition,
+        deterministic=False,
+        rngs={"dropout": dropout_rng},
+    )
+    return refine_step_losses(outputs, batch, config, weights)
+
+
+def _refine_text_passes(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    return config.model.num_refine_steps, config.model.canvas_length
+
+
 # --- The autoregressive baseline: the same encoder and a causal decoder of the same depth.
 
 
@@ -142,12 +203,42 @@ def _single_step_schedule(config: ml_collections.ConfigDict) -> tuple[np.ndarray
     return np.ones(1), np.ones(1)
 
 
-register_model_kind(ModelKind("refine", _build_refine, _refine_init_inputs, _refine_step_schedule))
+def _autoregressive_loss(model, params, batch, rng, config, weights, fractions):
+    """Teacher-forced cross-entropy of the whole caption (one step: `weights`, `fractions`
+    unused)."""
+    del config, weights, fractions
+    dropout_rng, _ = jax.random.split(rng)  # the refinement kind's dropout key, for the same seed
+    outputs = model.apply(
+        {"params": params},
+        batch["image"],
+        batch["caption"],
+        deterministic=False,
+        rngs={"dropout": dropout_rng},
+    )
+    return autoregressive_loss(outputs, batch["mask"])
+
+
+def _autoregressive_text_passes(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    return 1, config.model.canvas_length + 1  # bos, then the caption and its eos
+
+
+register_model_kind(
+    ModelKind(
+        "refine",
+        build=_build_refine,
+        init_inputs=_refine_init_inputs,
+        step_schedule=_refine_step_schedule,
+        loss=_refine_loss,
+        text_passes=_refine_text_passes,
+    )
+)
 register_model_kind(
     ModelKind(
         "autoregressive",
-        _build_autoregressive,
-        _autoregressive_init_inputs,
-        _single_step_schedule,
+        build=_build_autoregressive,
+        init_inputs=_autoregressive_init_inputs,
+        step_schedule=_single_step_schedule,
+        loss=_autoregressive_loss,
+        text_passes=_autoregressive_text_passes,
     )
 )

@@ -1,0 +1,115 @@
+"""Model kinds are added by registering: the trainer's loss and the analytic FLOPs come from the
+kind's hooks, and each registered kind's loss scores its model's outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from refine_jax import train
+from refine_jax.data import training_captions
+from refine_jax.data.pipeline import CaptionFeatures, eval_batches
+from refine_jax.data.shapes import ShapesSource
+from refine_jax.flops import encoder_flops, forward_flops_per_example, text_pass_flops
+from refine_jax.losses import autoregressive_loss, refine_loss
+from refine_jax.models import build_model, kinds
+from refine_jax.tokenizer import train_tokenizer
+from refine_jax.train_state import initial_state
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_batch():
+    tokenizer = train_tokenizer(training_captions(ShapesSource("train", 500)), 400)
+    config = load_config("shapes", "tiny")
+    batch, _ = next(
+        eval_batches(ShapesSource("train", 4), CaptionFeatures.from_config(config, tokenizer), 4)
+    )
+    return tokenizer, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def register_for_test(monkeypatch, name: str, **hooks) -> None:
+    """Registers a copy of the refinement kind named `name`, with `hooks` replaced."""
+    monkeypatch.setitem(
+        kinds._KINDS, name, dataclasses.replace(kinds.model_kind("refine"), name=name, **hooks)
+    )
+
+
+def test_train_step_takes_its_loss_from_the_registered_kind(monkeypatch, tokenizer_and_batch):
+    tokenizer, batch = tokenizer_and_batch
+    seen = {}
+
+    def constant_loss(model, params, batch, rng, config, weights, fractions):
+        seen["weights"], seen["fractions"] = weights, fractions
+        leaf = jax.tree.leaves(params)[0]
+        loss = 7.0 + 0.0 * jnp.sum(leaf)
+        return loss, {"loss": loss}
+
+    register_for_test(monkeypatch, "constant", loss=constant_loss)
+    config = load_config("shapes", "tiny")
+    config.model.kind = "constant"
+    model = build_model(config, tokenizer.vocab_size)
+    optimizer, schedule = train.make_optimizer(config)
+    state = initial_state(model, config, tokenizer.vocab_size, optimizer)
+    step = jax.jit(train.bind_train_step(config, model, optimizer, schedule))
+    _, metrics = step(state, batch)
+    assert float(metrics["loss"]) == 7.0
+    fractions, weights = kinds.model_kind("refine").step_schedule(config)
+    np.testing.assert_allclose(seen["fractions"], fractions, rtol=1e-6)
+    np.testing.assert_allclose(seen["weights"], weights, rtol=1e-6)
+
+
+def test_forward_flops_count_the_kinds_text_passes(monkeypatch):
+    register_for_test(monkeypatch, "three_short_passes", text_passes=lambda config: (3, 5))
+    config = load_config("shapes", "tiny")
+    config.model.kind = "three_short_passes"
+    assert forward_flops_per_example(config, 400) == pytest.approx(
+        encoder_flops(config) + 3 * text_pass_flops(config, 400, 5)
+    )
+    config = load_config("shapes", "tiny,autoregressive")
+    assert forward_flops_per_example(config, 400) == pytest.approx(
+        encoder_flops(config) + text_pass_flops(config, 400, config.model.canvas_length + 1)
+    )
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny,autoregressive"])
+def test_each_kinds_loss_scores_its_models_outputs(tokenizer_and_batch, variant):
+    """Without dropout or self-conditioning the loss is deterministic: the kind's loss equals
+    its model's training pass scored by the loss function of that kind."""
+    tokenizer, batch = tokenizer_and_batch
+    batch = {**batch, "mask": batch["mask"].at[-1].set(False)}  # a padding example is not scored
+    config = load_config("shapes", variant)
+    config.model.dropout_rate = 0.0
+    config.targets.self_condition_rate = 0.0
+    config.targets.length_loss_weight = 0.5  # the length term counts too
+    model = build_model(config, tokenizer.vocab_size)
+    params = train.init_variables(model, config, tokenizer.vocab_size)
+    fractions, weights = (
+        jnp.asarray(a, jnp.float32)
+        for a in kinds.model_kind(config.model.kind).step_schedule(config)
+    )
+    loss, metrics = kinds.model_kind(config.model.kind).loss(
+        model, params, batch, jax.random.key(0), config, weights, fractions
+    )
+    if config.model.kind == "refine":
+        no_self_condition = jnp.zeros((4, config.model.num_refine_steps), bool)
+        outputs = model.apply(
+            {"params": params}, batch["image"], batch["targets"], fractions, no_self_condition
+        )
+        expected, expected_metrics = refine_loss(
+            outputs,
+            weights,
+            batch["scheduled_lengths"],
+            batch["mask"],
+            config.model.canvas_length,
+            config.targets.length_loss_weight,
+        )
+    else:
+        outputs = model.apply({"params": params}, batch["image"], batch["caption"])
+        expected, expected_metrics = autoregressive_loss(outputs, batch["mask"])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert set(metrics) == set(expected_metrics)
