@@ -286,29 +286,60 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+    def _verified_restore(
+        self, step: int, restore: Callable[[int], Restored]
+    ) -> tuple[Restored | None, str | None]:
+        """`(restore(step), None)` when checkpoint `step` verifies and restores, else `(None,
+        what is wrong)`. A checkpoint of another model shape is an error, not damage."""
+        problem = checkpoint_damage(self.directory / str(step))
+        if problem is not None:
+            return None, problem
+        try:
+            return restore(step), None
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:  # orbax's errors for unreadable files vary
+            reason = str(error).splitlines()[0] if str(error) else ""
+            self._reopen()  # a failed restore can leave the manager unusable
+            return None, f"orbax cannot restore it: {type(error).__name__}: {reason[:500]}"
+
+    def restore_step(self, step: int, restore: Callable[[int], Restored]) -> Restored:
+        """`restore(step)` of a checkpoint asked for by its step, once it verifies; a damaged
+        one is a CheckpointError naming what is wrong (nothing else is tried)."""
+        restored, problem = self._verified_restore(step, restore)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} is damaged ({problem}); ask for another "
+                "step, or for none to use the newest intact checkpoint"
+            )
+        return restored
+
     def restore_newest_intact(
-        self, restore: Callable[[int], Restored]
+        self, restore: Callable[[int], Restored], set_aside: bool = True
     ) -> tuple[int, Restored] | None:
         """`(step, restore(step))` for the newest checkpoint that verifies and restores, or None
-        when there is none at all. Damaged ones newer than it are named in a warning and moved
-        to `<directory>_damaged/`; when every checkpoint is damaged, CheckpointError names them
-        all (and nothing is moved). A checkpoint of another model shape is an error, not damage.
+        when there is none at all. Damaged ones newer than it are named in a warning and, with
+        `set_aside` (training: retention must not count them), moved to `<directory>_damaged/`;
+        readers (eval, caption) leave them in place. When every checkpoint is damaged,
+        CheckpointError names them all (and nothing is moved). A checkpoint of another model
+        shape is an error, not damage.
         """
         damaged: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            problem = checkpoint_damage(self.directory / str(step))
+            restored, problem = self._verified_restore(step, restore)
             if problem is None:
-                try:
-                    restored = restore(step)
-                except CheckpointMismatchError:
-                    raise
-                except Exception as error:  # orbax's errors for unreadable files vary
-                    reason = str(error).splitlines()[0] if str(error) else ""
-                    problem = f"orbax cannot restore it: {type(error).__name__}: {reason[:500]}"
-                    self._reopen()  # a failed restore can leave the manager unusable
-                else:
+                if set_aside:
                     self._set_aside(damaged, step)
-                    return step, restored
+                else:
+                    for skipped, what in damaged:
+                        logging.warning(
+                            "checkpoint %s/%d is damaged (%s); skipped, using step %d",
+                            self.directory,
+                            skipped,
+                            what,
+                            step,
+                        )
+                return step, restored
             damaged.append((step, problem))
         if not damaged:
             return None

@@ -75,26 +75,33 @@ def restore_params(
     rules: tuple,
     step: int | None = None,
 ) -> tuple[Any, int]:
-    """(params, step) of checkpoint `step` (default: the latest) in `checkpoint_dir`, restored
-    into the sharded train-state layout of this config and mesh; a checkpoint of another model
-    shape fails naming what differs."""
+    """(params, step) of checkpoint `step` (default: the newest intact one) in `checkpoint_dir`,
+    restored into the sharded train-state layout of this config and mesh. Checkpoints are
+    verified against their checksums: a damaged one asked for by step is a CheckpointError, and
+    by default damaged newer ones are skipped with a warning naming them (and left in place). A
+    checkpoint of another model shape fails naming what differs."""
     checkpoint_dir = epath.Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"no checkpoints at {checkpoint_dir}")
     target, shardings = abstract_state(model, config, vocab_size, mesh, rules)
     checkpointer = Checkpointer(checkpoint_dir, save_every=1, keep=1_000_000, async_save=False)
+    signature = model_signature(config, target.params)
+    restore = lambda s: restore_state(checkpointer, s, target, shardings, signature)
     try:
         available = sorted(checkpointer.manager.all_steps())
         if not available:
             raise FileNotFoundError(f"no checkpoints at {checkpoint_dir}")
-        step = available[-1] if step is None else int(step)
-        if step not in available:
-            raise ValueError(
-                f"no checkpoint of step {step} in {checkpoint_dir}; available: {available}"
-            )
-        state = restore_state(
-            checkpointer, step, target, shardings, model_signature(config, target.params)
-        )
+        if step is None:
+            restored = checkpointer.restore_newest_intact(restore, set_aside=False)
+            assert restored is not None  # there are checkpoints; none intact raises
+            step, state = restored
+        else:
+            step = int(step)
+            if step not in available:
+                raise ValueError(
+                    f"no checkpoint of step {step} in {checkpoint_dir}; available: {available}"
+                )
+            state = checkpointer.restore_step(step, restore)
     finally:
         checkpointer.close()
     return state.params, step
@@ -107,8 +114,8 @@ def load_model(
     random_init: bool = False,
     tokenizer: Tokenizer | None = None,
 ) -> LoadedModel:
-    """The model with the parameters of checkpoint `checkpoint_step` (default: the latest) in
-    workdir/checkpoints, or freshly initialised ones with `random_init` (benchmarks). `config`
+    """The model with the parameters of checkpoint `checkpoint_step` (default: the newest intact
+    one, see `restore_params`) in workdir/checkpoints, or freshly initialised ones with `random_init` (benchmarks). `config`
     None: the config recorded in workdir at training."""
     workdir = epath.Path(workdir)
     config = config if random_init and config is not None else config_for_workdir(config, workdir)
