@@ -1,8 +1,10 @@
 """The import graph of refine_jax stays layered and acyclic (the contracts in .importlinter, run
-by import-linter), and loading a config imports no JAX, Flax or PIL."""
+by import-linter), loading a config imports no JAX, Flax or PIL, and only the entry points
+parse a command line."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -31,3 +33,29 @@ def test_loading_a_config_imports_no_jax_flax_or_pil():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+COMMAND_LINE_MODULES = {"argparse", "absl.app", "absl.flags"}
+
+
+def command_line_imports(path) -> set[str]:
+    """The command-line parsing modules `path` imports (`from absl import flags` included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names} & COMMAND_LINE_MODULES
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            found |= names & COMMAND_LINE_MODULES
+    return found
+
+
+def test_only_main_and_the_commands_parse_a_command_line():
+    package = REPO / "refine_jax"
+    entry_points = {package / "main.py", *(package / "commands").glob("*.py")}
+    parsing = {
+        str(path.relative_to(REPO)): sorted(found)
+        for path in sorted(package.rglob("*.py"))
+        if path not in entry_points and (found := command_line_imports(path))
+    }
+    assert parsing == {}, f"move these modules' commands to refine_jax/commands/: {parsing}"

@@ -7,6 +7,8 @@ the exact skip counts of that shard::
 
     python -m refine_jax.data.array_record_convert --input=SHARDS --output=DIR [--workers=N]
 
+(the command lives in :mod:`refine_jax.commands.convert_array_record`)
+
 ``--input`` is a directory, glob or shard path (comma-separated for several). It is resumable:
 each output is written under a temporary name and renamed when complete, and a shard whose
 output exists is skipped.
@@ -25,15 +27,13 @@ import json
 import multiprocessing
 import os
 import struct
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, SupportsIndex
 
-from absl import app, flags, logging
+from absl import logging
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
@@ -329,27 +329,9 @@ def convert(
     return report
 
 
-def _define_flags() -> None:
-    """Flags are defined only when run as a command, so importing never clashes with others."""
-    flags.DEFINE_string("input", None, "Tar shards: directory, glob or file (comma-separated).")
-    flags.DEFINE_string("output", None, "Output directory for the .array_record files.")
-    flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Shards converted in parallel.")
-    flags.DEFINE_string("cache_dir", None, "Where to cache tar member indexes (default: auto).")
-    flags.DEFINE_bool("verify_images", True, "Decode every image; leave out corrupt ones.")
-    flags.mark_flags_as_required(["input", "output"])
+if __name__ == "__main__":  # the command lives in refine_jax/commands/convert_array_record.py
+    import runpy
 
-
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    inputs = [p for p in f.input.split(",") if p]
-    report = convert(inputs, f.output, f.workers, f.cache_dir, f.verify_images)
-    print(json.dumps(report.to_dict(), indent=1))
-    if report.failed:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    runpy.run_module(
+        "refine_jax.commands.convert_array_record", run_name="__main__", alter_sys=True
+    )

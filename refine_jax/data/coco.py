@@ -20,6 +20,8 @@ split, ``restval=None`` leaves it out). KEY is the COCO image id as a decimal st
     python -m refine_jax.data.coco --coco_dir=COCO --karpathy_json=dataset_coco.json \\
         --output_dir=OUT [--restval=train] [--image_size=0] [--format=tar|tfds]
 
+(the command lives in :mod:`refine_jax.commands.convert_coco`)
+
 (b) :class:`CocoKarpathyCaptions` is a TFDS builder that needs no TensorFlow: it writes
 ``array_record`` files with features ``image`` (the encoded JPEG), ``image_id``, ``file_name``
 and ``captions``, so ``tfds.data_source("coco_karpathy_captions", ...)`` serves it. Its
@@ -38,7 +40,7 @@ from typing import Any, SupportsIndex
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags, logging
+from absl import logging
 from etils import epath
 
 from refine_jax.data.records import (
@@ -53,6 +55,7 @@ from refine_jax.data.shard_writer import (
     ImageOptions,
     SourceSample,
     SplitReport,
+    path_inside,
     prepare_samples,
     require_path,
     write_split,
@@ -131,14 +134,6 @@ def _check_options(restval: str | None, caption_source: str) -> None:
         raise ValueError(f"caption_source must be one of {CAPTION_SOURCES}: {caption_source!r}")
 
 
-def _inside(folder: str, *parts: str) -> bool:
-    """Whether folder/parts stays inside folder as written (no `..` out, no absolute part);
-    symbolic links inside the folder are followed as usual."""
-    base = os.path.normpath(os.path.abspath(folder))
-    path = os.path.normpath(os.path.join(base, *parts))
-    return os.path.commonpath([base, path]) == base
-
-
 def plan_splits(
     coco_dir: str | os.PathLike,
     karpathy_json: str | os.PathLike,
@@ -156,7 +151,7 @@ def plan_splits(
     coco_dir = require_path(coco_dir, "COCO folder", is_dir=True)
     images = load_karpathy(karpathy_json)
     kept = [im for im in images if target_split(im["split"], restval) is not None]
-    outside = [im for im in kept if not _inside(coco_dir, im["filepath"], im["filename"])]
+    outside = [im for im in kept if not path_inside(coco_dir, im["filepath"], im["filename"])]
     if outside:
         first = outside[0]
         logging.warning(
@@ -167,7 +162,7 @@ def plan_splits(
             coco_dir,
             os.path.join(first["filepath"], first["filename"]),
         )
-        kept = [im for im in kept if _inside(coco_dir, im["filepath"], im["filename"])]
+        kept = [im for im in kept if path_inside(coco_dir, im["filepath"], im["filename"])]
     folders = sorted({im["filepath"] for im in kept})
     for folder in folders:
         require_path(os.path.join(coco_dir, folder), "COCO image folder", is_dir=True)
@@ -490,66 +485,7 @@ class TfdsCaptionSource:
         return f"TfdsCaptionSource(coco_karpathy_captions, split={self.split!r}, {len(self)})"
 
 
-# ---------------------------------------------------------------------------------------------
-# Command
+if __name__ == "__main__":  # the command lives in refine_jax/commands/convert_coco.py
+    import runpy
 
-
-def _define_flags() -> None:
-    """Flags are defined only when run as a command, so importing never clashes with others."""
-    flags.DEFINE_string("coco_dir", None, "Folder with train2014/, val2014/ and caption files.")
-    flags.DEFINE_string("karpathy_json", None, "Karpathy's dataset_coco.json.")
-    flags.DEFINE_string("output_dir", None, "Tar shards: <split>/ folders; tfds: the data_dir.")
-    flags.DEFINE_enum("format", "tar", ["tar", "tfds"], "Write tar shards or the TFDS dataset.")
-    flags.DEFINE_string("restval", "train", "Where restval goes: train, restval, or none.")
-    flags.DEFINE_enum("caption_source", "coco", list(CAPTION_SOURCES), "Where captions come from.")
-    flags.DEFINE_list("splits", None, "Splits to write (default: all).")
-    flags.DEFINE_integer("image_size", 0, "Resize target (0 keeps the COCO JPEG files).")
-    flags.DEFINE_enum("resize", "shorter_side", ["squash", "shorter_side"], "How to resize.")
-    flags.DEFINE_integer("quality", 90, "JPEG quality of resized images.")
-    flags.DEFINE_integer("samples_per_shard", 1000, "Samples per tar shard.")
-    flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Image threads.")
-    flags.DEFINE_bool("overwrite", False, "Replace shards of an earlier run.")
-    flags.mark_flags_as_required(["coco_dir", "karpathy_json", "output_dir"])
-
-
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    restval = None if f.restval.lower() in ("", "none") else f.restval
-    if f.format == "tfds":
-        named = {("train", "coco"): "restval_in_train", ("restval", "coco"): "restval_split"}
-        config = named.get((restval, f.caption_source)) or CocoKarpathyConfig(
-            name=f"restval_{restval or 'dropped'}_{f.caption_source}",
-            restval=restval,
-            caption_source=f.caption_source,
-        )
-        builder = prepare_tfds(
-            f.coco_dir,
-            f.output_dir,
-            karpathy_json=f.karpathy_json,
-            config=config,
-            workers=f.workers,
-        )
-        print(builder.info.splits)
-        return
-    reports = convert(
-        f.coco_dir,
-        f.karpathy_json,
-        f.output_dir,
-        restval=restval,
-        caption_source=f.caption_source,
-        splits=f.splits,
-        image_size=f.image_size or None,
-        resize=f.resize,
-        quality=f.quality,
-        samples_per_shard=f.samples_per_shard,
-        workers=f.workers,
-        overwrite=f.overwrite,
-    )
-    print(json.dumps({split: r.to_dict() for split, r in reports.items()}, indent=1))
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    runpy.run_module("refine_jax.commands.convert_coco", run_name="__main__", alter_sys=True)

@@ -20,21 +20,23 @@ Known quirk of the token file: the captions of ``2258277193_586949ec62.jpg`` are
 ``2258277193_586949ec62.jpg.1``; any ``NAME.jpg<suffix>`` is attached to ``NAME.jpg``. ::
 
     python -m refine_jax.data.flickr8k --raw_dir=RAW --output_dir=OUT
+
+(the command lives in :mod:`refine_jax.commands.convert_flickr8k`)
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from absl import app, flags, logging
+from absl import logging
 
 from refine_jax.data.shard_writer import (
     ImageOptions,
     SourceSample,
     SplitReport,
+    path_inside,
     require_path,
     write_split,
 )
@@ -152,6 +154,16 @@ def plan_splits(raw: RawFiles, image_repo: str | None = None) -> dict[str, list[
             if name in owner:
                 raise ValueError(f"image {name!r} is in both the {owner[name]} and {split} lists")
             owner[name] = split
+    # A listed name must not lead the converter to read outside the images folder.
+    outside = {n for names in lists.values() for n in names if not path_inside(raw.images_dir, n)}
+    if outside:
+        logging.warning(
+            "%d image name(s) of the split lists lead outside the images folder %s (e.g. %r); "
+            "refused and left out",
+            len(outside),
+            raw.images_dir,
+            min(outside),
+        )
     next_id = 1
     plan: dict[str, list[SourceSample]] = {}
     for split in SPLITS:
@@ -159,7 +171,9 @@ def plan_splits(raw: RawFiles, image_repo: str | None = None) -> dict[str, list[
         for name in lists[split]:
             caps = captions.get(name, [])
             ids = list(range(next_id, next_id + len(caps)))
-            next_id += len(caps)
+            next_id += len(caps)  # numbered even when left out, so later ids stay the same
+            if name in outside:
+                continue
             meta: dict[str, object] = {
                 "source_id": name,
                 "width": None,
@@ -226,42 +240,7 @@ def convert(
     return reports
 
 
-def _define_flags() -> None:
-    """Flags are defined only when run as a command, so importing never clashes with others."""
-    flags.DEFINE_string("raw_dir", None, "Folder with the raw Flickr8k images and text files.")
-    flags.DEFINE_string("output_dir", None, "Where to write <split>/NNNNN.tar and references.")
-    flags.DEFINE_string("images_dir", None, "Images folder (default: found inside raw_dir).")
-    flags.DEFINE_list("splits", list(SPLITS), "Splits to write (train, val, test).")
-    flags.DEFINE_integer("image_size", DEFAULT_IMAGE_SIZE, "Resize target; 0 keeps originals.")
-    flags.DEFINE_enum("resize", "squash", ["squash", "shorter_side"], "How to resize.")
-    flags.DEFINE_integer("quality", DEFAULT_QUALITY, "JPEG quality of resized images.")
-    flags.DEFINE_integer("samples_per_shard", SAMPLES_PER_SHARD, "Samples per tar shard.")
-    flags.DEFINE_string("image_repo", None, "Optional provenance recorded in KEY.json.")
-    flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Image threads.")
-    flags.DEFINE_bool("overwrite", False, "Replace shards of an earlier run.")
-    flags.mark_flags_as_required(["raw_dir", "output_dir"])
+if __name__ == "__main__":  # the command lives in refine_jax/commands/convert_flickr8k.py
+    import runpy
 
-
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    reports = convert(
-        f.raw_dir,
-        f.output_dir,
-        splits=f.splits,
-        image_size=f.image_size or None,
-        resize=f.resize,
-        quality=f.quality,
-        samples_per_shard=f.samples_per_shard,
-        images_dir=f.images_dir,
-        image_repo=f.image_repo,
-        workers=f.workers,
-        overwrite=f.overwrite,
-    )
-    print(json.dumps({split: r.to_dict() for split, r in reports.items()}, indent=1))
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    runpy.run_module("refine_jax.commands.convert_flickr8k", run_name="__main__", alter_sys=True)

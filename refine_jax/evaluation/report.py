@@ -6,14 +6,14 @@ request and runs no script, so it opens offline. Sections: the metrics, per-step
 progress p_k and length ratio against the schedule s(k)), the worst final captions, the images
 whose quality dropped at some step, and one card per shown image (at most `max_images`).
 
-Command line (needs Chromium, e.g. Debian's `chromium`):
+Command line (needs Chromium, e.g. Debian's `chromium`; the command lives in
+refine_jax/commands/report_in_browser.py):
     python -m refine_jax.evaluation.report --screenshot REPORT.html OUT.png [--width=1280]
     python -m refine_jax.evaluation.report --check REPORT.html   # console errors, broken images
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -461,30 +460,7 @@ def screenshot(
     return output
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument(
-        "--screenshot",
-        nargs=2,
-        metavar=("REPORT_HTML", "OUT_PNG"),
-        help="save a screenshot of the report",
-    )
-    group.add_argument(
-        "--check",
-        metavar="REPORT_HTML",
-        help="print console errors and broken images as JSON (exit 1 if any)",
-    )
-    parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--height", type=int, default=3000)
-    args = parser.parse_args(argv)
-    if args.screenshot:
-        print(screenshot(*args.screenshot, width=args.width, height=args.height))
-        return 0
-    outcome = check_in_browser(args.check)
-    print(json.dumps(outcome, indent=1))
-    return 1 if outcome["broken"] or outcome["problems"] or outcome["console"] else 0
+if __name__ == "__main__":  # the command lives in refine_jax/commands/report_in_browser.py
+    import runpy
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("refine_jax.commands.report_in_browser", run_name="__main__", alter_sys=True)
