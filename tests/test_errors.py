@@ -1,5 +1,5 @@
-"""One-line errors from the entry point; eval inputs, JSON sidecars and COCO paths that are
-refused with a message naming the file instead of being read."""
+"""One-line errors from the entry point; eval inputs, JSON sidecars and COCO or Flickr8k image
+paths that are refused with a message naming the file instead of being read."""
 
 import json
 import subprocess
@@ -8,9 +8,10 @@ import sys
 import pytest
 from conftest import REPO
 from test_coco import coco_files  # noqa: F401  (fixture)
+from test_flickr8k_convert import TRAIN, jpeg, make_raw
 from test_shards import sample, write_tar
 
-from refine_jax.data import coco
+from refine_jax.data import coco, flickr8k
 from refine_jax.data.records import SkipReason
 from refine_jax.data.referenced_shards import ReferencedShards
 from refine_jax.data.shards import TarShardSource, load_references
@@ -107,3 +108,24 @@ def test_the_coco_converter_refuses_paths_outside_the_coco_folder(coco_files, tm
     assert refused.isdisjoint(s.key for s in planned)
     assert all(str(s.image_path).startswith(str(coco_dir)) for s in planned)
     assert len(planned) == len(data["images"]) - 2
+
+
+def test_the_flickr8k_converter_never_reads_outside_its_images_folder(tmp_path):
+    raw = make_raw(tmp_path / "raw")
+    (raw / "secret.jpg").write_bytes(jpeg(90))  # beside the images folder, not in it
+    elsewhere = tmp_path / "elsewhere" / "absolute.jpg"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(jpeg(91))
+    text = raw / "Flickr8k_text"
+    hostile = ["../secret.jpg", str(elsewhere)]
+    with open(text / "Flickr_8k.trainImages.txt", "a") as f:
+        f.write("".join(f"{name}\n" for name in hostile))
+    with open(text / "Flickr8k.token.txt", "a") as f:
+        f.write("".join(f"{name}#0\ta caption of {name}\n" for name in hostile))
+    out = tmp_path / "out"
+    reports = flickr8k.convert(raw, out, splits=["train"])
+    source = TarShardSource(out / "train", cache_dir=tmp_path / "cache")
+    assert [source.key(i) for i in range(len(source))] == TRAIN
+    assert reports["train"].counts.good == len(TRAIN)
+    references = load_references(out / "train")
+    assert sorted(references) == sorted(TRAIN)

@@ -519,6 +519,14 @@ def write_split(
     return report
 
 
+def path_inside(folder: str | os.PathLike, *parts: str) -> bool:
+    """Whether folder/parts stays inside folder as written (no ``..`` out, no absolute part), so
+    a converter never reads outside its input folder; symbolic links inside it are followed."""
+    base = os.path.normpath(os.path.abspath(folder))
+    path = os.path.normpath(os.path.join(base, *parts))
+    return os.path.commonpath([base, path]) == base
+
+
 def require_path(path: str | os.PathLike, what: str, is_dir: bool = False) -> str:
     """Returns ``path`` as a string; raises FileNotFoundError naming it (and ``what``) if absent."""
     s = os.fspath(path)
