@@ -22,6 +22,7 @@ from refine_jax import sharding
 from refine_jax.checkpointing import Checkpointer, model_signature, probe_writable
 from refine_jax.config import validate_config
 from refine_jax.data import make_sources, training_captions
+from refine_jax.data.caption_source import HasLongestCaption
 from refine_jax.data.pipeline import (
     DROPPED_PREFIX,
     SKIP_REASONS,
@@ -69,7 +70,7 @@ def load_or_train_tokenizer(
 
 def check_canvas_fits(config: ml_collections.ConfigDict, tokenizer: Tokenizer, source) -> None:
     """A canvas shorter than the longest target the data can produce is a config error."""
-    if not hasattr(source, "longest_caption"):
+    if not isinstance(source, HasLongestCaption):
         return  # open-ended sources: over-long captions are cut and counted by the pipeline
     longest = source.longest_caption()
     need = len(tokenizer.encode(longest))

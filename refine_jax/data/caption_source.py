@@ -2,13 +2,19 @@
 
 A source is random access (`CaptionSource`: `len`, `[i]` -> a record or a skip marker). What
 some sources can do besides is a capability of its own (`ReadsCaptions`, `HasKeys`,
-`HasLongestCaption`), checked with `isinstance`, not by probing attribute names.
+`HasLongestCaption`, `HasStructuralCounts`, `HasTrainingDataset`), checked with `isinstance`,
+not by probing attribute names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, SupportsIndex, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, runtime_checkable
+
+from refine_jax.data.records import SkipCounter
+
+if TYPE_CHECKING:
+    import grain
 
 
 @runtime_checkable
@@ -47,6 +53,28 @@ class HasLongestCaption(Protocol):
     """A closed source that knows its longest caption (the canvas must fit its target)."""
 
     def longest_caption(self) -> str: ...
+
+
+@runtime_checkable
+class HasStructuralCounts(Protocol):
+    """A source that leaves samples out while indexing (an unreadable shard, a sample missing a
+    member) and counts them by reason; they never reach a batch as skip markers."""
+
+    def structural_counts(self) -> SkipCounter: ...
+
+
+@runtime_checkable
+class HasTrainingDataset(Protocol):
+    """A source that builds its own endless shuffled training stream (a mixture: by weight)."""
+
+    def training_dataset(self, seed: int) -> grain.MapDataset: ...
+
+
+def structural_counts_of(source: CaptionSource) -> SkipCounter:
+    """What `source` left out while indexing, by reason; empty for a source that counts none."""
+    if isinstance(source, HasStructuralCounts):
+        return source.structural_counts()
+    return SkipCounter()
 
 
 def sample_key(source: CaptionSource, index: int) -> str:
@@ -111,8 +139,11 @@ __all__ = [
     "FirstN",
     "HasKeys",
     "HasLongestCaption",
+    "HasStructuralCounts",
+    "HasTrainingDataset",
     "ReadsCaptions",
     "sample_captions",
     "sample_key",
+    "structural_counts_of",
     "training_captions",
 ]

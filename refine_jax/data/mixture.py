@@ -29,7 +29,7 @@ from typing import Any, SupportsIndex
 import grain
 import numpy as np
 
-from refine_jax.data.caption_source import sample_captions
+from refine_jax.data.caption_source import sample_captions, structural_counts_of
 from refine_jax.data.pipeline import epoch_dataset
 from refine_jax.data.records import SkipCounter
 
@@ -126,8 +126,7 @@ class MixtureSource:
         """The components' indexing-time counts, added up."""
         total = SkipCounter()
         for c in self.components:
-            if hasattr(c.source, "structural_counts"):
-                total.merge(c.source.structural_counts())
+            total.merge(structural_counts_of(c.source))
         return total
 
     def __repr__(self) -> str:

@@ -37,10 +37,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from refine_jax.data.caption_source import (
+    CaptionSource,
+    HasTrainingDataset,
+    structural_counts_of,
+)
 from refine_jax.data.records import (
     TEACHER_CAPTIONS_FIELD,
     CorruptImageError,
-    SkipCounter,
     SkipReason,
     decode_image,
 )
@@ -91,12 +95,10 @@ def count_skips(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
     return counts
 
 
-def structural_skip_counts(source: Any) -> dict[str, int]:
+def structural_skip_counts(source: CaptionSource) -> dict[str, int]:
     """What the source left out while indexing (never in a batch), as non-zero counts by reason;
     parts dropped from delivered samples as ``dropped/<reason>``. Empty for sources without."""
-    if not hasattr(source, "structural_counts"):
-        return {}
-    counter: SkipCounter = source.structural_counts()
+    counter = structural_counts_of(source)
     counts = {str(k): int(v) for k, v in sorted(counter.skipped.items()) if v}
     for reason, n in sorted(counter.dropped.items()):
         if n:
@@ -325,9 +327,9 @@ def epoch_dataset(source: Any, seed: int, source_id: int = 0) -> grain.MapDatase
     return grain.MapDataset.source(TaggedSource(source, source_id)).seed(seed).shuffle().repeat()
 
 
-def training_dataset(source: Any, seed: int) -> grain.MapDataset:
+def training_dataset(source: CaptionSource, seed: int) -> grain.MapDataset:
     """The endless shuffled element stream of a source; a mixture builds its own."""
-    if hasattr(source, "training_dataset"):  # e.g. mixture.MixtureSource
+    if isinstance(source, HasTrainingDataset):  # e.g. mixture.MixtureSource
         return source.training_dataset(seed)
     return epoch_dataset(source, seed)
 

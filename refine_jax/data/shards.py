@@ -54,6 +54,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from refine_jax.data.caption_source import CaptionSource, ReadsCaptions, structural_counts_of
 from refine_jax.data.records import (
     TEACHER_CAPTIONS_FIELD,
     CorruptImageError,
@@ -824,31 +825,29 @@ class TarShardSource:
 # Helpers
 
 
-def iter_records(source: Any, counter: SkipCounter | None = None) -> Iterator[Record]:
+def iter_records(source: CaptionSource, counter: SkipCounter | None = None) -> Iterator[Record]:
     """Yields every good record of a source in order, counting everything into ``counter``.
 
     The counter first receives the source's structural counts (when it has any), then one count
     per element, so after a full pass it holds the exact totals.
     """
     counter = counter if counter is not None else SkipCounter()
-    if hasattr(source, "structural_counts"):
-        counter.merge(source.structural_counts())
+    counter.merge(structural_counts_of(source))
     for i in range(len(source)):
         element = source[i]
         if counter.observe(element):
             yield element
 
 
-def iter_captions(source: Any, counter: SkipCounter | None = None) -> Iterator[str]:
+def iter_captions(source: CaptionSource, counter: SkipCounter | None = None) -> Iterator[str]:
     """Yields every caption of every sample, e.g. to train the tokenizer.
 
     On a :class:`TarShardSource` only caption members are read (images are neither read nor
     checked, so ``corrupt_image`` is not counted by this pass).
     """
     counter = counter if counter is not None else SkipCounter()
-    if hasattr(source, "structural_counts"):
-        counter.merge(source.structural_counts())
-    if hasattr(source, "read_captions"):
+    counter.merge(structural_counts_of(source))
+    if isinstance(source, ReadsCaptions):
         for i in range(len(source)):
             captions, dropped, reason = source.read_captions(i)
             if reason is not None:
