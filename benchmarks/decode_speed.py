@@ -35,6 +35,7 @@ from pathlib import Path
 import common  # noqa: I001 (the folder's shared helpers, imported first)
 import jax
 import jax.numpy as jnp
+import profile_table
 
 from refine_jax.decoding import decode_batch
 from refine_jax.models import build_model
@@ -208,8 +209,8 @@ def main(argv=None) -> int:
             name = f"{r.name} @ {r.batch_size}"
             folder = Path(args.profile_dir) / f"{i}_{common.slug(name)}"
             run = lambda r=r: r.time() * r.reps
-            profiles[name] = common.profile_ops(run, r.hlo_text(), folder, r.reps)
-            common.print_profile(name, profiles[name], "batch")
+            profiles[name] = profile_table.profile_ops(run, r.hlo_text(), folder, r.reps)
+            profile_table.print_profile(name, profiles[name], "batch")
 
     result = {
         "benchmark": "decode_speed" + ("_quick" if args.quick else ""),

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": {
             "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind,
             "devices": jax.device_count(),
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),

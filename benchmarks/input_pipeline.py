@@ -22,18 +22,16 @@ import platform
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import flax.linen as nn
+import jax
+from absl import app, flags
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from refine_jax.data import make_sources, training_captions  # noqa: E402
-from refine_jax.data.pipeline import CaptionFeatures, count_skips, train_batches  # noqa: E402
-from refine_jax.models import build_model  # noqa: E402
-from refine_jax.tokenizer import train_tokenizer  # noqa: E402
-from refine_jax.train import bind_train_step  # noqa: E402
-from refine_jax.train_state import initial_state, make_optimizer  # noqa: E402
+from refine_jax.data import make_sources, training_captions
+from refine_jax.data.pipeline import CaptionFeatures, count_skips, train_batches
+from refine_jax.models import build_model
+from refine_jax.tokenizer import train_tokenizer
+from refine_jax.train import bind_train_step
+from refine_jax.train_state import initial_state, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k"
@@ -135,6 +133,7 @@ def main(argv) -> None:
     pipeline_batches = 5 if FLAGS.quick else FLAGS.pipeline_batches
     train_steps = 2 if FLAGS.quick else FLAGS.train_steps
     load_before = os.getloadavg()
+    print(f"JAX {jax.default_backend()} backend: {jax.devices()[0].device_kind}", flush=True)
 
     start = time.perf_counter()
     train_source, _ = make_sources(config)
@@ -208,6 +207,7 @@ def main(argv) -> None:
         "cpu_count": os.cpu_count(),
         "load_average_before": load_before,
         "jax_backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
         "python": platform.python_version(),
         "jax": jax.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

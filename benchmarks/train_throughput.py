@@ -40,6 +40,7 @@ import common  # noqa: I001 (the folder's shared helpers, imported first)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import profile_table
 
 from refine_jax.flops import encoder_flops, text_stack_flops, training_flops_per_example
 from refine_jax.models.kinds import model_kind
@@ -142,7 +143,7 @@ def build_config(kind, batch_size, remat, dtype, dropout, scan, quick, num_refin
 
 def profile_variant(variant: Variant, folder: Path, steps: int, top: int) -> dict:
     """Traces `steps` steps of `variant` and sums its op time by part, kind and pass."""
-    return common.profile_ops(
+    return profile_table.profile_ops(
         lambda: variant.run(steps) * steps,
         variant.compiled.as_text(),
         folder,
@@ -367,7 +368,7 @@ def main(argv=None) -> int:
         for i, (v, record) in enumerate(zip(variants, records, strict=True)):
             folder = Path(args.profile_dir) / f"{i}_{common.slug(v.name)}"
             record["profile"] = profile_variant(v, folder, args.profile_steps, args.top_ops)
-            common.print_profile(v.name, record["profile"], "step")
+            profile_table.print_profile(v.name, record["profile"], "step")
 
     result = {
         "benchmark": "train_throughput" + ("_quick" if args.quick else ""),
