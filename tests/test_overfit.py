@@ -11,7 +11,8 @@ from refine_jax.data.shapes import ShapesSource
 from refine_jax.models import build_model
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import train_tokenizer
-from refine_jax.train import TrainState, bind_train_step, init_variables, make_optimizer
+from refine_jax.train import bind_train_step
+from refine_jax.train_state import initial_state, make_optimizer
 
 
 def test_tiny_model_overfits_eight_examples_at_every_step():
@@ -31,8 +32,7 @@ def test_tiny_model_overfits_eight_examples_at_every_step():
     fractions = jnp.asarray(schedule_fractions(m.num_refine_steps), jnp.float32)
     model = build_model(config, tokenizer.vocab_size)
     optimizer, schedule = make_optimizer(config)
-    params = init_variables(model, config, tokenizer.vocab_size)
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    state = initial_state(model, config, tokenizer.vocab_size, optimizer)
     step = jax.jit(bind_train_step(config, model, optimizer, schedule))
     for _ in range(config.total_steps):
         state, metrics = step(state, batch)

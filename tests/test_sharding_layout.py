@@ -2,12 +2,12 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from conftest import load_config
 from jax.sharding import PartitionSpec as P
 
 from refine_jax import sharding, train
 from refine_jax.models import build_model
+from refine_jax.train_state import create_state
 
 F, T = "fsdp", "tensor"
 ATTENTION = {"query": (F, T), "key": (F, T), "value": (F, T), "out": (T, F)}
@@ -83,12 +83,8 @@ def test_params_and_optimizer_state_shard_as_the_golden_table():
     mesh = sharding.make_mesh((2, 2, 2))
     rules = tuple(map(tuple, config.mesh.axis_rules))
 
-    def init():
-        params = train.init_variables(model, config, 400)
-        return train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, shardings = sharding.create_sharded(init, mesh, rules)
+        state, shardings = create_state(model, config, 400, mesh, rules, optimizer)
     expected = {k: P(*v) for k, v in GOLDEN.items()}
     assert flat_specs(shardings.params) == expected
     adam = shardings.opt_state[1][0]

@@ -14,6 +14,7 @@ from refine_jax.data.pipeline import CaptionFeatures, eval_batches
 from refine_jax.data.shapes import ShapesSource
 from refine_jax.models import build_model
 from refine_jax.tokenizer import train_tokenizer
+from refine_jax.train_state import initial_state
 
 
 def short_config(steps=3, mesh=(1, 1, 1), **model):
@@ -97,8 +98,7 @@ def test_a_nan_batch_skips_the_update_and_is_counted():
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     model = build_model(config, tokenizer.vocab_size)
     optimizer, schedule = train.make_optimizer(config)
-    params = train.init_variables(model, config, tokenizer.vocab_size)
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    state = initial_state(model, config, tokenizer.vocab_size, optimizer)
     step = jax.jit(train.bind_train_step(config, model, optimizer, schedule))
     poisoned = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
     new_state, metrics = step(state, poisoned)

@@ -18,6 +18,7 @@ from refine_jax.data.shapes import ShapesSource
 from refine_jax.metric_writer import MetricWriter
 from refine_jax.models import build_model
 from refine_jax.tokenizer import train_tokenizer
+from refine_jax.train_state import initial_state
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,7 @@ def model_and_batch():
     features = CaptionFeatures.from_config(config, tokenizer)
     batch, _ = next(eval_batches(ShapesSource("train", 4), features, 4))
     model = build_model(config, tokenizer.vocab_size)
-    params = train.init_variables(model, config, tokenizer.vocab_size)
-    return config, model, params, {k: jnp.asarray(v) for k, v in batch.items()}
+    return config, model, {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def poison_one_leaf(value: float) -> optax.GradientTransformation:
@@ -46,10 +46,10 @@ def poison_one_leaf(value: float) -> optax.GradientTransformation:
 def test_a_non_finite_update_from_finite_gradients_leaves_the_params_bit_identical(
     model_and_batch, value
 ):
-    config, model, params, batch = model_and_batch
+    config, model, batch = model_and_batch
     optimizer, schedule = train.make_optimizer(config)
     optimizer = optax.chain(optimizer, poison_one_leaf(value))
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    state = initial_state(model, config, model.vocab_size, optimizer)
     step = jax.jit(train.bind_train_step(config, model, optimizer, schedule))
     new_state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
