@@ -56,6 +56,8 @@ GOLDEN = {
     "detailer/final_norm/bias": (F,),
     "detailer/logits/kernel": (F, T),
     "detailer/logits/bias": (T,),
+    "detailer/due/kernel": (F, None),  # the per-position due decision: one output, replicated
+    "detailer/due/bias": (None,),
     "detailer/pos_embedding": (None, F),
     "detailer/step_embedding/kernel": (None, F),
     "detailer/step_embedding/bias": (F,),
