@@ -4,14 +4,17 @@ unreadable shard is counted every time its source is opened."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
-from test_shards import sample, write_tar
+from test_shards import image_bytes, sample, write_tar
 
+from refine_jax.data import shards
 from refine_jax.data.pipeline import SKIP_REASONS, structural_skip_counts
 from refine_jax.data.shards import ShardChangedError, TarShardSource, sidecar_index_path
 
@@ -53,31 +56,68 @@ def test_an_index_of_the_format_without_fingerprints_is_rebuilt(tmp_path):
     assert TarShardSource(path).rebuilt_shards == [str(path)]
 
 
-@pytest.mark.parametrize("same_layout", [True, False])
-def test_a_shard_rewritten_under_a_reading_source_is_named(tmp_path, same_layout):
+@pytest.mark.parametrize("rewrite", ["other names", "other sizes", "other layout"])
+def test_a_shard_rewritten_under_a_reading_source_is_named(tmp_path, rewrite):
     path = shard_of(tmp_path / "00000.tar", "a")
     source = TarShardSource(path)
     assert source[0]["key"] == "a0"  # holds the shard open
-    if same_layout:  # every member where it was, only the names differ
+    if rewrite == "other names":  # every member where it was, only the names differ
         shard_of(path, "b")
+    elif rewrite == "other sizes":  # the same names where they were, other images
+        bigger = image_bytes("JPEG", size=(40, 30))
+        write_tar(path, [m for i in range(3) for m in sample(f"a{i}", [f"a {i}"], bigger)])
     else:
         write_tar(path, sample("longer_key_0", ["another caption, longer than before"]) * 3)
     with pytest.raises(ShardChangedError, match="changed since it was indexed") as error:
-        for i in range(len(source)):
-            source[i]
+        source[0]
     assert str(path) in str(error.value)
     with pytest.raises(ShardChangedError):
         source.read_captions(0)
 
 
-def test_a_name_cut_in_its_tar_header_is_read_as_indexed(tmp_path):
-    # 121 bytes: the 100-byte header name ends inside a character, so it matches no key as
-    # written; the shard is unchanged, so its samples are read as they are.
+@pytest.fixture
+def fingerprints_taken(monkeypatch) -> list[str]:
+    """The paths `shard_fingerprint` hashes, in order."""
+    taken: list[str] = []
+    original = shards.shard_fingerprint
+
+    def counting(path: str, size: int) -> str:
+        taken.append(path)
+        return original(path, size)
+
+    monkeypatch.setattr(shards, "shard_fingerprint", counting)
+    return taken
+
+
+def test_a_long_name_cut_in_its_tar_header_matches_as_far_as_it_goes(tmp_path, fingerprints_taken):
+    # 121 bytes: GNU tar keeps the first 100 in the header, ending inside a character.
     key = "a" + "\u00e9" * 60
     path = write_tar(tmp_path / "00000.tar", sample(key, ["long name"]) + sample("b", ["b"]))
     source = TarShardSource(path)
+    fingerprints_taken.clear()
     assert [source[i]["captions"] for i in range(len(source))] == [["long name"], ["b"]]
     assert source[0]["key"] == key
+    assert fingerprints_taken == []  # matched from the header alone
+
+
+def test_a_header_naming_its_member_elsewhere_costs_one_check_until_it_changes(
+    tmp_path, fingerprints_taken
+):
+    # In a PAX tar a non-ASCII name lives in an extended record; the plain header holds "?"s.
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sample("caf\u00e9", ["a PAX sample"]):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    source = TarShardSource(path)
+    fingerprints_taken.clear()
+    for _ in range(3):
+        assert source[0]["captions"] == ["a PAX sample"]
+    assert fingerprints_taken == [str(path)]  # the shard is checked once, not on every read
+    shard_of(path, "x", 1)
+    with pytest.raises(ShardChangedError, match="changed since it was indexed"):
+        source[0]
 
 
 def test_an_unreadable_shard_is_counted_and_named_on_every_open(tmp_path, caplog):
