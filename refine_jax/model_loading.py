@@ -115,8 +115,8 @@ def load_model(
     tokenizer: Tokenizer | None = None,
 ) -> LoadedModel:
     """The model with the parameters of checkpoint `checkpoint_step` (default: the newest intact
-    one, see `restore_params`) in workdir/checkpoints, or freshly initialised ones with `random_init` (benchmarks). `config`
-    None: the config recorded in workdir at training."""
+    one, see `restore_params`) in workdir/checkpoints, or freshly initialised ones with
+    `random_init` (benchmarks). `config` None: the config recorded in workdir at training."""
     workdir = epath.Path(workdir)
     config = config if random_init and config is not None else config_for_workdir(config, workdir)
     validate_config(config)
