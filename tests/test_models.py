@@ -8,7 +8,7 @@ from conftest import load_config
 
 from refine_jax.models import build_model
 from refine_jax.models.refine import clean_canvas, write_scheduled
-from refine_jax.special_tokens import BLANK_ID, PAD_ID
+from refine_jax.special_tokens import BLANK_ID, EOS_ID, PAD_ID, UNK_ID
 from refine_jax.targets import schedule_fractions
 from refine_jax.train import init_variables
 
@@ -106,31 +106,71 @@ def test_training_outputs_are_per_step_scalars_without_logits():
     assert out["expected_length"].shape == (4, 3)
 
 
-def test_self_conditioning_feeds_the_prediction_to_the_next_step():
+@pytest.mark.parametrize("layout", ["own", "written"])
+def test_self_conditioning_feeds_the_step_1_written_canvas_to_step_2(layout):
     config = tiny_config(2)
+    config.targets.self_condition_layout = layout
+    config.targets.objective = "step"  # step 1 writes half the description, leaving blanks
     model = build_model(config, VOCAB)
     params = init_variables(model, config, VOCAB)
     images, targets, fractions, _ = inputs(config, batch=2)
-    with_target = model.apply(
-        {"params": params}, images, targets, fractions, jnp.asarray([False, False])
-    )
+    # Step 1 starts from the blank canvas in training as in decoding: describe's step-1
+    # canvas is what step 1 writes.
+    written = model.apply({"params": params}, images, fractions, method=model.describe)["canvas"][0]
+    assert np.any(written == BLANK_ID)
+    # "written" feeds it where its length is the target's: give the targets that length.
+    targets = targets.at[:, 0].set(jnp.where(written == PAD_ID, PAD_ID, targets[:, 0] % 30 + 5))
     with_own = model.apply(
         {"params": params}, images, targets, fractions, jnp.asarray([True, False])
     )
-    # Step 1 reads the blank canvas either way; step 2 differs only for the first example.
+    with_target = model.apply(
+        {"params": params}, images, targets, fractions, jnp.asarray([False, False])
+    )
+
+    def step_2_from(canvas):
+        """Step 2 alone, applied to `canvas` (the detailer of the same parameters)."""
+        steps = {
+            "fraction": fractions[1:],
+            "target": targets[:, 1][None],
+            "self_condition": jnp.zeros((1, 2), bool),
+        }
+        return model.apply(
+            {"params": params},
+            images,
+            method=lambda m, x: m._refine(m.encode(x), steps, targets[:, -1], True, canvas),
+        )["cross_entropy"][0]
+
+    from_written = step_2_from(written)
+    from_target = step_2_from(targets[:, 0])
+    assert not np.allclose(from_written[0], from_target[0])  # the two inputs are told apart
+    np.testing.assert_allclose(with_own["cross_entropy"][1, 0], from_written[0], rtol=1e-5)
+    np.testing.assert_allclose(with_own["cross_entropy"][1, 1], from_target[1], rtol=1e-5)
+    np.testing.assert_allclose(with_target["cross_entropy"][1], from_target, rtol=1e-5)
     np.testing.assert_allclose(with_target["cross_entropy"][0], with_own["cross_entropy"][0])
-    assert with_target["cross_entropy"][1, 0] != with_own["cross_entropy"][1, 0]
-    assert with_target["cross_entropy"][1, 1] == with_own["cross_entropy"][1, 1]
 
 
-def test_describe_writes_k_canvases_that_end_at_their_first_pad():
+def test_describe_writes_each_steps_scheduled_share_and_no_blank_at_the_last_step():
     config = tiny_config(3)
+    config.targets.objective = "step"  # aligned steps write their scheduled share
     model = build_model(config, VOCAB)
     params = init_variables(model, config, VOCAB)
     images, _, fractions, _ = inputs(config)
-    out = model.apply({"params": params}, images, fractions, method=model.describe)
-    assert out["canvas"].shape == (3, 3, config.model.canvas_length)
-    np.testing.assert_array_equal(out["canvas"], clean_canvas(out["canvas"]))
+    canvas = np.asarray(
+        model.apply({"params": params}, images, fractions, method=model.describe)["canvas"]
+    )
+    assert canvas.shape == (3, 3, config.model.canvas_length)
+    for k, fraction in enumerate(np.asarray(fractions)):
+        step = canvas[k]
+        length = np.argmax(np.append(step == PAD_ID, np.ones((3, 1), bool), axis=1), axis=1)
+        assert length.min() > 0  # the test needs descriptions to count words of
+        after_end = np.arange(step.shape[1]) >= length[:, None]
+        np.testing.assert_array_equal(step[after_end], PAD_ID)  # ends at its first pad
+        words = np.sum(~after_end & (step != BLANK_ID), axis=1)
+        np.testing.assert_array_equal(words, np.maximum(np.floor(length * fraction + 0.5), 1))
+        inside = step[~after_end]
+        assert np.all((inside == BLANK_ID) | (inside > BLANK_ID))  # a blank or a word, no special
+    last = canvas[-1]
+    assert not np.any(last == BLANK_ID)  # the last step leaves no blank
 
 
 def test_clean_canvas_blanks_everything_after_the_first_pad():
@@ -139,19 +179,49 @@ def test_clean_canvas_blanks_everything_after_the_first_pad():
 
 
 def test_an_aligned_step_writes_its_share_of_the_description_most_confident_words_first():
-    # 6 positions, vocabulary of 8 (ids 5..7 are words). Positions 0-3 hold the description
-    # (pad is unlikely there), 4-5 are more likely pad than not.
-    probabilities = np.full((1, 6, 8), 0.01)
-    probabilities[0, :4, PAD_ID] = 0.05
-    probabilities[0, 4:, PAD_ID] = 0.9
-    probabilities[0, :4, BLANK_ID] = 0.6  # every position is more likely blank than a word...
-    best = {0: (5, 0.30), 1: (6, 0.10), 2: (7, 0.25), 3: (5, 0.20)}
-    for position, (word, p) in best.items():  # ...but positions 0 and 2 are surest of a word
-        probabilities[0, position, word] = p
+    # Two rows of 8 positions, ids 0..4 special, 5..8 words; unlisted ids get 0.01.
+    # Row 0: a description of 3 positions: position 3 is more likely pad than not, so the
+    # description ends there although positions 4-5 look like words again. At position 1 unk,
+    # at position 2 eos, is more likely than any word. Row 1: a description of 5 positions.
+    rows = [
+        [
+            {5: 0.30, BLANK_ID: 0.5},
+            {8: 0.20, UNK_ID: 0.5},
+            {6: 0.15, EOS_ID: 0.6},
+            {PAD_ID: 0.9},
+            {7: 0.9},
+            {7: 0.9},
+            {PAD_ID: 0.9},
+            {PAD_ID: 0.9},
+        ],
+        [
+            {5: 0.12, BLANK_ID: 0.6},
+            {6: 0.35, BLANK_ID: 0.6},
+            {7: 0.20, BLANK_ID: 0.6},
+            {8: 0.30, BLANK_ID: 0.6},
+            {5: 0.10, BLANK_ID: 0.6},
+            {PAD_ID: 0.9},
+            {PAD_ID: 0.9},
+            {PAD_ID: 0.9},
+        ],
+    ]
+    probabilities = np.full((2, 8, 9), 0.01)
+    for row, positions in enumerate(rows):
+        for position, chances in enumerate(positions):
+            for token, p in chances.items():
+                probabilities[row, position, token] = p
     logits = jnp.log(jnp.asarray(probabilities / probabilities.sum(-1, keepdims=True)))
-    half = write_scheduled(logits, jnp.asarray(0.5))
-    np.testing.assert_array_equal(half, [[5, BLANK_ID, 7, BLANK_ID, PAD_ID, PAD_ID]])
-    first = write_scheduled(logits, jnp.asarray(0.1))  # at least one word
-    np.testing.assert_array_equal(first, [[5, BLANK_ID, BLANK_ID, BLANK_ID, PAD_ID, PAD_ID]])
-    full = write_scheduled(logits, jnp.asarray(1.0))  # the last step leaves no blank
-    np.testing.assert_array_equal(full, [[5, 6, 7, 5, PAD_ID, PAD_ID]])
+    B, P = BLANK_ID, PAD_ID
+    # Each row's count is its own: round(3 * 0.5) = 2 and round(5 * 0.5) = 3 words.
+    np.testing.assert_array_equal(
+        write_scheduled(logits, jnp.asarray(0.5)),
+        [[5, 8, B, P, P, P, P, P], [B, 6, 7, 8, B, P, P, P]],
+    )
+    np.testing.assert_array_equal(  # at least one word each
+        write_scheduled(logits, jnp.asarray(0.1)),
+        [[5, B, B, P, P, P, P, P], [B, 6, B, B, B, P, P, P]],
+    )
+    np.testing.assert_array_equal(  # the last step leaves no blank
+        write_scheduled(logits, jnp.asarray(1.0)),
+        [[5, 8, 6, P, P, P, P, P], [5, 6, 7, 8, 5, P, P, P]],
+    )
