@@ -17,6 +17,7 @@ from conftest import REPO, load_config
 from PIL import Image
 
 from refine_jax.data.shapes import ShapesSource
+from refine_jax.evaluation import caption_metrics as cm
 from refine_jax.evaluation.evaluate import (
     default_eval_name,
     evaluate_checkpoint,
@@ -106,6 +107,19 @@ def test_eval_mode_writes_metrics_captions_and_report(tmp_path_factory, variant,
     assert [r["image_id"] for r in rows] == expected_ids  # every image once, in order
     for row in rows:
         assert len(row["steps"]) == num_steps and len(row["references"]) == 1
+    # The scores are those of the written captions: recomputed with the caption scorer, each
+    # step's corpus CIDEr-D and BLEU-4 and every image's CIDEr-D; and the whole summary.
+    references = {r["image_id"]: r["references"] for r in rows}
+    for k in range(num_steps):
+        scores = cm.evaluate_captions(references, {r["image_id"]: r["steps"][k] for r in rows})
+        assert metrics["cider_per_step"][k] == pytest.approx(scores.corpus["CIDEr"], abs=1e-9)
+        assert metrics["bleu4_per_step"][k] == pytest.approx(scores.corpus["Bleu_4"], abs=1e-9)
+        for row in rows:
+            expected = scores.per_image["CIDEr"][row["image_id"]]
+            assert row["cider_per_step"][k] == pytest.approx(expected, abs=1e-9)
+    assert metrics["final_cider"] == metrics["cider_per_step"][-1]
+    recomputed = split_metrics(rows, load_config("shapes", variant))
+    assert {k: metrics[k] for k in recomputed} == pytest.approx(recomputed, abs=1e-9)
     html = (out / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html
     assert "final_cider" in result.stdout
