@@ -1,0 +1,44 @@
+"""The optimizer: the warm-up's offset (no update is wasted at rate 0) and the weight-decay mask
+that exempts 1-D parameters (biases, norm scales)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import load_config
+
+from refine_jax.models import build_model
+from refine_jax.train_state import init_variables, make_optimizer
+
+
+def test_the_first_update_has_a_nonzero_rate_and_the_peak_comes_at_update_warmup_steps():
+    config = load_config("shapes", "tiny")
+    _, schedule = make_optimizer(config)
+    peak, warmup = config.learning_rate, config.warmup_steps
+    rates = np.asarray([float(schedule(n)) for n in range(config.total_steps)])
+    # Update n (from 0) warms up at (n + 1) / warmup_steps of the peak.
+    np.testing.assert_allclose(rates[:warmup], peak * np.arange(1, warmup + 1) / warmup, rtol=1e-6)
+    assert np.all(np.diff(rates[warmup - 1 :]) < 0)  # then decays
+
+
+def test_weight_decay_shrinks_matrices_and_spares_one_dimensional_parameters():
+    config = load_config("shapes", "tiny")
+    model = build_model(config, 40)
+    params = init_variables(model, config, 40)
+    optimizer, schedule = make_optimizer(config)
+    # With a zero gradient Adam's step is zero, so the update is the decoupled decay alone.
+    updates, _ = optimizer.update(
+        jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params
+    )
+    decay = float(schedule(0)) * config.weight_decay
+    assert decay > 0
+    dims = set()
+    for (path, param), update in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(updates), strict=True
+    ):
+        name = jax.tree_util.keystr(path)
+        dims.add(min(param.ndim, 2))
+        if param.ndim > 1:
+            np.testing.assert_allclose(update, -decay * param, rtol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(update, 0.0, err_msg=name)
+    assert dims == {1, 2}  # both kinds were checked
