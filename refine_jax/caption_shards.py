@@ -31,9 +31,8 @@ from refine_jax.data.pipeline import preprocess_image
 from refine_jax.data.records import TEACHER_CAPTIONS_FIELD, SkipCounter, decode_image, is_record
 from refine_jax.data.shard_writer import add_member
 from refine_jax.data.shards import TarShardSource, expand_paths
-from refine_jax.decoding import decode_batch
+from refine_jax.evaluation.caption_images import describe_images
 from refine_jax.model_loading import LoadedModel
-from refine_jax.sharding import to_host
 
 SIDECAR_SUFFIX = ".captioned.json"
 SUMMARY_NAME = "caption_summary.json"
@@ -51,27 +50,6 @@ class Decoding:
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, "beam": self.beam if self.method == "beam" else 1}
-
-
-def _teacher_texts(loaded: LoadedModel, images: np.ndarray, decoding: Decoding) -> list[list[str]]:
-    """Every step's text for each image [n, S, S, 3], in padded batches of the config's size."""
-    batch_size = loaded.config.batch_size
-    out: list[list[str]] = []
-    for first in range(0, len(images), batch_size):
-        chunk = images[first : first + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
-        with loaded.context():
-            canvases = decode_batch(
-                loaded.model,
-                loaded.params,
-                loaded.put_batch({"image": padded})["image"],
-                loaded.fractions,
-                decoding.method,
-                decoding.beam,
-            )
-        canvases = to_host(canvases)  # [B, K, L]
-        out.extend([loaded.tokenizer.decode(c) for c in canvases[i]] for i in range(len(chunk)))
-    return out
 
 
 def _image_extension(image_bytes: bytes) -> str:
@@ -99,7 +77,11 @@ def caption_shard(
     source.close()
     size = loaded.config.model.image_size
     images = [preprocess_image(decode_image(r["image_bytes"]), size) for r in records]
-    texts = _teacher_texts(loaded, np.stack(images), decoding) if images else []
+    texts = (
+        describe_images(loaded, np.stack(images), method=decoding.method, beam=decoding.beam)
+        if images
+        else []
+    )
 
     written, empty, references = 0, 0, {}
     tmp = os.path.join(output_dir, name + ".tmp")

@@ -98,16 +98,25 @@ def start_canvases(loaded: LoadedModel, text: str, batch_size: int) -> np.ndarra
 
 
 def describe_images(
-    loaded: LoadedModel, images: np.ndarray, start_from: str | None = None
+    loaded: LoadedModel,
+    images: np.ndarray,
+    start_from: str | None = None,
+    method: str = "greedy",
+    beam: int = 1,
 ) -> list[list[str]]:
     """Every step's description of each image in `images` [n, S, S, 3], in batches of the
     config's batch size (the last one padded, so one compilation serves them all); with
-    `start_from`, every image continues that description (its words stay) instead of blank."""
+    `start_from`, every image continues that description (its words stay) instead of blank.
+    `method`/`beam`: the baseline's decoding (greedy, or beam search with `beam` > 1)."""
     batch_size = loaded.config.batch_size
-    start_tokens = start_canvases(loaded, start_from, batch_size) if start_from else None
+    start = None
+    if start_from:
+        with loaded.context():  # placed once, shared by every batch
+            start = loaded.put_batch({"start": start_canvases(loaded, start_from, batch_size)})
+        start = start["start"]
     out: list[list[str]] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
+    for first in range(0, len(images), batch_size):
+        chunk = images[first : first + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
         with loaded.context():
             canvases = decode_batch(
@@ -115,11 +124,11 @@ def describe_images(
                 loaded.params,
                 loaded.put_batch({"image": padded})["image"],
                 loaded.fractions,
-                start=None
-                if start_tokens is None
-                else loaded.put_batch({"start": start_tokens})["start"],
+                method,
+                beam,
+                start,
             )
-        canvases = to_host(canvases)
+        canvases = to_host(canvases)  # [B, K, L]
         out.extend([loaded.tokenizer.decode(c) for c in canvases[i]] for i in range(len(chunk)))
     return out
 
