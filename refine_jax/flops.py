@@ -49,8 +49,9 @@ def forward_flops_per_example(config: ml_collections.ConfigDict, vocab_size: int
 
 def text_stack_flops(config: ml_collections.ConfigDict, vocab_size: int) -> float:
     """Forward FLOPs of all text-stack passes of one image, as its model kind runs them."""
-    passes, length = model_kind(config.model.kind).text_passes(config)
-    return passes * text_pass_flops(config, vocab_size, length)
+    kind = model_kind(config.model.kind)
+    passes, length = kind.text_passes(config)
+    return passes * (text_pass_flops(config, vocab_size, length) + kind.pass_head_flops(config))
 
 
 def training_flops_per_example(config: ml_collections.ConfigDict, vocab_size: int) -> float:

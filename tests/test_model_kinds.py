@@ -64,11 +64,16 @@ def test_train_step_takes_its_loss_from_the_registered_kind(monkeypatch, tokeniz
 
 
 def test_forward_flops_count_the_kinds_text_passes(monkeypatch):
-    register_for_test(monkeypatch, "three_short_passes", text_passes=lambda config: (3, 5))
+    register_for_test(
+        monkeypatch,
+        "three_short_passes",
+        text_passes=lambda config: (3, 5),
+        pass_head_flops=lambda config: 1000.0,
+    )
     config = load_config("shapes", "tiny")
     config.model.kind = "three_short_passes"
     assert forward_flops_per_example(config, 400) == pytest.approx(
-        encoder_flops(config) + 3 * text_pass_flops(config, 400, 5)
+        encoder_flops(config) + 3 * (text_pass_flops(config, 400, 5) + 1000.0)
     )
     config = load_config("shapes", "tiny,autoregressive")
     assert forward_flops_per_example(config, 400) == pytest.approx(

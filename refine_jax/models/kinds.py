@@ -21,7 +21,7 @@ import numpy as np
 
 from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
 from refine_jax.models.autoregressive import AutoregressiveCaptioner
-from refine_jax.models.refine import RefineCaptioner
+from refine_jax.models.refine import STEP_FEATURES, RefineCaptioner
 from refine_jax.targets import schedule_fractions
 
 # (model, params, batch, rng, config, weights w_k, fractions s(k)) -> (loss, metrics)
@@ -45,7 +45,8 @@ class ModelKind:
     config's choice); `init_inputs(config)` the dummy arrays after the rng of `module.init`;
     `step_schedule(config)` the (s(k), w_k) its described steps are scored with; `loss` the
     training loss of a batch (a `LossFn`; `rng` is the step's key, dropout included);
-    `text_passes(config)` (passes of the text stack per forward pass, tokens per pass)."""
+    `text_passes(config)` (passes of the text stack per forward pass, tokens per pass);
+    `pass_head_flops(config)` the matmul FLOPs each pass adds to the shared text stack."""
 
     name: str
     build: Callable[[ml_collections.ConfigDict, int, bool | None], nn.Module]
@@ -53,6 +54,7 @@ class ModelKind:
     step_schedule: Callable[[ml_collections.ConfigDict], tuple[np.ndarray, np.ndarray]]
     loss: LossFn
     text_passes: Callable[[ml_collections.ConfigDict], tuple[int, int]]
+    pass_head_flops: Callable[[ml_collections.ConfigDict], float] = lambda config: 0.0
 
 
 _KINDS: dict[str, ModelKind] = {}
@@ -181,6 +183,13 @@ def _refine_text_passes(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return config.model.num_refine_steps, config.model.canvas_length
 
 
+def _refine_pass_head_flops(config: ml_collections.ConfigDict) -> float:
+    """Per step: the step embedding of s(k) and, with the `final` objective, the due head."""
+    m = config.model
+    due_head = 2 * m.canvas_length * m.width if config.targets.objective == "final" else 0
+    return float(2 * STEP_FEATURES * m.width + due_head)
+
+
 # --- The autoregressive baseline: the same encoder and a causal decoder of the same depth.
 
 
@@ -230,6 +239,7 @@ register_model_kind(
         step_schedule=_refine_step_schedule,
         loss=_refine_loss,
         text_passes=_refine_text_passes,
+        pass_head_flops=_refine_pass_head_flops,
     )
 )
 register_model_kind(

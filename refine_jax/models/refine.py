@@ -33,6 +33,8 @@ from refine_jax.models.layers import (
 from refine_jax.models.vit import ViTEncoder
 from refine_jax.special_tokens import BLANK_ID, NOT_TEXT_IDS, PAD_ID, UNK_ID
 
+STEP_FEATURES = 64  # sinusoidal features of a step's scheduled fraction s(k)
+
 
 def clean_canvas(tokens: jax.Array) -> jax.Array:
     """Blanks every position after the first pad: a description ends at its first pad."""
@@ -164,7 +166,7 @@ class DetailerStep(nn.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         x = token_embedding(self.vocab_size, self.width, self.dtype, "token_embedding")(canvas)
         x = x + learned_positions(self, "pos_embedding", self.canvas_length, self.width, "length")
-        step_features = sinusoid(step["fraction"], 64).astype(self.dtype)
+        step_features = sinusoid(step["fraction"], STEP_FEATURES).astype(self.dtype)
         x = x + dense(self.width, ("step", "embed"), self.dtype, "step_embedding")(step_features)
         x = constrain(x, ("batch", "length", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
