@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 from etils import epath
 
@@ -31,4 +32,23 @@ def folder_name(spec: str | os.PathLike, default: str) -> str:
     return name if name and not name.endswith(":") else default
 
 
-__all__ = ["absolute", "folder_name", "is_uri"]
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes a file via a temporary name and a rename, so readers never see it partial and a
+    failed write leaves nothing behind. (A URI is written directly: an object store's upload
+    appears whole or not at all.)"""
+    path = os.fspath(path)
+    if is_uri(path):
+        epath.Path(path).write_bytes(data.encode() if isinstance(data, str) else data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+__all__ = ["absolute", "folder_name", "is_uri", "write_atomically"]

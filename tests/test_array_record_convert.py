@@ -201,3 +201,40 @@ def test_shard_with_nothing_readable_converts_to_empty_file(tmp_path):
     write_tar(tmp_path / "other" / "00000.tar", sample("z", ["z"], jpeg(2)))
     with pytest.raises(ValueError, match="both write"):
         convert([tmp_path / "tars", tmp_path / "other"], tmp_path / "ar2")
+
+
+def test_a_failed_shard_is_reported_leaves_no_output_and_converts_on_rerun(tmp_path):
+    make_shards(tmp_path / "tars")
+    out = tmp_path / "ar"
+    # The stats file of shard 00001 cannot be written: a folder holds its name.
+    blocker = Path(stats_path(str(out / "00001.array_record")))
+    blocker.mkdir(parents=True)
+    report = convert(tmp_path / "tars", out, workers=1)
+    failed = str(tmp_path / "tars" / "00001.tar")
+    assert list(report.failed) == [failed]
+    assert "Error" in report.failed[failed] and str(blocker) in report.failed[failed]
+    assert sorted(report.converted) == [str(tmp_path / "tars" / f"0000{i}.tar") for i in (0, 2)]
+    # The failed shard's samples are neither written nor counted; no partial file is left.
+    assert report.counts.good == 3
+    assert sorted(p.name for p in out.iterdir() if "00001" in p.name) == [blocker.name]
+    assert [k for k in ("a0", "a1", "c0")] == [
+        r["key"] for r in map(ArrayRecordCaptionSource(out).__getitem__, range(3))
+    ]
+
+    # The command exits non-zero and names the shard; once the cause is gone a rerun converts
+    # only that shard.
+    cmd = [
+        sys.executable,
+        "-m",
+        "refine_jax.commands.convert_array_record",
+        f"--input={tmp_path / 'tars'}",
+        f"--output={out}",
+        "--workers=1",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert list(json.loads(result.stdout)["failed"]) == [failed]
+    blocker.rmdir()
+    again = convert(tmp_path / "tars", out, workers=1)
+    assert again.converted == [failed] and len(again.skipped) == 2 and not again.failed
+    assert again.counts.good == 4

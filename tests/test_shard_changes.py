@@ -135,3 +135,35 @@ def test_an_unreadable_shard_is_counted_and_named_on_every_open(tmp_path, caplog
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert any(str(bad) in w for w in warnings), opening
     assert "unreadable_shard" in SKIP_REASONS  # a count the trainer logs
+
+
+def test_a_stale_index_in_the_cache_dir_is_rebuilt(tmp_path):
+    cache = tmp_path / "cache"
+    path = shard_of(tmp_path / "s" / "00000.tar", "a")
+    assert keys(TarShardSource(path, cache_dir=cache)) == ["a0", "a1", "a2"]
+    cached = Path(shards.cache_index_path(str(path), str(cache)))
+    assert cached.exists() and not Path(sidecar_index_path(str(path))).exists()
+
+    # Replaced with the same size and mtime: the cached index no longer describes it.
+    before = path.stat()
+    shard_of(path, "b")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    reopened = TarShardSource(path, cache_dir=cache)
+    assert reopened.rebuilt_shards == [str(path)] and keys(reopened) == ["b0", "b1", "b2"]
+
+    # An index of another format version is rebuilt, and the cache holds the current one again.
+    old = json.loads(cached.read_text())
+    old["version"] = shards.INDEX_VERSION - 1
+    cached.write_text(json.dumps(old))
+    assert TarShardSource(path, cache_dir=cache).rebuilt_shards == [str(path)]
+    assert json.loads(cached.read_text())["version"] == shards.INDEX_VERSION
+    assert TarShardSource(path, cache_dir=cache).rebuilt_shards == []
+
+    # A cached index of another shard (identical bytes, another path) is not used for this one.
+    twin = tmp_path / "t" / "00000.tar"
+    twin.parent.mkdir()
+    twin.write_bytes(path.read_bytes())
+    os.utime(twin, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    Path(shards.cache_index_path(str(twin), str(cache))).write_text(cached.read_text())
+    twin_source = TarShardSource(twin, cache_dir=cache)
+    assert twin_source.rebuilt_shards == [str(twin)] and keys(twin_source) == ["b0", "b1", "b2"]

@@ -53,6 +53,7 @@ from refine_jax.data.shards import (
     expand_paths,
     load_or_build_index,
 )
+from refine_jax.paths import write_atomically
 
 MAGIC = b"RJC1"
 SUFFIX = ".array_record"
@@ -178,12 +179,6 @@ def output_path_for(shard: str, output_dir: str) -> str:
     return f"{output_dir.rstrip('/')}/{base}{SUFFIX}"
 
 
-def _write_text_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    epath.Path(tmp).write_text(text)
-    epath.Path(tmp).replace(path)
-
-
 def convert_shard(
     shard: str,
     output: str,
@@ -226,7 +221,7 @@ def convert_shard(
             writer.close()
         if source is not None:
             source.close()
-        _write_text_atomically(stats_path(output), json.dumps(counts.to_dict(), indent=1))
+        write_atomically(stats_path(output), json.dumps(counts.to_dict(), indent=1))
         if remote:
             staged = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
             epath.Path(local_tmp).copy(staged)

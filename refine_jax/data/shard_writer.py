@@ -43,6 +43,7 @@ from refine_jax.data.records import (
     check_caption,
     decode_image,
 )
+from refine_jax.paths import write_atomically
 
 MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed member time, so rebuilt shards are identical
 MEMBER_MODE = 0o644
@@ -79,13 +80,6 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def _write_bytes_atomically(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -232,7 +226,7 @@ class ShardWriter:
             self._finish_shard()
         self._closed = True
         refs = json.dumps(self.references()).encode("utf-8")
-        _write_bytes_atomically(os.path.join(self.output_dir, REFERENCES_NAME), refs)
+        write_atomically(os.path.join(self.output_dir, REFERENCES_NAME), refs)
         return list(self.shard_paths)
 
     def abort(self) -> None:

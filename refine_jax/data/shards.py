@@ -43,7 +43,6 @@ import os
 import stat
 import tarfile
 import threading
-import uuid
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -70,6 +69,7 @@ from refine_jax.data.records import (
     teacher_captions,
 )
 from refine_jax.errors import DataError
+from refine_jax.paths import write_atomically
 
 PathsArg = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -437,22 +437,6 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Writes via a temporary name then rename, so readers never see a partial index."""
-    if _is_remote(path):
-        epath.Path(path).write_text(text)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_or_build_index(shard: str, cache_dir: str | None = None) -> tuple[ShardIndex, bool]:
     """Returns ``(index, built)``: a valid cached index, or a fresh scan (then cached).
 
@@ -499,7 +483,7 @@ def load_or_build_index(shard: str, cache_dir: str | None = None) -> tuple[Shard
         targets.append(cached)
     for target in targets:
         try:
-            _write_atomically(target, text)
+            write_atomically(target, text)
             break
         except OSError as e:
             logging.warning("Cannot write index %s (%s); trying the next place.", target, e)
