@@ -21,6 +21,7 @@ TARGET_KINDS = ("salience", "full")  # targets
 LAYOUTS = ("aligned", "left")  # targets.canvas_targets
 SCHEDULES = ("linear", "log")  # targets.schedule_fractions
 WEIGHTINGS = ("linear", "geometric", "final_only", "uniform")  # losses.step_weights
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random.key(seed, impl=...) in training
 DEFAULT_TEMPLATES = (  # data.labels: how a class label becomes a caption
     "a photo of a {label}",
     "a picture of a {label}",
@@ -60,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a config may set, with defaults. Experiment files override values only."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # The PRNG of training randomness (dropout, self-conditioning draws). threefry2x32 is JAX's
+    # default and reproducible everywhere; rbg/unsafe_rbg make random bits much cheaper on
+    # TPU and GPU (BENCHMARKS.md) but their streams differ between backends.
+    config.rng_impl = "threefry2x32"
     config.batch_size = 64
     config.total_steps = 1000
     config.log_every_steps = 50
@@ -206,6 +211,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not config.learning_rate >= 0:
         raise ValueError(f"config.learning_rate must be >= 0, got {config.learning_rate}")
     m, t = config.model, config.targets
+    _check_choice(config.rng_impl, "rng_impl", RNG_IMPLS)
     _check_choice(m.kind, "model.kind", MODEL_KINDS)
     _check_choice(m.remat, "model.remat", REMAT_POLICIES)
     _check_choice(t.kind, "targets.kind", TARGET_KINDS)

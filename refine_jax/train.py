@@ -86,7 +86,7 @@ def train_step(
 ):
     """One update. A non-finite loss, gradient or update skips the update and is counted, so the
     parameters and optimizer state only ever take finite values."""
-    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    rng = jax.random.fold_in(jax.random.key(config.seed, impl=config.rng_impl), state.step)
     kind_loss = model_kind(config.model.kind).loss
 
     def loss_fn(params):

@@ -87,6 +87,13 @@ def test_invalid_values_name_the_key(key, value, message):
         validate_config(config)
 
 
+def test_unknown_prng_implementation_is_rejected():
+    config = load_config("shapes", "tiny")
+    config.rng_impl = "philox"
+    with pytest.raises(ValueError, match="rng_impl = 'philox' is not one of"):
+        validate_config(config)
+
+
 def test_mesh_that_does_not_fit_the_devices_is_rejected(tmp_path, no_compilation):
     config = load_config("shapes", "tiny")
     config.mesh.shape = (4, 4, 1)

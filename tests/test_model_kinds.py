@@ -118,3 +118,22 @@ def test_each_kinds_loss_scores_its_models_outputs(tokenizer_and_batch, variant)
         expected, expected_metrics = autoregressive_loss(outputs, batch["mask"])
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert set(metrics) == set(expected_metrics)
+
+
+def test_training_randomness_comes_from_the_configured_prng(tokenizer_and_batch):
+    # The same seed and step give the same update under one PRNG implementation, and other
+    # dropout masks (so another loss) under another: the configured implementation is used.
+    tokenizer, batch = tokenizer_and_batch
+    losses = {}
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+        config = load_config("shapes", "tiny")
+        config.model.dropout_rate = 0.3
+        config.rng_impl = impl
+        model = build_model(config, tokenizer.vocab_size)
+        optimizer, schedule = train.make_optimizer(config)
+        state = initial_state(model, config, tokenizer.vocab_size, optimizer)
+        step = jax.jit(train.bind_train_step(config, model, optimizer, schedule))
+        first, again = step(state, batch)[1]["loss"], step(state, batch)[1]["loss"]
+        assert float(first) == float(again)
+        losses[impl] = float(first)
+    assert len(set(losses.values())) == 3, losses
