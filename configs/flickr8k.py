@@ -12,7 +12,8 @@ than the 28-token canvas (under 1% at this vocabulary) are cut and counted as
         --config.data.path=../shared/data/flickr8k --workdir=/tmp/flickr8k
 
 Variants (combine with commas): `:tiny` runs a few steps on a small model in about a minute;
-`:autoregressive` selects the autoregressive baseline with the same encoder and width.
+`:autoregressive` selects the autoregressive baseline with the same encoder and width;
+`:match` the image-text matching model that scores the captioners (DESIGN §11).
 """
 
 import ml_collections
@@ -21,7 +22,7 @@ from refine_jax.config import base_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = parse_variants(arg, allowed=("tiny", "autoregressive"))
+    variants = parse_variants(arg, allowed=("tiny", "autoregressive", "match"))
     config = base_config()
     config.seed = 0
     config.batch_size = 64
@@ -76,5 +77,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         m.dropout_rate = 0.0
     if "autoregressive" in variants:
         m.kind = "autoregressive"
+    if "match" in variants:  # the image-text matching model (DESIGN §11), the yardstick
+        m.kind = "match"
+        if "tiny" not in variants:
+            config.batch_size = 128  # more in-batch negatives
+            config.total_steps = 600
+            config.eval_every_steps = 300
     config.lock()
     return config

@@ -1,7 +1,8 @@
 """Default demo: the embedded shapes data (no downloads), trained on a CPU in about 10 minutes.
 
 Variants (combine with commas): `configs/shapes.py:tiny` trains in under a minute;
-`:autoregressive` selects the autoregressive baseline with the same encoder and width.
+`:autoregressive` selects the autoregressive baseline with the same encoder and width;
+`:match` the image-text matching model that scores the captioners (DESIGN §11).
     python -m refine_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
     python -m refine_jax.main --config=configs/shapes.py:tiny,autoregressive --workdir=/tmp/ar
 """
@@ -12,7 +13,7 @@ from refine_jax.config import base_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = parse_variants(arg, allowed=("tiny", "autoregressive"))
+    variants = parse_variants(arg, allowed=("tiny", "autoregressive", "match"))
     config = base_config()
     config.seed = 0
     config.batch_size = 64
@@ -60,5 +61,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         m.patch_size = 12
     if "autoregressive" in variants:
         m.kind = "autoregressive"
+    if "match" in variants:  # the image-text matching model (DESIGN §11), the yardstick
+        m.kind = "match"
+        config.batch_size = 128 if "tiny" not in variants else 16  # more in-batch negatives
+        config.total_steps = 1500 if "tiny" not in variants else 60
     config.lock()
     return config

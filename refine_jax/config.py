@@ -15,7 +15,7 @@ import ml_collections
 
 # The choices of config values, owned here so that loading a config imports no JAX, Flax or PIL;
 # the modules that implement them import them from here.
-MODEL_KINDS = ("refine", "autoregressive")  # registered in models/kinds.py
+MODEL_KINDS = ("refine", "autoregressive", "match")  # registered in models/kinds.py
 REMAT_POLICIES = ("none", "full", "dots")  # models.refine
 TARGET_KINDS = ("salience", "full")  # targets
 LAYOUTS = ("aligned", "left")  # targets.canvas_targets
@@ -116,6 +116,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.targets.loss_weighting = "linear"
     config.targets.geometric_ratio = 2.0
     config.targets.length_loss_weight = 0.1
+
+    # The image-text matching model (model.kind = "match", DESIGN §11): the shared model keys
+    # size its image tower; these its text tower, matching head and training.
+    config.match = ml_collections.ConfigDict()
+    config.match.embed_dim = 128  # the shared embedding space
+    config.match.text_depth = 2  # bidirectional text tower layers
+    config.match.match_depth = 1  # matching-head layers (text attending to the image tokens)
+    # Per example, train on a random word subset of the caption (order kept, each word kept
+    # with a probability drawn uniformly) instead of the whole caption at this rate, so short
+    # descriptions embed near their images.
+    config.match.subset_rate = 0.5
+    config.match.match_loss_weight = 1.0
 
     config.decode = ml_collections.ConfigDict()
     config.decode.revise = True  # a step may replace words earlier steps wrote
@@ -249,6 +261,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             "config.data.teacher_caption_rate must be in [0, 1], got "
             f"{config.data.teacher_caption_rate}"
+        )
+    if not 0.0 <= config.match.subset_rate <= 1.0:
+        raise ValueError(
+            f"config.match.subset_rate must be in [0, 1], got {config.match.subset_rate}"
         )
     if not 0.0 <= t.self_condition_rate <= 1.0:
         raise ValueError(

@@ -1,6 +1,7 @@
 """Analytic model FLOPs (DESIGN §7): matmul FLOPs counted from the config, 2 per multiply-add.
 
-The detailer is counted K times (it runs K times); a training step is counted as three
+Each model kind describes its text passes (`models.kinds.TextPass`); the detailer is counted K
+times (it runs K times); a training step is counted as three
 forward passes (forward, and a backward pass of twice its cost). Layer norms, softmaxes and
 other elementwise work are left out, as is usual for utilisation figures.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from refine_jax.models.kinds import model_kind
+from refine_jax.models.kinds import TextPass, model_kind
 
 
 def encoder_flops(config: ml_collections.ConfigDict) -> float:
@@ -25,33 +26,42 @@ def encoder_flops(config: ml_collections.ConfigDict) -> float:
     return float(embed + m.encoder_depth * per_layer)
 
 
-def text_pass_flops(config: ml_collections.ConfigDict, vocab_size: int, length: int) -> float:
-    """Forward FLOPs of one pass of the text stack (a detailer step, or the causal decoder)."""
+def text_pass_flops(
+    config: ml_collections.ConfigDict, vocab_size: int, text_pass: TextPass
+) -> float:
+    """Forward FLOPs of one pass of a text stack (a detailer step, the causal decoder, a text
+    tower): its layers, with or without cross-attention to the image tokens, its vocabulary
+    logits if it has them, and its small heads."""
     m = config.model
     patches = (m.image_size // m.patch_size) ** 2
-    d = m.width
+    d, length = m.width, text_pass.length
     per_layer = (
         2 * length * 4 * d**2
         + 2 * 2 * length**2 * d  # self-attention
-        + 2 * length * 2 * d**2
-        + 2 * patches * 2 * d**2  # cross-attention projections
-        + 2 * 2 * length * patches * d  # cross-attention scores and weighted sum
         + 2 * 2 * length * d * m.mlp_dim  # MLP
     )
-    return float(m.detailer_depth * per_layer + 2 * length * d * vocab_size)
+    if text_pass.cross_attention:
+        per_layer += (
+            2 * length * 2 * d**2  # query and output projections
+            + 2 * patches * 2 * d**2  # image key and value projections
+            + 2 * 2 * length * patches * d  # scores and weighted sum
+        )
+    logits = 2 * length * d * vocab_size if text_pass.vocab_logits else 0
+    return float(text_pass.depth * per_layer + logits + text_pass.head_flops)
 
 
 def forward_flops_per_example(config: ml_collections.ConfigDict, vocab_size: int) -> float:
-    """One image's forward pass: the encoder, then the model kind's text-stack passes (K
-    detailer steps, or one decoder pass)."""
+    """One image's forward pass: the encoder, then the model kind's text passes (K detailer
+    steps, one decoder pass, or the matching model's text tower and matching head)."""
     return encoder_flops(config) + text_stack_flops(config, vocab_size)
 
 
 def text_stack_flops(config: ml_collections.ConfigDict, vocab_size: int) -> float:
-    """Forward FLOPs of all text-stack passes of one image, as its model kind runs them."""
-    kind = model_kind(config.model.kind)
-    passes, length = kind.text_passes(config)
-    return passes * (text_pass_flops(config, vocab_size, length) + kind.pass_head_flops(config))
+    """Forward FLOPs of all text passes of one image, as its model kind runs them."""
+    return sum(
+        p.count * text_pass_flops(config, vocab_size, p)
+        for p in model_kind(config.model.kind).text_passes(config)
+    )
 
 
 def training_flops_per_example(config: ml_collections.ConfigDict, vocab_size: int) -> float:

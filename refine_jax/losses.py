@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from refine_jax.config import WEIGHTINGS
 
@@ -60,3 +61,46 @@ def autoregressive_loss(
     loss = jnp.sum(outputs["cross_entropy"] * mask) / count
     exact = jnp.sum(outputs["exact_match"] * mask) / count
     return loss, {"loss": loss, "loss_step_1": loss, "exact_match_step_1": exact}
+
+
+def contrastive_loss(
+    logits: jax.Array,  # [B, B]: scaled similarity of image i and text j
+    positives: jax.Array,  # [B, B] bool: text j describes image i
+    valid: jax.Array,  # [B] bool: real examples
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Symmetric contrastive loss over the whole batch: each image against every valid text, and
+    each text against every valid image, with all of an example's positives counted as right
+    (-log of the softmax mass on them). Returns (loss, metrics)."""
+    mask = valid.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    pair_valid = valid[:, None] & valid[None, :]
+    right = positives & pair_valid
+
+    def one_way(scores: jax.Array, right: jax.Array, candidates: jax.Array) -> jax.Array:
+        everything = jax.nn.logsumexp(jnp.where(candidates, scores, -jnp.inf), axis=-1)
+        on_right = jax.nn.logsumexp(jnp.where(right, scores, -jnp.inf), axis=-1)
+        return jnp.sum(jnp.where(valid, everything - on_right, 0.0)) / count
+
+    image_to_text = one_way(logits, right, pair_valid)
+    text_to_image = one_way(logits.T, right.T, pair_valid)
+    loss = 0.5 * (image_to_text + text_to_image)
+    best_text = jnp.argmax(jnp.where(pair_valid, logits, -jnp.inf), axis=1)
+    best_image = jnp.argmax(jnp.where(pair_valid, logits, -jnp.inf), axis=0)
+    rows = jnp.arange(logits.shape[0])
+    return loss, {
+        "contrastive_loss": loss,
+        "image_to_text_top1": jnp.sum(right[rows, best_text] * mask) / count,
+        "text_to_image_top1": jnp.sum(right[best_image, rows] * mask) / count,
+    }
+
+
+def match_head_loss(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted binary cross-entropy of the matching head's logits [P] against labels [P] in
+    {0, 1}; returns (loss, metrics)."""
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    per_pair = optax.sigmoid_binary_cross_entropy(logits, labels)
+    loss = jnp.sum(per_pair * weights) / count
+    correct = (logits > 0) == (labels > 0.5)
+    return loss, {"match_loss": loss, "match_accuracy": jnp.sum(correct * weights) / count}

@@ -52,6 +52,12 @@ flags.DEFINE_integer(
     "checkpoint_step", None, "eval/caption: the checkpoint step to load (default: the latest)."
 )
 flags.DEFINE_integer("report_images", 50, "eval: at most this many images in report.html.")
+flags.DEFINE_string(
+    "match_workdir",
+    None,
+    "eval: a matching model's workdir (model.kind='match'); gradualness is then measured in "
+    "its text space and every step gets an image-text score.",
+)
 flags.DEFINE_string("images", None, "caption: a folder, glob or file of JPEG/PNG/WebP images.")
 flags.DEFINE_string(
     "start_from",
@@ -158,6 +164,7 @@ def run_mode(argv):
             eval_name=FLAGS.eval_name,
             checkpoint_step=FLAGS.checkpoint_step,
             max_report_images=FLAGS.report_images,
+            match_workdir=FLAGS.match_workdir,
         )
         if jax.process_index() == 0:
             evaluate.print_summary(summary)

@@ -33,6 +33,7 @@ from refine_jax.data.pipeline import (
 )
 from refine_jax.errors import WorkdirLockedError
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
+from refine_jax.evaluation.matching import MatchEmbedder, split_retrieval
 from refine_jax.evaluation.metrics import evaluate_samples
 from refine_jax.flops import training_flops_per_example
 from refine_jax.metric_writer import MetricWriter
@@ -231,6 +232,11 @@ def _train_and_evaluate(
             add_skips(structural_skip_counts(train_source))
 
         def evaluate() -> tuple[list[dict], dict]:
+            if not model_kind(m.kind).describes:  # the matching model: retrieval recall
+                embedder = MatchEmbedder(
+                    model, state.params, tokenizer, features, config.batch_size, put_full_batch
+                )
+                return [], split_retrieval(embedder, eval_source)
             samples = describe_split(
                 model,
                 state.params,

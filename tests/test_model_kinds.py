@@ -64,20 +64,22 @@ def test_train_step_takes_its_loss_from_the_registered_kind(monkeypatch, tokeniz
 
 
 def test_forward_flops_count_the_kinds_text_passes(monkeypatch):
-    register_for_test(
-        monkeypatch,
-        "three_short_passes",
-        text_passes=lambda config: (3, 5),
-        pass_head_flops=lambda config: 1000.0,
-    )
+    passes = (kinds.TextPass(3, 5, 1, head_flops=1000.0), kinds.TextPass(2, 7, 2, False, False))
+    register_for_test(monkeypatch, "two_stacks", text_passes=lambda config: passes)
     config = load_config("shapes", "tiny")
-    config.model.kind = "three_short_passes"
+    config.model.kind = "two_stacks"
     assert forward_flops_per_example(config, 400) == pytest.approx(
-        encoder_flops(config) + 3 * (text_pass_flops(config, 400, 5) + 1000.0)
+        encoder_flops(config)
+        + 3 * text_pass_flops(config, 400, passes[0])
+        + 2 * text_pass_flops(config, 400, passes[1])
     )
+    # The one-pass forms: a layer without cross-attention or logits costs less than with.
+    with_all = text_pass_flops(config, 400, kinds.TextPass(1, 7, 2))
+    assert text_pass_flops(config, 400, passes[1]) < with_all
     config = load_config("shapes", "tiny,autoregressive")
+    decoder = kinds.TextPass(1, config.model.canvas_length + 1, config.model.detailer_depth)
     assert forward_flops_per_example(config, 400) == pytest.approx(
-        encoder_flops(config) + text_pass_flops(config, 400, config.model.canvas_length + 1)
+        encoder_flops(config) + text_pass_flops(config, 400, decoder)
     )
 
 

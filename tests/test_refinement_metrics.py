@@ -165,14 +165,45 @@ def test_half_way_chain_by_hand() -> None:
     assert out_log["gradualness"] == pytest.approx(1 - deviation / (LOG4[:3].sum() / 4))
 
 
-def test_single_step_scores_one() -> None:
-    # K = 1 (the autoregressive baseline): nothing to spread, G = A = 1 for a non-blank final.
-    out = refinement_metrics({"a": [CAPTION_A], "b": [""]}, REFS, [1.0], [1.0])
-    assert out["gradualness"] == pytest.approx(0.5)  # b's blank final scores 0
-    assert out["length_adherence"] == pytest.approx(0.5)
+def test_a_single_step_has_no_gradualness_adherence_or_refine_score() -> None:
+    # K = 1 (the autoregressive baseline): no path to be gradual along, so G, A and R are not
+    # applicable (None), not 1 and CIDEr; the caption scores are reported as usual.
     one = refinement_metrics({"a": [CAPTION_A], "b": [CAPTION_B]}, REFS, [1.0], [1.0])
-    assert one["gradualness"] == 1.0 and one["gradualness_raw"] == 1.0
+    for key in (
+        "gradualness",
+        "gradualness_raw",
+        "length_adherence",
+        "length_adherence_raw",
+        "refine_score",
+    ):
+        assert one[key] is None, key
+    assert one["final_cider"] > 0 and one["weighted_quality"] == one["final_cider"]
     assert one["monotonic_fraction"] == 1.0
+
+
+def test_progress_is_measured_from_the_blank_descriptions_encoding() -> None:
+    # With a blank encoding t_0, p_k = 1 - d(t_k, t_K) / d(t_0, t_K): a step half-way along the
+    # arc from t_0 to t_K (in angle: cosine distance 1 - cos(45°) to each end, against
+    # 1 - cos(90°) = 1 end to end) has progress 1 - (1 - cos 45°).
+    blank = np.array([1.0, 0.0])
+    final = np.array([0.0, 1.0])
+    half = np.array([1.0, 1.0]) / np.sqrt(2)
+    chains = {"a": ["x", "x y", "x y z", CAPTION_A]}
+    vecs = np.stack([[blank, half, final, final]])
+    out = refinement_metrics(
+        chains, {"a": REFS["a"]}, LINEAR4, UNIFORM4, step_vectors=vecs, blank_vector=blank
+    )
+    assert out["progress_per_step"] == pytest.approx([0.0, np.cos(np.pi / 4), 1.0, 1.0])
+    # A final that encodes like the blank description has no span: scored as blank (G = 0).
+    same = refinement_metrics(
+        chains,
+        {"a": REFS["a"]},
+        LINEAR4,
+        UNIFORM4,
+        step_vectors=np.stack([[half, half, blank, blank]]),
+        blank_vector=blank,
+    )
+    assert same["gradualness"] == 0.0 and same["progress_per_step"] is None
 
 
 def test_monotonicity_on_hand_made_trajectories() -> None:

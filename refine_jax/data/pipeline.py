@@ -21,6 +21,7 @@ source found while indexing (a truncated tar, a sample without image) never reac
 Batch fields (B = this process's batch)::
 
     image [B, S, S, 3] f32      targets [B, K, L] i32     caption [B, L] i32
+    word_subset [B, L] i32 (training: a random word subset of the caption; evaluation: it all)
     scheduled_lengths [B, K] f32   mask [B] bool   truncated [B] bool   skip_reason [B] i32
     dropped [B, R] i32 (R = len(SKIP_REASONS))   index [B] i32 (in its source)   source [B] i32
 """
@@ -215,6 +216,7 @@ class CaptionFeatures(grain.transforms.RandomMap):
             "image": np.zeros((s, s, 3), np.float32),
             "targets": np.zeros((k, length), np.int32),
             "caption": np.zeros((length,), np.int32),
+            "word_subset": np.zeros((length,), np.int32),
             "scheduled_lengths": np.zeros((k,), np.float32),
             "truncated": np.asarray(reason == TRUNCATED_CAPTION),
             "mask": np.asarray(False),
@@ -259,10 +261,12 @@ class CaptionFeatures(grain.transforms.RandomMap):
         dropped = np.zeros((len(SKIP_REASONS),), np.int32)
         for reason in record.get("dropped", ()):
             dropped[skip_code(reason)] += 1
+        subset = full if rng is None else random_word_subset(word_tokens, rng)
         return {
             "image": preprocess_image(image, self.image_size, crop_rng, self.crop_min_scale),
             "targets": np.stack([pad_to(ids, self.canvas_length) for ids in targets]),  # [K, L]
             "caption": pad_to(full, self.canvas_length),
+            "word_subset": pad_to(subset, self.canvas_length),
             "scheduled_lengths": (fractions * len(full)).astype(np.float32),
             "truncated": np.asarray(truncated),
             "mask": np.asarray(True),
@@ -286,6 +290,16 @@ class CaptionFeatures(grain.transforms.RandomMap):
     def map(self, record: Mapping[str, Any]) -> dict:
         """Evaluation: the first reference, centre crop."""
         return self.features(record, (record.get("captions") or [None])[0], None)
+
+
+def random_word_subset(word_tokens: Sequence[Sequence[int]], rng: np.random.Generator) -> list[int]:
+    """The tokens of a random subset of the words, in caption order: each word kept with one
+    probability drawn uniformly per call, at least one word kept. (The matching model trains
+    on these, so short descriptions embed near their images; never in salience order.)"""
+    keep = rng.random(len(word_tokens)) < rng.random()
+    if not keep.any():
+        keep[rng.integers(len(word_tokens))] = True
+    return [t for tokens, kept in zip(word_tokens, keep, strict=True) if kept for t in tokens]
 
 
 def _tags(record: Mapping[str, Any]) -> dict[str, np.ndarray]:

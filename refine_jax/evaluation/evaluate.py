@@ -38,6 +38,7 @@ from refine_jax.evaluation.attention import (
     token_word_indices,
 )
 from refine_jax.evaluation.captioning import describe_split
+from refine_jax.evaluation.matching import MatchEmbedder, score_steps, split_retrieval
 from refine_jax.evaluation.metrics import (
     evaluate_samples,
     flatten_metrics,
@@ -166,11 +167,16 @@ def evaluate_checkpoint(
     max_report_images: int = 50,
     loaded: LoadedModel | None = None,
     num_threads: int = 4,
+    match_workdir: str | epath.PathLike | None = None,
 ) -> dict[str, Any]:
     """Describes the split with the checkpoint, scores it, and writes DIR/eval/NAME/
     metrics.json, captions.jsonl and report.html (process 0). Returns the metrics (with
     `output_dir` and `seconds`). `loaded` reuses an already loaded model; `config` None: the
-    one recorded in the workdir at training."""
+    one recorded in the workdir at training. `match_workdir`: a matching model's workdir whose
+    text space measures gradualness and which scores every step against its image.
+
+    A matching model's own checkpoint is evaluated by retrieval recall instead (metrics.json
+    only)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     workdir = epath.Path(workdir)
@@ -181,6 +187,10 @@ def evaluate_checkpoint(
     tick = time.perf_counter()
     source, info = eval_split(config, eval_data, num_threads)
     timings["open_split"] = time.perf_counter() - tick
+    name = eval_name or default_eval_name(eval_data)
+    output_dir = workdir / "eval" / name
+    if config.model.kind == "match":
+        return _evaluate_retrieval(loaded, source, info, name, output_dir, timings, start)
 
     tick = time.perf_counter()
     with loaded.context():
@@ -196,8 +206,16 @@ def evaluate_checkpoint(
         )
     timings["describe"] = time.perf_counter() - tick
 
+    scored = None
+    if match_workdir:
+        tick = time.perf_counter()
+        matcher = load_model(None, match_workdir)
+        with matcher.context():
+            scored = score_steps(MatchEmbedder.from_loaded(matcher), source, samples)
+        timings["match_scores"] = time.perf_counter() - tick
+
     tick = time.perf_counter()
-    metrics = split_metrics(samples, config, per_image=True)
+    metrics = split_metrics(samples, config, per_image=True, match=scored)
     per_image = metrics.pop("per_image")
     timings["metrics"] = time.perf_counter() - tick
 
@@ -206,13 +224,12 @@ def evaluate_checkpoint(
     cards = report_images(loaded, source, samples, per_image, shown)
     timings["report_attention"] = time.perf_counter() - tick
 
-    name = eval_name or default_eval_name(eval_data)
-    output_dir = workdir / "eval" / name
     summary = {
         "eval_name": name,
         **info,
         "checkpoint_step": loaded.step,
         "model_kind": config.model.kind,
+        **({"match_workdir": str(match_workdir)} if match_workdir else {}),
         **metrics,
     }
     if jax.process_index() == 0:
@@ -226,6 +243,8 @@ def evaluate_checkpoint(
                     "steps": sample["steps"],
                     "cider_per_step": scores["cider"],
                 }
+                if "match_score" in scores:
+                    row["match_score_per_step"] = scores["match_score"]
                 if "chain" in sample:
                     row["chain"] = sample["chain"]
                 f.write(json.dumps(row) + "\n")
@@ -257,8 +276,47 @@ def evaluate_checkpoint(
     return summary
 
 
+def _evaluate_retrieval(
+    loaded: LoadedModel,
+    source: CaptionSource,
+    info: dict[str, Any],
+    name: str,
+    output_dir: epath.Path,
+    timings: dict[str, float],
+    start: float,
+) -> dict[str, Any]:
+    """A matching model's eval: retrieval recall of the split's images against all of their
+    references, both ways, written to DIR/eval/NAME/metrics.json."""
+    tick = time.perf_counter()
+    with loaded.context():
+        recall = split_retrieval(MatchEmbedder.from_loaded(loaded), source)
+    timings["retrieval"] = time.perf_counter() - tick
+    summary = {
+        "eval_name": name,
+        **info,
+        "checkpoint_step": loaded.step,
+        "model_kind": "match",
+        **recall,
+    }
+    timings["total"] = time.perf_counter() - start
+    summary["seconds"] = timings
+    if jax.process_index() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary["output_dir"] = str(output_dir)
+    return summary
+
+
 def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
     """A few lines for the console: the headline metrics and where the files are."""
+    if summary["model_kind"] == "match":
+        print(f"eval {summary['eval_name']} (checkpoint {summary['checkpoint_step']}):", file=out)
+        print(f"  {summary['num_images']} images, {summary['num_texts']} texts", file=out)
+        for key, value in summary.items():
+            if "_r@" in key:
+                print(f"  {key}: {value:.4f}", file=out)
+        print(f"  wrote {summary['output_dir']}/metrics.json", file=out)
+        return
     keys = (
         "num_images",
         "final_cider",
@@ -272,9 +330,16 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
     print(f"eval {summary['eval_name']} (checkpoint {summary['checkpoint_step']}):", file=out)
     for key in keys:
         value = summary[key]
+        if value is None:
+            value = "n/a (one step: nothing to refine)"
+        elif key == "gradualness":
+            value = f"{value:.4f} ({summary['gradualness_encoding']} text space)"
         print(
             f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}", file=out
         )
+    if "match_score_per_step" in summary:
+        scores = ", ".join(f"{c:.4f}" for c in summary["match_score_per_step"])
+        print(f"  image-text match score per step: {scores}", file=out)
     print("  CIDEr per step: " + ", ".join(f"{c:.4f}" for c in summary["cider_per_step"]), file=out)
     print(f"  wrote {summary['output_dir']}/{{metrics.json,captions.jsonl,report.html}}", file=out)
 

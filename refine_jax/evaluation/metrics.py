@@ -21,11 +21,21 @@ def step_schedule(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.nda
 
 
 def split_metrics(
-    samples: Sequence[dict], config: ml_collections.ConfigDict, per_image: bool = False
+    samples: Sequence[dict],
+    config: ml_collections.ConfigDict,
+    per_image: bool = False,
+    match: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`refinement_metrics` of describe_split samples (every sample counted once, even when two
     share an image id), with the schedule and weights used and, when every sample carries the
-    true chain (shapes data), the per-step `chain_agreement`."""
+    true chain (shapes data), the per-step `chain_agreement`.
+
+    Gradualness G (and R = Q_w * G) is measured in the matching model's text space when `match`
+    (`evaluation.matching.score_steps` of the samples) is given, else in CIDEr's TF-IDF space;
+    `gradualness_encoding` says which. The TF-IDF values are always also reported, as
+    `gradualness_tfidf`, `gradualness_raw_tfidf`, `progress_per_step_tfidf` and
+    `refine_score_tfidf`; with `match`, the mean per-step `match_score_per_step` and
+    `ref_match_score_per_step` too."""
     if not samples:
         raise ValueError("no samples to evaluate")
     missing = [s["image_id"] for s in samples if not s["references"]]
@@ -35,6 +45,32 @@ def split_metrics(
     trajectories = {n: list(s["steps"]) for n, s in enumerate(samples)}
     references = {n: list(s["references"]) for n, s in enumerate(samples)}
     metrics = refinement_metrics(trajectories, references, schedule, weights, per_image=per_image)
+    for key in ("gradualness", "gradualness_raw", "progress_per_step", "refine_score"):
+        metrics[f"{key}_tfidf"] = metrics[key]
+    metrics["gradualness_encoding"] = "tfidf"
+    if match is not None:
+        in_match_space = refinement_metrics(
+            trajectories,
+            references,
+            schedule,
+            weights,
+            per_image=per_image,
+            step_vectors=match["step_embeddings"],
+            blank_vector=match["blank_embedding"],
+        )
+        for key in ("gradualness", "gradualness_raw", "progress_per_step", "refine_score"):
+            metrics[key] = in_match_space[key]
+        metrics["gradualness_encoding"] = "match"
+        metrics["match_score_per_step"] = match["match_score"].mean(axis=0).tolist()
+        metrics["ref_match_score_per_step"] = match["ref_match_score"].mean(axis=0).tolist()
+        if per_image:
+            for n, (entry, matched) in enumerate(
+                zip(metrics["per_image"], in_match_space["per_image"], strict=True)
+            ):
+                for key in ("progress", "gradualness", "gradualness_raw"):
+                    entry[f"{key}_tfidf"] = entry[key]
+                    entry[key] = matched[key]
+                entry["match_score"] = match["match_score"][n].tolist()
     metrics["schedule"] = [float(x) for x in schedule]
     metrics["weights"] = [float(x) for x in weights]
     num_steps = metrics["num_steps"]
@@ -58,6 +94,9 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         "progress_per_step": "progress",
         "length_ratio_per_step": "length_ratio",
         "chain_agreement": "chain_agreement",
+        "progress_per_step_tfidf": "progress_tfidf",
+        "match_score_per_step": "match_score",
+        "ref_match_score_per_step": "ref_match_score",
     }
     flat: dict[str, float] = {}
     for key, value in metrics.items():

@@ -164,6 +164,7 @@ def refinement_metrics(
     tokenize: bool = True,
     step_vectors: np.ndarray | Mapping[Hashable, Any] | None = None,
     per_image: bool = False,
+    blank_vector: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """DESIGN §4 refinement metrics of K-step caption trajectories (JSON-serialisable).
 
@@ -172,7 +173,13 @@ def refinement_metrics(
     weights w_k (non-negative, sum 1). tokenize: eval-tokenise captions as coco-caption does.
     step_vectors: optional encodings e(c_k) to use for gradualness instead of the CIDEr TF-IDF
     vectors, an array [num_images, K, D] in the iteration order of `trajectories` or a mapping
-    image id -> [K, D] (e.g. the model's pooled text state).
+    image id -> [K, D] (e.g. the matching model's text embeddings). blank_vector: the encoding
+    [D] of the blank description c_0 (the matching model's empty description); then
+    p_k = 1 - d(c_k, c_K) / d(c_0, c_K), and a final with d(c_0, c_K) ~ 0 counts as blank.
+    Without it c_0 is the zero vector (d(c_0, c_K) = 1).
+
+    A single step (K = 1: the autoregressive baseline) has no path to be gradual along: G, A
+    and R (and their raw forms) are None, "not applicable".
 
     Returns num_images, num_steps, cider_per_step, bleu4_per_step, final_cider, final_bleu4,
     weighted_quality (Q_w), gradualness (normalised G), gradualness_raw (DESIGN's 1 - mean
@@ -232,13 +239,19 @@ def refinement_metrics(
             final_blank[n] = not any(encoded[-1].values())
             distances[n] = [cosine_distance(e, encoded[-1]) for e in encoded]
     else:
-        final_blank = ~np.any(vectors[:, -1, :] != 0, axis=1)
         distances = np.array(
             [
                 [cosine_distance(vectors[n, k], vectors[n, -1]) for k in range(num_steps)]
                 for n in range(len(ids))
             ]
         )
+        if blank_vector is None:
+            final_blank = ~np.any(vectors[:, -1, :] != 0, axis=1)
+        else:
+            blank = np.asarray(blank_vector, np.float64)
+            span = np.array([cosine_distance(blank, vectors[n, -1]) for n in range(len(ids))])
+            final_blank = span <= 1e-6
+            distances = distances / np.where(final_blank, 1.0, span)[:, None]
     progress = 1.0 - distances
     final = lengths[:, -1:]
     has_words = final[:, 0] > 0
@@ -249,6 +262,9 @@ def refinement_metrics(
     weighted_quality = float(np.dot(w, cider_per_step))
     gradualness = float(grad.mean())
     kept = ~final_blank
+    applicable = num_steps > 1  # one step: nothing to be gradual along
+    if not applicable:
+        gradualness = None
     out: dict[str, Any] = {
         "num_images": len(ids),
         "num_steps": num_steps,
@@ -258,14 +274,14 @@ def refinement_metrics(
         "final_bleu4": float(bleu4_per_step[-1]),
         "weighted_quality": weighted_quality,
         "gradualness": gradualness,
-        "gradualness_raw": float(grad_raw.mean()),
+        "gradualness_raw": float(grad_raw.mean()) if applicable else None,
         "progress_per_step": progress[kept].mean(axis=0).tolist() if kept.any() else None,
-        "length_adherence": float(adherence.mean()),
-        "length_adherence_raw": float(adherence_raw.mean()),
+        "length_adherence": float(adherence.mean()) if applicable else None,
+        "length_adherence_raw": float(adherence_raw.mean()) if applicable else None,
         "length_ratio_per_step": (
             ratios[has_words].mean(axis=0).tolist() if has_words.any() else None
         ),
-        "refine_score": weighted_quality * gradualness,
+        "refine_score": weighted_quality * gradualness if applicable else None,
         "monotonic_fraction": float(monotonic.mean()),
         "num_blank_final": int((~has_words).sum()),
     }

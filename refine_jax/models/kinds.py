@@ -19,8 +19,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from refine_jax.losses import autoregressive_loss, refine_loss, step_weights
+from refine_jax.losses import (
+    autoregressive_loss,
+    contrastive_loss,
+    match_head_loss,
+    refine_loss,
+    step_weights,
+)
 from refine_jax.models.autoregressive import AutoregressiveCaptioner
+from refine_jax.models.match import MatchModel
 from refine_jax.models.refine import STEP_FEATURES, RefineCaptioner
 from refine_jax.targets import schedule_fractions
 
@@ -45,16 +52,31 @@ class ModelKind:
     config's choice); `init_inputs(config)` the dummy arrays after the rng of `module.init`;
     `step_schedule(config)` the (s(k), w_k) its described steps are scored with; `loss` the
     training loss of a batch (a `LossFn`; `rng` is the step's key, dropout included);
-    `text_passes(config)` (passes of the text stack per forward pass, tokens per pass);
-    `pass_head_flops(config)` the matmul FLOPs each pass adds to the shared text stack."""
+    `text_passes(config)` the text passes of one image's forward pass (`TextPass`), which its
+    FLOPs are counted from; `describes`: whether it writes descriptions (a captioner, evaluated
+    on them) or not (the matching model, evaluated by retrieval)."""
 
     name: str
     build: Callable[[ml_collections.ConfigDict, int, bool | None], nn.Module]
     init_inputs: Callable[[ml_collections.ConfigDict], tuple[jax.Array, ...]]
     step_schedule: Callable[[ml_collections.ConfigDict], tuple[np.ndarray, np.ndarray]]
     loss: LossFn
-    text_passes: Callable[[ml_collections.ConfigDict], tuple[int, int]]
-    pass_head_flops: Callable[[ml_collections.ConfigDict], float] = lambda config: 0.0
+    text_passes: Callable[[ml_collections.ConfigDict], tuple[TextPass, ...]]
+    describes: bool = True  # a captioner (evaluated on its descriptions), or the matching model
+
+
+@dataclass(frozen=True)
+class TextPass:
+    """`count` runs of a text stack of `depth` layers over `length` tokens, for FLOP counting:
+    with cross-attention to the image tokens or not, with vocabulary logits or not, plus
+    `head_flops` of small per-pass heads."""
+
+    count: int
+    length: int
+    depth: int
+    cross_attention: bool = True
+    vocab_logits: bool = True
+    head_flops: float = 0.0
 
 
 _KINDS: dict[str, ModelKind] = {}
@@ -179,15 +201,13 @@ def _refine_loss(model, params, batch, rng, config, weights, fractions):
     return refine_step_losses(outputs, batch, config, weights)
 
 
-def _refine_text_passes(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    return config.model.num_refine_steps, config.model.canvas_length
-
-
-def _refine_pass_head_flops(config: ml_collections.ConfigDict) -> float:
-    """Per step: the step embedding of s(k) and, with the `final` objective, the due head."""
+def _refine_text_passes(config: ml_collections.ConfigDict) -> tuple[TextPass, ...]:
+    """K detailer steps; each adds the step embedding of s(k) and, with the `final` objective,
+    the due head."""
     m = config.model
     due_head = 2 * m.canvas_length * m.width if config.targets.objective == "final" else 0
-    return float(2 * STEP_FEATURES * m.width + due_head)
+    heads = float(2 * STEP_FEATURES * m.width + due_head)
+    return (TextPass(m.num_refine_steps, m.canvas_length, m.detailer_depth, head_flops=heads),)
 
 
 # --- The autoregressive baseline: the same encoder and a causal decoder of the same depth.
@@ -227,8 +247,76 @@ def _autoregressive_loss(model, params, batch, rng, config, weights, fractions):
     return autoregressive_loss(outputs, batch["mask"])
 
 
-def _autoregressive_text_passes(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    return 1, config.model.canvas_length + 1  # bos, then the caption and its eos
+def _autoregressive_text_passes(config: ml_collections.ConfigDict) -> tuple[TextPass, ...]:
+    m = config.model
+    return (TextPass(1, m.canvas_length + 1, m.detailer_depth),)  # bos, the caption, eos
+
+
+# --- The image-text matching model (DESIGN §11): the yardstick of the captioners' steps.
+
+
+def _build_match(
+    config: ml_collections.ConfigDict, vocab_size: int, scan: bool | None
+) -> MatchModel:
+    del scan  # no refinement steps
+    args = _shared_module_args(config, vocab_size)
+    return MatchModel(
+        text_depth=config.match.text_depth,
+        match_depth=config.match.match_depth,
+        embed_dim=config.match.embed_dim,
+        **args,
+    )
+
+
+def _match_init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
+    texts = jnp.zeros((1, config.model.canvas_length), jnp.int32)
+    return _dummy_images(config), texts, jnp.ones((1,), bool), jax.random.key(0)
+
+
+def _match_loss(model, params, batch, rng, config, weights, fractions):
+    """Contrastive loss over the global batch plus the matching head on hard negatives; each
+    example reads a random word subset of its caption at `match.subset_rate`."""
+    del weights, fractions
+    dropout_rng, subset_rng, negatives_rng = jax.random.split(rng, 3)
+    use_subset = jax.random.bernoulli(
+        subset_rng, config.match.subset_rate, (batch["caption"].shape[0],)
+    )
+    texts = jnp.where(use_subset[:, None], batch["word_subset"], batch["caption"])
+    valid = batch["mask"].astype(bool)
+    outputs = model.apply(
+        {"params": params},
+        batch["image"],
+        texts,
+        valid,
+        negatives_rng,
+        deterministic=False,
+        rngs={"dropout": dropout_rng},
+    )
+    itc, itc_metrics = contrastive_loss(outputs["logits"], outputs["positives"], valid)
+    itm, itm_metrics = match_head_loss(
+        outputs["match_logits"], outputs["match_labels"], outputs["match_weights"]
+    )
+    loss = itc + config.match.match_loss_weight * itm
+    return loss, {"loss": loss, **itc_metrics, **itm_metrics}
+
+
+def _match_text_passes(config: ml_collections.ConfigDict) -> tuple[TextPass, ...]:
+    """The text tower over BOS + caption, its projection, and the matching head on three
+    pairs per example (the pair, a negative text, a negative image)."""
+    m, match = config.model, config.match
+    length = m.canvas_length + 1
+    projections = float(2 * 2 * m.width * match.embed_dim)  # image and text
+    return (
+        TextPass(
+            1,
+            length,
+            match.text_depth,
+            cross_attention=False,
+            vocab_logits=False,
+            head_flops=projections,
+        ),
+        TextPass(3, length, match.match_depth, vocab_logits=False, head_flops=2.0 * m.width),
+    )
 
 
 register_model_kind(
@@ -239,7 +327,6 @@ register_model_kind(
         step_schedule=_refine_step_schedule,
         loss=_refine_loss,
         text_passes=_refine_text_passes,
-        pass_head_flops=_refine_pass_head_flops,
     )
 )
 register_model_kind(
@@ -250,5 +337,16 @@ register_model_kind(
         step_schedule=_single_step_schedule,
         loss=_autoregressive_loss,
         text_passes=_autoregressive_text_passes,
+    )
+)
+register_model_kind(
+    ModelKind(
+        "match",
+        build=_build_match,
+        init_inputs=_match_init_inputs,
+        step_schedule=_single_step_schedule,
+        loss=_match_loss,
+        text_passes=_match_text_passes,
+        describes=False,
     )
 )

@@ -123,7 +123,9 @@ class Mlp(nn.Module):
 
 
 class TextLayer(nn.Module):
-    """Pre-LN text block: self-attention (bidirectional or causal), cross-attention, MLP."""
+    """Pre-LN text block: self-attention (bidirectional or causal), cross-attention to the image
+    tokens (left out when they are None: a text-only block), MLP. `key_mask` [B, L] (bool, True =
+    a token to attend to) hides padding from the self-attention."""
 
     num_heads: int
     mlp_dim: int
@@ -134,22 +136,34 @@ class TextLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, image_tokens: jax.Array, deterministic: bool = True
+        self,
+        x: jax.Array,
+        image_tokens: jax.Array | None,
+        deterministic: bool = True,
+        key_mask: jax.Array | None = None,
     ) -> jax.Array:
         drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         mask = None
         if self.causal and not self.decode:
             mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32), dtype=jnp.bool_)
+        if key_mask is not None:
+            keys = key_mask[:, None, None, :]  # [B, 1, 1, L]
+            mask = keys if mask is None else mask & keys
         h = layer_norm(self.dtype, "pre_self_attention_norm")(x)
         h = Attention(
             self.num_heads, self.dtype, self.dropout_rate, decode=self.decode, name="self_attention"
         )(h, h, mask, deterministic)
         x = constrain(x + drop(h), ("batch", "length", "embed"))
-        h = layer_norm(self.dtype, "pre_cross_attention_norm")(x)
-        h = Attention(
-            self.num_heads, self.dtype, self.dropout_rate, sow_weights=True, name="cross_attention"
-        )(h, image_tokens, None, deterministic)
-        x = constrain(x + drop(h), ("batch", "length", "embed"))
+        if image_tokens is not None:
+            h = layer_norm(self.dtype, "pre_cross_attention_norm")(x)
+            h = Attention(
+                self.num_heads,
+                self.dtype,
+                self.dropout_rate,
+                sow_weights=True,
+                name="cross_attention",
+            )(h, image_tokens, None, deterministic)
+            x = constrain(x + drop(h), ("batch", "length", "embed"))
         h = layer_norm(self.dtype, "pre_mlp_norm")(x)
         h = Mlp(self.mlp_dim, self.dtype, self.dropout_rate, name="mlp")(h, deterministic)
         return constrain(x + drop(h), ("batch", "length", "embed"))

@@ -1,0 +1,199 @@
+"""The matching model as a yardstick (DESIGN §4, §11): retrieval recall of the model itself,
+and, for a captioner's steps, a reference-free image–text score, a reference-based one and the
+text embeddings the gradualness metric measures progress in.
+
+Scores:
+- `match_score` of a description c for image x: max(cos(e_img(x), e_txt(c)), 0), CLIPScore's
+  form with weight 1 (the cosine of this project's model, not CLIP's).
+- `ref_match_score`: the harmonic mean of `match_score` and max(max_r cos(e_txt(c), e_txt(r)), 0)
+  over the image's references r (RefCLIPScore's form).
+- Retrieval recall@k: image -> text, the share of images with one of their references among
+  the k texts most similar to them; text -> image, the share of texts whose image is among the
+  k images most similar to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from refine_jax.data.pipeline import CaptionFeatures, eval_batches
+from refine_jax.model_loading import LoadedModel
+from refine_jax.sharding import to_host
+from refine_jax.special_tokens import PAD_ID
+from refine_jax.tokenizer import Tokenizer
+
+RECALL_AT = (1, 5, 10)
+
+
+class MatchEmbedder:
+    """Embeds images and descriptions with a matching model's towers (jitted once per batch
+    shape; batches padded to `batch_size` so every call has the same shape)."""
+
+    def __init__(
+        self,
+        model,
+        params,
+        tokenizer: Tokenizer,
+        features: CaptionFeatures,
+        batch_size: int,
+        put_batch: Callable[[dict], dict] = lambda batch: batch,
+    ):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.features, self.batch_size, self.put_batch = features, batch_size, put_batch
+        self._images = jax.jit(
+            lambda p, x: model.apply({"params": p}, x, method=model.encode_images)[1]
+        )
+        self._texts = jax.jit(
+            lambda p, t: model.apply({"params": p}, t, method=model.encode_texts)[2]
+        )
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> MatchEmbedder:
+        if loaded.config.model.kind != "match":
+            raise ValueError(
+                f"a matching model is needed (model.kind = 'match'); this checkpoint is a "
+                f"{loaded.config.model.kind!r} model"
+            )
+        return cls(
+            loaded.model,
+            loaded.params,
+            loaded.tokenizer,
+            loaded.features,
+            loaded.config.batch_size,
+            loaded.put_batch,
+        )
+
+    def text_tokens(self, text: str) -> np.ndarray:
+        """A description as the text tower reads it: its words cut to the canvas, then pad."""
+        fitted, _ = self.features.fit_to_canvas(text)
+        ids = self.tokenizer.encode(fitted) if fitted else []
+        out = np.full((self.features.canvas_length,), PAD_ID, np.int32)
+        out[: len(ids)] = ids
+        return out
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), E] unit embeddings ("" is the empty description)."""
+        tokens = np.stack([self.text_tokens(t) for t in texts]) if texts else None
+        return self._batched(self._texts, tokens, "caption")
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """Preprocessed images [N, S, S, 3] -> [N, E] unit embeddings."""
+        return self._batched(self._images, images, "image")
+
+    def embed_split(self, source) -> tuple[list[dict], np.ndarray]:
+        """(records without pixels, image embeddings [N, E]) of every usable image of a split,
+        in source order, read at this model's image size."""
+        records, embeddings = [], []
+        for arrays, batch_records in eval_batches(source, self.features, self.batch_size):
+            embeddings.append(self.embed_images(arrays["image"][: len(batch_records)]))
+            records.extend(batch_records)
+        return records, np.concatenate(embeddings) if embeddings else np.zeros((0, 0))
+
+    def _batched(self, fn, array: np.ndarray | None, field: str) -> np.ndarray:
+        if array is None or len(array) == 0:
+            return np.zeros((0, self.model.embed_dim), np.float32)
+        out = []
+        for start in range(0, len(array), self.batch_size):
+            chunk = array[start : start + self.batch_size]
+            padded = np.concatenate(
+                [chunk, np.repeat(chunk[-1:], self.batch_size - len(chunk), axis=0)]
+            )
+            placed = self.put_batch({field: padded})[field]
+            out.append(to_host(fn(self.params, placed))[: len(chunk)])
+        return np.concatenate(out).astype(np.float32)
+
+
+def retrieval_recall(
+    image_embeddings: np.ndarray,  # [N, E] unit vectors
+    text_embeddings: np.ndarray,  # [M, E] unit vectors
+    text_image: Sequence[int] | np.ndarray,  # [M]: the image each text describes
+    at: Iterable[int] = RECALL_AT,
+) -> dict[str, float]:
+    """Recall@k both ways (see the module docstring), as `image_to_text_r@k` and
+    `text_to_image_r@k` in [0, 1]. Ties are ranked against the right answer."""
+    owner = np.asarray(text_image)
+    similarity = np.asarray(image_embeddings) @ np.asarray(text_embeddings).T  # [N, M]
+    n, m = similarity.shape
+    if m != len(owner) or (m and (owner.min() < 0 or owner.max() >= n)):
+        raise ValueError(f"text_image must give an image in [0, {n}) for each of {m} texts")
+    is_right = owner[None, :] == np.arange(n)[:, None]  # [N, M]
+    # Image -> text: the rank of an image's best-scoring reference is the number of other
+    # texts scoring at least as high.
+    best_right = np.where(is_right, similarity, -np.inf).max(axis=1)  # [N]
+    image_rank = np.sum(~is_right & (similarity >= best_right[:, None]), axis=1)
+    # Text -> image: the number of other images scoring at least as high as its own.
+    own = similarity[owner, np.arange(m)]  # [M]
+    text_rank = np.sum(~is_right & (similarity >= own[None, :]), axis=0)
+    out = {}
+    for k in at:
+        out[f"image_to_text_r@{k}"] = float(np.mean(image_rank < k)) if n else 0.0
+        out[f"text_to_image_r@{k}"] = float(np.mean(text_rank < k)) if m else 0.0
+    return out
+
+
+def split_retrieval(embedder: MatchEmbedder, source) -> dict[str, Any]:
+    """Retrieval recall of every usable image of a split against all of their references."""
+    records, images = embedder.embed_split(source)
+    texts, owner = [], []
+    for i, record in enumerate(records):
+        for caption in record["captions"]:
+            texts.append(caption)
+            owner.append(i)
+    recall = retrieval_recall(images, embedder.embed_texts(texts), owner)
+    return {"num_images": len(records), "num_texts": len(texts), **recall}
+
+
+def step_scores(
+    image_embeddings: np.ndarray,  # [N, E]
+    step_embeddings: np.ndarray,  # [N, K, E]
+    reference_embeddings: Sequence[np.ndarray],  # N arrays [R_i, E]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and step: (match_score [N, K], ref_match_score [N, K]) (module docstring)."""
+    image_fit = np.maximum(np.einsum("ne,nke->nk", image_embeddings, step_embeddings), 0.0)
+    reference_fit = np.stack(
+        [
+            np.maximum((steps @ refs.T).max(axis=1), 0.0)
+            for steps, refs in zip(step_embeddings, reference_embeddings, strict=True)
+        ]
+    )
+    total = image_fit + reference_fit
+    harmonic = np.where(total > 0, 2 * image_fit * reference_fit / np.where(total > 0, total, 1), 0)
+    return image_fit, harmonic
+
+
+def score_steps(embedder: MatchEmbedder, source, samples: Sequence[dict]) -> dict[str, Any]:
+    """The matching model's view of described samples (`describe_split` output, same source
+    order): per image the step embeddings (for gradualness), the empty description's embedding,
+    and per-step match and ref-match scores."""
+    records, images = embedder.embed_split(source)
+    keys = [r["key"] for r in records]
+    if keys != [s["image_id"] for s in samples]:
+        raise ValueError(
+            "the matching model read other images than the captioner (another canvas or image "
+            "size leaves other examples out); score with a matching model of the same canvas"
+        )
+    num_steps = len(samples[0]["steps"])
+    flat = [text for s in samples for text in s["steps"]]
+    steps = embedder.embed_texts(flat).reshape(len(samples), num_steps, -1)  # [N, K, E]
+    references = [embedder.embed_texts(list(s["references"])) for s in samples]
+    match, ref_match = step_scores(images, steps, references)
+    return {
+        "step_embeddings": steps,
+        "blank_embedding": embedder.embed_texts([""])[0],
+        "match_score": match,
+        "ref_match_score": ref_match,
+    }
+
+
+__all__ = [
+    "MatchEmbedder",
+    "RECALL_AT",
+    "retrieval_recall",
+    "score_steps",
+    "split_retrieval",
+    "step_scores",
+]

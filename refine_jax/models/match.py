@@ -1,0 +1,184 @@
+"""The image–text matching model (DESIGN §11): the project's yardstick, never a captioner.
+
+Two towers map an image and a description into one space of unit vectors: the ViT encoder,
+mean-pooled and projected, and a small bidirectional text transformer over the tokenizer's
+pieces, read at a leading BOS token and projected. A matching head (text layers that attend to
+the image tokens, read at the BOS token) decides whether a description belongs to an image.
+
+Training (`refine_jax.losses.contrastive_loss`, `match_head_loss`): a symmetric contrastive
+loss over the whole global batch with a learned temperature, and the matching head on each pair,
+one hard negative text per image and one hard negative image per text, drawn in proportion to
+the contrastive similarities (`sample_hard_negatives`). Examples whose descriptions are the same
+token sequence are positives of each other, never negatives: on the shapes data many images
+share a caption.
+
+The empty description (no token, only the BOS) has an embedding like any other: it is the
+blank description c_0 of the gradualness metric (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from refine_jax.models.layers import (
+    Dtype,
+    TextLayer,
+    dense,
+    layer_norm,
+    token_embedding,
+)
+from refine_jax.models.vit import ViTEncoder
+from refine_jax.special_tokens import BOS_ID, PAD_ID
+
+MAX_LOGIT_SCALE = 100.0  # the learned inverse temperature is capped here, as CLIP does
+
+
+def same_text(texts: jax.Array) -> jax.Array:
+    """[B, L] token ids -> [B, B] bool: which examples have the same description."""
+    return jnp.all(texts[:, None, :] == texts[None, :, :], axis=-1)
+
+
+def sample_hard_negatives(
+    rng: jax.Array,
+    similarity: jax.Array,  # [B, B]: row = the anchor, column = a candidate
+    positives: jax.Array,  # [B, B] bool: candidates that belong to the anchor
+    valid: jax.Array,  # [B] bool: real examples (padding is never drawn, nor an anchor)
+) -> tuple[jax.Array, jax.Array]:
+    """(index [B], found [B]): per anchor, a candidate drawn with probability proportional to
+    exp(similarity) among the valid candidates that are not its positives. `found` is False for
+    padding anchors and for anchors with no such candidate (their `index` is 0 and unused)."""
+    allowed = ~positives & valid[None, :]
+    logits = jnp.where(allowed, jax.lax.stop_gradient(similarity), -jnp.inf)
+    found = valid & jnp.any(allowed, axis=-1)
+    logits = jnp.where(found[:, None], logits, 0.0)  # rows with nothing to draw: any index
+    index = jax.random.categorical(rng, logits, axis=-1)
+    return jnp.where(found, index, 0), found
+
+
+class MatchModel(nn.Module):
+    """Image and text towers with a shared embedding space, and a matching head."""
+
+    vocab_size: int
+    canvas_length: int
+    image_size: int
+    patch_size: int
+    width: int
+    encoder_depth: int
+    text_depth: int
+    match_depth: int
+    num_heads: int
+    mlp_dim: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+    remat: str = "none"
+
+    def setup(self):
+        self.encoder = ViTEncoder(
+            self.patch_size,
+            self.width,
+            self.encoder_depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.dropout_rate,
+            remat=self.remat != "none",
+        )
+        self.image_projection = dense(self.embed_dim, ("embed", "joint"), jnp.float32, "image_proj")
+        self.dropout = nn.Dropout(self.dropout_rate)
+        self.token_embedding = token_embedding(
+            self.vocab_size, self.width, self.dtype, "token_embedding"
+        )
+        self.text_positions = self.param(
+            "text_positions",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+            (self.canvas_length + 1, self.width),
+        )
+        layer = lambda name: TextLayer(
+            self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name=name
+        )
+        self.text_layers = [layer(f"text_layer_{i}") for i in range(self.text_depth)]
+        self.text_norm = layer_norm(self.dtype, "text_norm")
+        self.text_projection = dense(self.embed_dim, ("embed", "joint"), jnp.float32, "text_proj")
+        self.match_layers = [layer(f"match_layer_{i}") for i in range(self.match_depth)]
+        self.match_norm = layer_norm(self.dtype, "match_norm")
+        self.match_head = dense(1, ("embed", "decision"), jnp.float32, "match_head")
+        self.log_logit_scale = self.param(
+            "log_logit_scale", nn.initializers.constant(jnp.log(1 / 0.07)), ()
+        )
+
+    def encode_images(
+        self, images: jax.Array, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
+        """Images [B, S, S, 3] -> (image tokens [B, N, D], unit embeddings [B, E])."""
+        tokens = self.encoder(images, deterministic)
+        pooled = jnp.mean(tokens, axis=1)  # [B, D]
+        return tokens, _unit(self.image_projection(pooled))
+
+    def encode_texts(
+        self, texts: jax.Array, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Token ids [B, L] (pad after the description; all pad: the empty description) ->
+        (token states [B, L+1, D], key mask [B, L+1], unit embeddings [B, E])."""
+        ids = jnp.concatenate([jnp.full((texts.shape[0], 1), BOS_ID, texts.dtype), texts], 1)
+        key_mask = ids != PAD_ID  # [B, L+1]; the BOS is always attended to
+        x = self.token_embedding(ids) + self.text_positions[None].astype(self.dtype)
+        x = self.dropout(x, deterministic=deterministic)
+        for text_layer in self.text_layers:
+            x = text_layer(x, None, deterministic, key_mask)
+        x = self.text_norm(x)
+        return x, key_mask, _unit(self.text_projection(x[:, 0]))
+
+    def match_logits(
+        self,
+        text_states: jax.Array,  # [B, L+1, D]
+        key_mask: jax.Array,  # [B, L+1]
+        image_tokens: jax.Array,  # [B, N, D]
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """[B] logits that each description belongs to its image (the matching head)."""
+        x = text_states
+        for match_layer in self.match_layers:
+            x = match_layer(x, image_tokens, deterministic, key_mask)
+        return self.match_head(self.match_norm(x[:, 0]))[:, 0]
+
+    def logit_scale(self) -> jax.Array:
+        return jnp.minimum(jnp.exp(self.log_logit_scale), MAX_LOGIT_SCALE)
+
+    def __call__(
+        self,
+        images: jax.Array,  # [B, S, S, 3]
+        texts: jax.Array,  # [B, L]
+        valid: jax.Array,  # [B] bool
+        negatives_rng: jax.Array,
+        deterministic: bool = True,
+    ) -> dict[str, jax.Array]:
+        """Training pass: the scaled similarity matrix and the matching head's logits on
+        3 x B pairs (each pair, a hard negative text per image, a hard negative image per
+        text) with their labels and weights."""
+        image_tokens, image_embedding = self.encode_images(images, deterministic)
+        text_states, key_mask, text_embedding = self.encode_texts(texts, deterministic)
+        similarity = image_embedding @ text_embedding.T  # [B, B]: image i, text j
+        positives = same_text(texts)
+        text_rng, image_rng = jax.random.split(negatives_rng)
+        negative_text, has_text = sample_hard_negatives(text_rng, similarity, positives, valid)
+        negative_image, has_image = sample_hard_negatives(image_rng, similarity.T, positives, valid)
+        pair_states = jnp.concatenate([text_states, text_states[negative_text], text_states])
+        pair_masks = jnp.concatenate([key_mask, key_mask[negative_text], key_mask])
+        pair_images = jnp.concatenate([image_tokens, image_tokens, image_tokens[negative_image]])
+        batch = texts.shape[0]
+        return {
+            "logits": self.logit_scale() * similarity,  # [B, B]
+            "positives": positives,
+            "match_logits": self.match_logits(
+                pair_states, pair_masks, pair_images, deterministic
+            ),  # [3B]
+            "match_labels": jnp.concatenate([jnp.ones(batch), jnp.zeros(2 * batch)]),
+            "match_weights": jnp.concatenate([valid, has_text, has_image]).astype(jnp.float32),
+        }
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
