@@ -24,6 +24,7 @@ import traceback
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from refine_jax import train
@@ -96,11 +97,10 @@ def report_error(error: BaseException, workdir: str | None, verbose: bool) -> in
     log = None
     if workdir:
         index = jax.process_index()
-        log = os.path.join(workdir, "error.log" if index == 0 else f"error.{index}.log")
-        try:
-            os.makedirs(workdir, exist_ok=True)
-            with open(log, "w") as f:
-                f.write(details)
+        log = epath.Path(workdir) / ("error.log" if index == 0 else f"error.{index}.log")
+        try:  # epath: a gs:// workdir gets its log there, not in a local folder named "gs:"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(details)
         except OSError:
             log = None
     if verbose:
