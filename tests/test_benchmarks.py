@@ -19,6 +19,7 @@ SYNTHETIC_SCRIPTS = [
     "scaling.py",
     "gradualness.py",  # trains on the generated shapes data
     "target_salience.py",  # shapes captions with --quick
+    "match_calibration.py",  # trains a tiny shapes matching model with --quick
 ]
 
 

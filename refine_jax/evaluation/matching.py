@@ -21,9 +21,11 @@ import jax
 import numpy as np
 
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
+from refine_jax.evaluation.refinement_metrics import refinement_metrics
 from refine_jax.model_loading import LoadedModel
 from refine_jax.sharding import to_host
 from refine_jax.special_tokens import PAD_ID
+from refine_jax.targets import SalienceStats, caption_words, schedule_fractions, step_word_indices
 from refine_jax.tokenizer import Tokenizer
 
 RECALL_AT = (1, 5, 10)
@@ -189,7 +191,58 @@ def score_steps(embedder: MatchEmbedder, source, samples: Sequence[dict]) -> dic
     }
 
 
+CALIBRATION_CHAINS = ("perfect", "blank_until_last", "complete_at_first")
+
+
+def calibration_chains(caption: str, salience: SalienceStats, num_steps: int) -> dict[str, list]:
+    """Three K-step chains ending in `caption`: the perfect one (its salience targets under
+    the linear schedule, the chain a captioner is trained to write) and the two that do not
+    refine (blank until the last step; complete at step 1, then unchanged)."""
+    words = caption_words(caption)
+    full = " ".join(words)
+    steps = step_word_indices(words, num_steps, salience)
+    return {
+        "perfect": [" ".join(words[i] for i in kept) for kept in steps],
+        "blank_until_last": [""] * (num_steps - 1) + [full],
+        "complete_at_first": [full] * num_steps,
+    }
+
+
+def calibration(
+    embedder: MatchEmbedder,
+    references: Sequence[Sequence[str]],
+    salience: SalienceStats,
+    num_steps: int = 4,
+) -> dict[str, dict[str, float]]:
+    """Gradualness G of the three `calibration_chains` of each image's first reference, in the
+    matching model's text space and in CIDEr's TF-IDF space (scored against all of the image's
+    references). A good encoding puts the perfect chain near 1 and the other two near 0."""
+    schedule = schedule_fractions(num_steps)
+    weights = np.full(num_steps, 1.0 / num_steps)
+    refs = {i: list(r) for i, r in enumerate(references)}
+    blank = embedder.embed_texts([""])[0]
+    out: dict[str, dict[str, float]] = {}
+    for name in CALIBRATION_CHAINS:
+        chains = {i: calibration_chains(r[0], salience, num_steps)[name] for i, r in refs.items()}
+        flat = [text for i in refs for text in chains[i]]
+        vectors = embedder.embed_texts(flat).reshape(len(refs), num_steps, -1)
+        in_match = refinement_metrics(
+            chains, refs, schedule, weights, step_vectors=vectors, blank_vector=blank
+        )
+        in_tfidf = refinement_metrics(chains, refs, schedule, weights)
+        out[name] = {
+            "gradualness": in_match["gradualness"],
+            "progress_per_step": in_match["progress_per_step"],
+            "gradualness_tfidf": in_tfidf["gradualness"],
+            "progress_per_step_tfidf": in_tfidf["progress_per_step"],
+        }
+    return out
+
+
 __all__ = [
+    "CALIBRATION_CHAINS",
+    "calibration",
+    "calibration_chains",
     "MatchEmbedder",
     "RECALL_AT",
     "retrieval_recall",

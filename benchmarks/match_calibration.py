@@ -1,0 +1,97 @@
+"""The matching model as a yardstick (DESIGN §4, §11): its retrieval recall on the held-out split,
+and the calibration of gradualness in its text space against CIDEr's TF-IDF space.
+
+Calibration: for each held-out image, three chains end in its first reference: the perfect one
+(the salience targets a captioner is trained to write), "blank until the last step" and
+"complete at step 1". A usable encoding scores the perfect chain near 1 and the other two near
+0 (the TF-IDF encoding does not: DESIGN §4).
+
+    python benchmarks/match_calibration.py --match_workdir=/work/runs/shapes_match
+    python benchmarks/match_calibration.py --match_workdir=/work/runs/flickr8k_match
+    python benchmarks/match_calibration.py --quick    # trains a tiny shapes model first (~1 min)
+
+The workdir's recorded config names the data. Prints markdown tables and saves JSON (default
+benchmarks/results/match_calibration[_quick].json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+import common
+
+from refine_jax.config import load_config_file
+from refine_jax.data import make_sources
+from refine_jax.data.records import is_record
+from refine_jax.evaluation.matching import (
+    CALIBRATION_CHAINS,
+    MatchEmbedder,
+    calibration,
+    split_retrieval,
+)
+from refine_jax.model_loading import load_model
+from refine_jax.train import train_and_evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--match_workdir", default=None, help="a trained matching model")
+    parser.add_argument("--quick", action="store_true", help="train a tiny shapes model first")
+    parser.add_argument("--num_steps", type=int, default=4, help="K of the calibration chains")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    if not args.quick and not args.match_workdir:
+        parser.error("give --match_workdir (or --quick)")
+
+    scratch = tempfile.TemporaryDirectory(prefix="match-calibration-") if args.quick else None
+    workdir = args.match_workdir or scratch.name
+    if args.quick:
+        config = load_config_file(str(common.REPO / "configs" / "shapes.py") + ":tiny,match")
+        train_and_evaluate(config, workdir)
+
+    loaded = load_model(None, workdir)
+    _, eval_source = make_sources(loaded.config)
+    embedder = MatchEmbedder.from_loaded(loaded)
+    start = time.perf_counter()
+    with loaded.context():
+        retrieval = split_retrieval(embedder, eval_source)
+        records = (eval_source[i] for i in range(len(eval_source)))
+        references = [r["captions"] for r in records if is_record(r) and r["captions"]]
+        calibrated = calibration(embedder, references, loaded.tokenizer.salience, args.num_steps)
+    seconds = time.perf_counter() - start
+
+    result = {
+        "quick": args.quick,
+        "machine": common.machine_info(),
+        "match_workdir": None if args.quick else workdir,
+        "checkpoint_step": loaded.step,
+        "data": loaded.config.data.to_dict(),
+        "retrieval": retrieval,
+        "calibration": calibrated,
+        "seconds": seconds,
+    }
+    print(f"\n## Retrieval ({retrieval['num_images']} images, {retrieval['num_texts']} texts)\n")
+    print("| direction | R@1 | R@5 | R@10 |\n| --- | ---: | ---: | ---: |")
+    for way in ("image_to_text", "text_to_image"):
+        row = " | ".join(f"{retrieval[f'{way}_r@{k}']:.3f}" for k in (1, 5, 10))
+        print(f"| {way.replace('_', ' ')} | {row} |")
+    print(f"\n## Calibration of gradualness G ({len(references)} images, K={args.num_steps})\n")
+    print("| chain | G, matching model | G, TF-IDF | progress p_k, matching model |")
+    print("| --- | ---: | ---: | --- |")
+    for name in CALIBRATION_CHAINS:
+        c = calibrated[name]
+        progress = ", ".join(f"{p:.2f}" for p in c["progress_per_step"] or ())
+        print(f"| {name} | {c['gradualness']:.3f} | {c['gradualness_tfidf']:.3f} | {progress} |")
+    common.save(
+        result, args.output, "match_calibration_quick" if args.quick else "match_calibration"
+    )
+    if scratch:
+        scratch.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
