@@ -29,6 +29,7 @@ from refine_jax.targets import SalienceStats, caption_words, schedule_fractions,
 from refine_jax.tokenizer import Tokenizer
 
 RECALL_AT = (1, 5, 10)
+PAIRS_PER_IMAGE = 8  # matching-head batches hold this many (image, text) pairs per image
 
 
 class MatchEmbedder:
@@ -52,6 +53,9 @@ class MatchEmbedder:
         self._texts = jax.jit(
             lambda p, t: model.apply({"params": p}, t, method=model.encode_texts)[2]
         )
+        self._pairs = jax.jit(
+            lambda p, x, t, o: model.apply({"params": p}, x, t, o, method=model.pair_logits)
+        )
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> MatchEmbedder:
@@ -68,6 +72,31 @@ class MatchEmbedder:
             loaded.config.batch_size,
             loaded.put_batch,
         )
+
+    def match_probabilities(
+        self, images: np.ndarray, texts: Sequence[str], owner: Sequence[int]
+    ) -> np.ndarray:
+        """The matching head's probability that texts[p] describes images[owner[p]]: [P].
+        `images` [N, S, S, 3] preprocessed; pairs go through in fixed-size batches."""
+        owner = np.asarray(owner, np.int32)
+        pairs = self.batch_size * PAIRS_PER_IMAGE
+        out = np.zeros((len(texts),), np.float32)
+        for start in range(0, len(images), self.batch_size):
+            rows = np.arange(start, min(start + self.batch_size, len(images)))
+            chunk = images[rows]
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - len(chunk), 0)])
+            placed = self.put_batch({"image": chunk})["image"]
+            picked = np.flatnonzero((owner >= rows[0]) & (owner <= rows[-1]))
+            for first in range(0, len(picked), pairs):
+                part = picked[first : first + pairs]
+                tokens = np.stack([self.text_tokens(texts[p]) for p in part])
+                local = owner[part] - rows[0]
+                padding = pairs - len(part)
+                tokens = np.concatenate([tokens, np.repeat(tokens[-1:], padding, 0)])
+                local = np.concatenate([local, np.repeat(local[-1:], padding)])
+                logits = to_host(self._pairs(self.params, placed, tokens, local))[: len(part)]
+                out[part] = 1.0 / (1.0 + np.exp(-logits))
+        return out
 
     def text_tokens(self, text: str) -> np.ndarray:
         """A description as the text tower reads it: its words cut to the canvas, then pad."""

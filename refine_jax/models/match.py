@@ -144,6 +144,17 @@ class MatchModel(nn.Module):
             x = match_layer(x, image_tokens, deterministic, key_mask)
         return self.match_head(self.match_norm(x[:, 0]))[:, 0]
 
+    def pair_logits(
+        self,
+        images: jax.Array,  # [B, S, S, 3]
+        texts: jax.Array,  # [P, L]
+        owner: jax.Array,  # [P]: the image (row of `images`) each text is paired with
+    ) -> jax.Array:
+        """[P] matching-head logits of each text with its image (scoring, filtering)."""
+        image_tokens, _ = self.encode_images(images)
+        text_states, key_mask, _ = self.encode_texts(texts)
+        return self.match_logits(text_states, key_mask, image_tokens[owner])
+
     def logit_scale(self) -> jax.Array:
         return jnp.minimum(jnp.exp(self.log_logit_scale), MAX_LOGIT_SCALE)
 

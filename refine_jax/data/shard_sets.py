@@ -1,0 +1,104 @@
+"""Rewriting a shard set one shard at a time, as captioning and filtering shards do.
+
+Each input shard becomes an output shard of the same name, written to `NAME.tar.tmp` and renamed
+when complete, with a `NAME.tar<suffix>` JSON sidecar of its counts: a shard with both is done,
+so a re-run skips it (resumable), and `part`/`num_parts` split the shards between independent
+processes (parallel). When every shard is done, the set's original captions are written as a
+COCO-style `references.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from refine_jax.data.records import SkipCounter, is_record
+from refine_jax.data.shard_writer import REFERENCES_NAME
+from refine_jax.data.shards import TarShardSource, expand_paths
+from refine_jax.paths import write_atomically
+
+
+def shards_of_part(
+    input_shards: str | Sequence[str], part: int, num_parts: int
+) -> tuple[list[str], list[str]]:
+    """(every shard of the set, the shards of this part: part, part + num_parts, ...)."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part must be in [0, {num_parts}), got {part}")
+    shards = expand_paths(input_shards, ".tar")
+    names = [os.path.basename(s) for s in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("input shards must have distinct file names (one output per input)")
+    return shards, shards[part::num_parts]
+
+
+def is_done(output_dir: str, shard: str, suffix: str) -> bool:
+    done = os.path.join(output_dir, os.path.basename(shard))
+    return os.path.exists(done) and os.path.exists(done + suffix)
+
+
+def temporary_path(output_dir: str, shard: str) -> str:
+    """Where a shard is written until it is complete."""
+    return os.path.join(output_dir, os.path.basename(shard) + ".tmp")
+
+
+def finish(output_dir: str, shard: str, suffix: str, sidecar: dict[str, Any]) -> None:
+    """Renames the complete temporary shard into place, then writes its sidecar (done)."""
+    name = os.path.basename(shard)
+    os.replace(temporary_path(output_dir, shard), os.path.join(output_dir, name))
+    write_atomically(os.path.join(output_dir, name + suffix), json.dumps(sidecar))
+
+
+def read_sidecars(output_dir: str, shards: Sequence[str], suffix: str) -> dict[str, dict]:
+    """The sidecars of the done shards, by shard name."""
+    sidecars = {}
+    for shard in shards:
+        name = os.path.basename(shard)
+        path = os.path.join(output_dir, name + suffix)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                sidecars[name] = json.load(f)
+    return sidecars
+
+
+def summed_skips(sidecars: dict[str, dict]) -> dict[str, int]:
+    skipped: dict[str, int] = {}
+    for sidecar in sidecars.values():
+        for reason, n in sidecar["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return skipped
+
+
+def write_references(output_dir: str, sidecars: Sequence[dict], description: str) -> None:
+    """references.json of the captions the sidecars record (`references`: key -> captions)."""
+    images, annotations = [], []
+    for sidecar in sidecars:
+        for key, captions in sidecar["references"].items():
+            images.append({"id": key, "file_name": key})
+            for caption in captions:
+                annotations.append(
+                    {"image_id": key, "id": len(annotations) + 1, "caption": caption}
+                )
+    references = {
+        "info": {"description": description},
+        "licenses": [],
+        "type": "captions",
+        "images": images,
+        "annotations": annotations,
+    }
+    write_atomically(os.path.join(output_dir, REFERENCES_NAME), json.dumps(references))
+
+
+def read_good_records(shard: str) -> tuple[list[dict], SkipCounter]:
+    """Every usable record of a shard (images verified), and the counts of what was skipped."""
+    counter = SkipCounter()
+    source = TarShardSource(shard, verify_images=True)
+    counter.merge(source.structural_counts())
+    records = []
+    for i in range(len(source)):
+        element = source[i]
+        if counter.observe(element) and is_record(element):
+            records.append(element)
+    source.close()
+    return records, counter
