@@ -1,0 +1,151 @@
+"""Caption filtering of a noisy shard set with the matching model (DESIGN §11, BLIP's CapFilt).
+
+For every sample, each of its captions (the web captions under `captions` and, on shards
+written by `refine_jax.caption_shards`, a captioner's under `teacher_captions`) is scored with
+the matching head: the probability that it describes the image. Captions scoring at least the
+threshold are kept; the output shard (same name, same layout) holds each sample with a kept
+caption: `captions` = the kept web and teacher captions (web first), `teacher_captions` = the
+kept teacher ones, `match_scores` = every candidate with its origin, score and verdict. A sample
+with no caption kept is left out and counted. Shards are written as `data.shard_sets`
+describes (resumable, parallel parts) with a `NAME.tar.filtered.json` sidecar; bad samples are
+skipped and counted by reason; `references.json` (the kept captions) and
+`filter_summary.json` (the totals) are written when every shard is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from refine_jax.caption_shards import add_sample
+from refine_jax.data import shard_sets
+from refine_jax.data.pipeline import preprocess_image
+from refine_jax.data.records import TEACHER_CAPTIONS_FIELD, decode_image
+from refine_jax.evaluation.matching import MatchEmbedder
+from refine_jax.paths import write_atomically
+
+SIDECAR_SUFFIX = ".filtered.json"
+SUMMARY_NAME = "filter_summary.json"
+ORIGINS = ("web", "teacher")
+
+
+def candidates(record: dict) -> list[tuple[str, str]]:
+    """(origin, caption) of every distinct non-empty caption of a record, web ones first."""
+    seen, out = set(), []
+    for origin, field in (("web", "captions"), ("teacher", TEACHER_CAPTIONS_FIELD)):
+        for caption in record.get(field) or ():
+            text = caption.strip()
+            if text and (origin, text) not in seen:
+                seen.add((origin, text))
+                out.append((origin, text))
+    return out
+
+
+def filter_shard(
+    embedder: MatchEmbedder, shard: str, output_dir: str, threshold: float
+) -> dict[str, Any]:
+    """Filters one input shard into `output_dir`; returns its sidecar (counts, kept captions)."""
+    records, counter = shard_sets.read_good_records(shard)
+    size = embedder.features.image_size
+    per_record = [candidates(r) for r in records]
+    texts = [text for pairs in per_record for _, text in pairs]
+    owner = [i for i, pairs in enumerate(per_record) for _ in pairs]
+    scores = np.zeros((0,), np.float32)
+    if texts:
+        images = np.stack([preprocess_image(decode_image(r["image_bytes"]), size) for r in records])
+        scores = embedder.match_probabilities(images, texts, owner)
+
+    scored = {origin: 0 for origin in ORIGINS}
+    dropped = {origin: 0 for origin in ORIGINS}
+    written, no_caption_kept, references = 0, 0, {}
+    position = 0
+    with tarfile.open(
+        shard_sets.temporary_path(output_dir, shard), "w", format=tarfile.GNU_FORMAT
+    ) as tar:
+        for record, pairs in zip(records, per_record, strict=True):
+            verdicts = []
+            for origin, text in pairs:
+                score = float(scores[position])
+                position += 1
+                kept = score >= threshold
+                scored[origin] += 1
+                dropped[origin] += not kept
+                verdicts.append({"caption": text, "origin": origin, "score": score, "kept": kept})
+            kept = [v for v in verdicts if v["kept"]]
+            if not kept:
+                no_caption_kept += 1
+                continue
+            meta = {
+                "key": record["key"],
+                "captions": [v["caption"] for v in kept],
+                TEACHER_CAPTIONS_FIELD: [v["caption"] for v in kept if v["origin"] == "teacher"],
+                "match_scores": verdicts,
+            }
+            add_sample(tar, record, kept[0]["caption"], meta)
+            references[record["key"]] = meta["captions"]
+            written += 1
+    sidecar = {
+        "input": shard,
+        "threshold": threshold,
+        "written": written,
+        "no_caption_kept": no_caption_kept,
+        "captions_scored": scored,
+        "captions_dropped": dropped,
+        "skipped": dict(counter.skipped),
+        "references": references,
+    }
+    shard_sets.finish(output_dir, shard, SIDECAR_SUFFIX, sidecar)
+    return sidecar
+
+
+def filter_shard_set(
+    embedder: MatchEmbedder,
+    input_shards: str | Sequence[str],
+    output_dir: str,
+    threshold: float = 0.5,
+    part: int = 0,
+    num_parts: int = 1,
+    scorer: dict[str, Any] | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Filters every input shard of this part that has no finished output yet; when all shards
+    are done, writes references.json and filter_summary.json. Returns the summary so far."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"the threshold is a matching probability in [0, 1], got {threshold}")
+    shards, mine = shard_sets.shards_of_part(input_shards, part, num_parts)
+    os.makedirs(output_dir, exist_ok=True)
+    for shard in mine:
+        if shard_sets.is_done(output_dir, shard, SIDECAR_SUFFIX):
+            log(f"{os.path.basename(shard)}: already filtered, skipped")
+            continue
+        sidecar = filter_shard(embedder, shard, output_dir, threshold)
+        dropped = sum(sidecar["captions_dropped"].values())
+        log(
+            f"{os.path.basename(shard)}: {sidecar['written']} kept, "
+            f"{sidecar['no_caption_kept']} left out, {dropped} captions dropped"
+        )
+    sidecars = shard_sets.read_sidecars(output_dir, shards, SIDECAR_SUFFIX)
+    total = lambda key: {o: sum(s[key][o] for s in sidecars.values()) for o in ORIGINS}
+    summary = {
+        "output_dir": output_dir,
+        "threshold": threshold,
+        "scorer": scorer or {},
+        "shards_done": len(sidecars),
+        "shards_total": len(shards),
+        "written": sum(s["written"] for s in sidecars.values()),
+        "no_caption_kept": sum(s["no_caption_kept"] for s in sidecars.values()),
+        "captions_scored": total("captions_scored"),
+        "captions_dropped": total("captions_dropped"),
+        "skipped": shard_sets.summed_skips(sidecars),
+    }
+    if len(sidecars) == len(shards):
+        shard_sets.write_references(
+            output_dir, list(sidecars.values()), "captions kept by the matching model's filter"
+        )
+        write_atomically(os.path.join(output_dir, SUMMARY_NAME), json.dumps(summary))
+    return summary
