@@ -35,15 +35,29 @@ def _finish(tokens: jax.Array) -> jax.Array:
     return jnp.where(ended, PAD_ID, tokens)[:, :-1]
 
 
-def greedy_decode(model: AutoregressiveCaptioner, params, images: jax.Array) -> jax.Array:
-    """Greedy captions [B, L] (pad after the end) with a key/value cache."""
+def _keep_going(step: jax.Array, steps: int, done: jax.Array, early_stop: bool) -> jax.Array:
+    """Whether a decoding loop runs position `step`: always before `steps`, and with
+    `early_stop` only while some sequence has not ended."""
+    more = step < steps
+    return more & ~jnp.all(done) if early_stop else more
+
+
+def greedy_decode_with_steps(
+    model: AutoregressiveCaptioner, params, images: jax.Array, early_stop: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy captions [B, L] and the number of decoder calls made (a scalar).
+
+    With `early_stop` the loop ends once every caption of the batch has emitted eos, so a
+    batch of short captions makes fewer than L + 1 calls; without it, it always makes
+    L + 1 (the worst case). The captions are the same either way: the positions a stopped
+    loop never wrote hold pad, which is what an ended caption writes."""
     decoder_model = model.clone(decode=True)
     image_tokens = model.apply({"params": params}, images, method=AutoregressiveCaptioner.encode)
     batch, steps = images.shape[0], model.canvas_length + 1
     cache = _cache_for(decoder_model, params, image_tokens)
 
-    def step(state, _):
-        cache, token, done = state
+    def step(state):
+        t, cache, token, done, tokens = state
         logits, mutated = decoder_model.apply(
             {"params": params, "cache": cache},
             image_tokens,
@@ -54,23 +68,45 @@ def greedy_decode(model: AutoregressiveCaptioner, params, images: jax.Array) -> 
         next_token = jnp.argmax(next_token_logits(logits[:, 0]), axis=-1).astype(jnp.int32)
         next_token = jnp.where(done, PAD_ID, next_token)
         done = done | (next_token == EOS_ID)
-        return (mutated["cache"], next_token, done), next_token
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_token, t, axis=1)
+        return t + 1, mutated["cache"], next_token, done, tokens
 
-    start = jnp.full((batch,), BOS_ID, jnp.int32)
-    _, tokens = jax.lax.scan(step, (cache, start, jnp.zeros((batch,), bool)), None, steps)
-    tokens = tokens.T  # [B, L+1]
+    init = (
+        jnp.array(0, jnp.int32),
+        cache,
+        jnp.full((batch,), BOS_ID, jnp.int32),
+        jnp.zeros((batch,), bool),
+        jnp.full((batch, steps), PAD_ID, jnp.int32),  # [B, L+1]
+    )
+    keep_going = lambda state: _keep_going(state[0], steps, state[3], early_stop)
+    calls, _, _, _, tokens = jax.lax.while_loop(keep_going, step, init)
     # A caption that never emitted eos is cut at the canvas length.
-    return _finish(tokens.at[:, -1].set(EOS_ID))
+    return _finish(tokens.at[:, -1].set(EOS_ID)), calls
 
 
-def beam_decode(
+def greedy_decode(
+    model: AutoregressiveCaptioner, params, images: jax.Array, early_stop: bool = True
+) -> jax.Array:
+    """Greedy captions [B, L] (pad after the end) with a key/value cache; see
+    `greedy_decode_with_steps` for `early_stop`."""
+    return greedy_decode_with_steps(model, params, images, early_stop)[0]
+
+
+def beam_decode_with_steps(
     model: AutoregressiveCaptioner,
     params,
     images: jax.Array,
     beam_size: int,
     length_penalty: float = 0.0,
-) -> jax.Array:
-    """Beam search captions [B, L]; scores are log-probabilities / length**length_penalty."""
+    early_stop: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search captions [B, L] and the number of decoder calls made (a scalar); scores
+    are log-probabilities / length**length_penalty.
+
+    With `early_stop` the search ends once every beam of every image has emitted eos: from
+    then on each beam could only add pad at no cost, which keeps every beam, its score and
+    its place (top_k puts equal scores in index order), so the captions are those of the
+    full L + 1 calls that `early_stop=False` always makes."""
     decoder_model = model.clone(decode=True)
     image_tokens = model.apply({"params": params}, images, method=AutoregressiveCaptioner.encode)
     batch, steps, width = images.shape[0], model.canvas_length + 1, beam_size
@@ -78,8 +114,8 @@ def beam_decode(
     cache = _cache_for(decoder_model, params, image_tokens)
     vocab = model.vocab_size
 
-    def step(state, t):
-        cache, tokens, scores, done = state  # tokens [B, W, T], scores/done [B, W]
+    def step(state):
+        t, cache, tokens, scores, done = state  # tokens [B, W, T], scores/done [B, W]
         last = jnp.where(t == 0, BOS_ID, tokens[:, :, jnp.maximum(t - 1, 0)]).reshape(-1)
         logits, mutated = decoder_model.apply(
             {"params": params, "cache": cache},
@@ -101,23 +137,37 @@ def beam_decode(
         scores, flat = jax.lax.top_k(candidates, width)
         parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
         tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1)
-        tokens = tokens.at[:, :, t].set(token)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, t, axis=2)
         done = jnp.take_along_axis(done, parent, axis=1) | (token == EOS_ID)
         rows = (parent + jnp.arange(batch)[:, None] * width).reshape(-1)
         cache = jax.tree.map(lambda c: c[rows] if c.ndim else c, mutated["cache"])
-        return (cache, tokens, scores, done), None
+        return t + 1, cache, tokens, scores, done
 
     init = (
+        jnp.array(0, jnp.int32),
         cache,
         jnp.full((batch, width, steps), PAD_ID, jnp.int32),
         jnp.zeros((batch, width)),
         jnp.zeros((batch, width), bool),
     )
-    (_, tokens, scores, _), _ = jax.lax.scan(step, init, jnp.arange(steps))
+    keep_going = lambda state: _keep_going(state[0], steps, state[4], early_stop)
+    calls, _, tokens, scores, _ = jax.lax.while_loop(keep_going, step, init)
     lengths = jnp.sum(jnp.cumsum(tokens == EOS_ID, -1) == 0, -1) + 1
     best = jnp.argmax(scores / lengths.astype(jnp.float32) ** length_penalty, axis=1)
     tokens = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
-    return _finish(tokens.at[:, -1].set(EOS_ID))
+    return _finish(tokens.at[:, -1].set(EOS_ID)), calls
+
+
+def beam_decode(
+    model: AutoregressiveCaptioner,
+    params,
+    images: jax.Array,
+    beam_size: int,
+    length_penalty: float = 0.0,
+    early_stop: bool = True,
+) -> jax.Array:
+    """Beam search captions [B, L]; see `beam_decode_with_steps`."""
+    return beam_decode_with_steps(model, params, images, beam_size, length_penalty, early_stop)[0]
 
 
 def refine_decode(
@@ -132,7 +182,7 @@ def refine_decode(
     }
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+@functools.partial(jax.jit, static_argnames=("model", "method", "beam", "early_stop"))
 def decode_batch(
     model: nn.Module,
     params,
@@ -141,13 +191,20 @@ def decode_batch(
     method: str = "greedy",
     beam: int = 1,
     start: jax.Array | None = None,
+    early_stop: bool = True,
 ) -> jax.Array:
     """Token canvases of every step, [B, K, L] (K = 1 for the baseline). `start` [B, L]:
-    descriptions the refinement model continues instead of the blank one."""
+    descriptions the refinement model continues instead of the blank one. `early_stop`: the
+    baseline stops decoding once every caption has ended (False: always all L + 1 positions,
+    the worst case; the captions are the same).
+
+    Jitted once at import, with the model, method, beam and early_stop static: every call
+    with the same model (equal modules hash alike), settings and array shapes reuses one
+    compilation."""
     if isinstance(model, RefineCaptioner):
         return refine_decode(model, params, images, fractions, start)["canvas"]
     if start is not None:
         raise ValueError("only a refinement model can continue a given description")
     if method == "beam" and beam > 1:
-        return beam_decode(model, params, images, beam)[:, None]
-    return greedy_decode(model, params, images)[:, None]
+        return beam_decode(model, params, images, beam, early_stop=early_stop)[:, None]
+    return greedy_decode(model, params, images, early_stop)[:, None]

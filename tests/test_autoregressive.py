@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from refine_jax.decoding import beam_decode, decode_batch, greedy_decode
+from refine_jax import decoding
+from refine_jax.decoding import (
+    beam_decode,
+    beam_decode_with_steps,
+    decode_batch,
+    greedy_decode,
+    greedy_decode_with_steps,
+)
 from refine_jax.models import build_model
 from refine_jax.models.autoregressive import (
     AutoregressiveCaptioner,
@@ -140,6 +147,104 @@ def test_decode_batch_dispatches_to_beam_search(tiny_search_problem):
     np.testing.assert_array_equal(
         decode_batch(model, params, images, None, "beam", 1), greedy[:, None]
     )
+
+
+def with_eos_bias(params, bias: float):
+    """`params` with `bias` added to the eos logit: the random model ends its captions sooner."""
+    logits = params["decoder"]["logits"]
+    boxed = logits["bias"]
+    return {
+        **params,
+        "decoder": {
+            **params["decoder"],
+            "logits": {**logits, "bias": boxed.replace_boxed(boxed.value.at[EOS_ID].add(bias))},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def short_captions(model_and_params):
+    """The random model made to end every caption of a batch early, at different steps."""
+    model, params, _ = model_and_params
+    images = jax.random.uniform(jax.random.key(2), (16, 48, 48, 3), minval=-1, maxval=1)
+    return model, with_eos_bias(params, 10.0), images
+
+
+def caption_lengths(captions) -> np.ndarray:
+    return np.sum(np.asarray(captions) != PAD_ID, axis=-1)
+
+
+def test_greedy_early_stop_writes_the_fixed_length_captions(model_and_params, short_captions):
+    for model, params, images in (model_and_params, short_captions):
+        fixed, fixed_calls = greedy_decode_with_steps(model, params, images, early_stop=False)
+        early, early_calls = greedy_decode_with_steps(model, params, images, early_stop=True)
+        np.testing.assert_array_equal(early, fixed)
+        assert int(fixed_calls) == model.canvas_length + 1
+    # The second batch's captions end at different steps, all before the canvas is full.
+    lengths = caption_lengths(early)
+    assert len(set(lengths.tolist())) >= 3 and lengths.max() < model.canvas_length, lengths
+
+
+def test_greedy_early_stop_calls_the_decoder_until_the_last_caption_ends(short_captions):
+    model, params, images = short_captions
+    captions, calls = greedy_decode_with_steps(model, params, images)
+    # Call t writes token t: the longest caption's eos is token max(lengths), so the loop
+    # stops after max(lengths) + 1 calls, well short of the canvas_length + 1 of a full pass.
+    assert int(calls) == caption_lengths(captions).max() + 1 < model.canvas_length + 1
+    _, fixed_calls = greedy_decode_with_steps(model, params, images, early_stop=False)
+    assert int(fixed_calls) == model.canvas_length + 1
+
+
+def test_beam_early_stop_writes_the_fixed_length_captions(short_captions, tiny_search_problem):
+    model, params, images = short_captions
+    for length_penalty in (0.0, 1.0):
+        early, calls = beam_decode_with_steps(model, params, images, 3, length_penalty)
+        fixed, fixed_calls = beam_decode_with_steps(
+            model, params, images, 3, length_penalty, early_stop=False
+        )
+        np.testing.assert_array_equal(early, fixed)
+        assert int(calls) < int(fixed_calls) == model.canvas_length + 1
+    # Wide beams with many finished ones, some of equal score (the exhaustive problem).
+    model, params, images = tiny_search_problem
+    np.testing.assert_array_equal(
+        beam_decode(model, params, images, 85, early_stop=True),
+        beam_decode(model, params, images, 85, early_stop=False),
+    )
+
+
+def test_decode_batch_passes_early_stop_to_the_baseline(short_captions, monkeypatch):
+    model, params, images = short_captions
+    seen = []
+
+    def spy(name):
+        original = getattr(decoding, name)
+
+        def wrapped(*args, **kwargs):
+            seen.append((name, kwargs.get("early_stop", args[-1])))
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(decoding, "greedy_decode", spy("greedy_decode"))
+    monkeypatch.setattr(decoding, "beam_decode", spy("beam_decode"))
+    decode_batch.clear_cache()  # so that every call below is traced (and seen)
+    expected = {
+        "greedy": np.asarray(greedy_decode(model, params, images))[:, None],
+        "beam": np.asarray(beam_decode(model, params, images, 3))[:, None],
+    }
+    seen.clear()
+    for method in ("greedy", "beam"):
+        for early_stop in (True, False):
+            out = decode_batch(model, params, images, None, method, 3, early_stop=early_stop)
+            np.testing.assert_array_equal(out, expected[method])
+    out = decode_batch(model, params, images, None, "greedy", 1)  # the default
+    assert seen == [
+        ("greedy_decode", True),
+        ("greedy_decode", False),
+        ("beam_decode", True),
+        ("beam_decode", False),
+        ("greedy_decode", True),
+    ]
 
 
 def test_teacher_forcing_scores_tokens_through_eos_only():
