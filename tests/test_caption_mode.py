@@ -13,8 +13,15 @@ from conftest import load_config
 from PIL import Image
 from test_evaluate import run_main, trained_workdir
 
-from refine_jax.evaluation.caption_images import caption_images, default_output, list_images
+from refine_jax import decoding
+from refine_jax.evaluation.caption_images import (
+    caption_images,
+    default_output,
+    describe_images,
+    list_images,
+)
 from refine_jax.evaluation.evaluate import load_model
+from refine_jax.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +115,37 @@ def test_list_images_and_default_output(tmp_path):
         list_images(tmp_path / "missing")
     assert default_output("/w", tmp_path / "photos") == Path("/w/captions/photos.jsonl")
     assert default_output("/w", tmp_path / "photos" / "a.jpg") == Path("/w/captions/photos.jsonl")
+
+
+@pytest.mark.parametrize(
+    "variant,decoder,method",
+    [("tiny", "refine_decode", "greedy"), ("tiny,autoregressive", "beam_decode", "beam")],
+)
+def test_a_folder_of_many_batches_compiles_the_decoder_once(
+    tmp_path, monkeypatch, variant, decoder, method
+):
+    config = load_config("shapes", variant)
+    config.batch_size = 16
+    tokenizer = train_tokenizer(["a red circle above a blue square", "two green stars"] * 20, 300)
+    loaded = load_model(config, tmp_path, random_init=True, tokenizer=tokenizer)
+    traces = []
+    traced = getattr(decoding, decoder)
+
+    def counting(*args, **kwargs):  # runs once per trace of decode_batch, not per call
+        traces.append(args[2].shape)
+        return traced(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, decoder, counting)
+    decoding.decode_batch.clear_cache()
+    images = np.random.default_rng(0).uniform(-1, 1, (40, 48, 48, 3)).astype(np.float32)
+    described = describe_images(loaded, images, method=method, beam=2)  # 3 batches, 1 padded
+    assert traces == [(16, 48, 48, 3)] and decoding.decode_batch._cache_size() == 1
+    # Another call, and single images (padded to the same batch), reuse that compilation and
+    # describe each image as the batched call did.
+    assert describe_images(loaded, images, method=method, beam=2) == described
+    for i in (0, 17, 39):
+        assert describe_images(loaded, images[i : i + 1], method=method, beam=2) == [described[i]]
+    assert len(traces) == 1 and decoding.decode_batch._cache_size() == 1
+    assert len(described) == 40 and all(
+        len(steps) == (4 if method == "greedy" else 1) for steps in described
+    )
