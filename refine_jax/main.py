@@ -56,8 +56,8 @@ flags.DEFINE_integer("report_images", 50, "eval: at most this many images in rep
 flags.DEFINE_string(
     "match_workdir",
     None,
-    "eval: a matching model's workdir (model.kind='match'); gradualness is then measured in "
-    "its text space and every step gets an image-text score.",
+    "eval/caption: a matching model's workdir (model.kind='match'): every step gets an "
+    "image-text score, and eval measures gradualness in its text space.",
 )
 flags.DEFINE_string("images", None, "caption: a folder, glob or file of JPEG/PNG/WebP images.")
 flags.DEFINE_string(
@@ -180,6 +180,7 @@ def run_mode(argv):
             output=FLAGS.output,
             checkpoint_step=FLAGS.checkpoint_step,
             start_from=FLAGS.start_from,
+            match_workdir=FLAGS.match_workdir,
         )
 
 

@@ -26,6 +26,7 @@ from etils import epath
 from refine_jax.data.pipeline import preprocess_image
 from refine_jax.data.records import CorruptImageError, decode_image
 from refine_jax.decoding import decode_batch
+from refine_jax.evaluation.matching import MatchEmbedder
 from refine_jax.model_loading import LoadedModel, load_model
 from refine_jax.models.refine import start_canvas
 from refine_jax.paths import folder_name, is_uri
@@ -143,11 +144,14 @@ def caption_images(
     start_from: str | None = None,
     stdout: TextIO = sys.stdout,
     stderr: TextIO = sys.stderr,
+    match_workdir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Captions the images `images` names; returns the summary {output, num_captioned,
     checkpoint_step, skipped: [{file, error}]} and writes the JSONL and summary files. `config`
     None: the one recorded in the workdir at training. `start_from`: a partial description
-    every image continues from (step 0 written by a person)."""
+    every image continues from (step 0 written by a person). `match_workdir`: a matching
+    model that scores every step against its image (`match_score_per_step` in each row; a step
+    scoring below the one before is flagged where it is printed)."""
     paths = list_images(images)
     config = loaded.config if loaded and config is None else config_for_workdir(config, workdir)
     loaded = loaded or load_model(config, workdir, checkpoint_step)
@@ -163,6 +167,7 @@ def caption_images(
             skipped.append({"file": str(path), "error": str(e)})
             print(f"skipping {path}: {e}", file=stderr)
     descriptions = describe_images(loaded, np.stack(arrays), start_from) if arrays else []
+    scores = step_match_scores(match_workdir, good, descriptions) if match_workdir else None
 
     output = epath.Path(output) if output else default_output(workdir, images)
     summary = {
@@ -176,15 +181,38 @@ def caption_images(
         return summary
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w") as f:
-        for path, steps in zip(good, descriptions, strict=True):
-            f.write(json.dumps({"file": str(path), "steps": steps}) + "\n")
-    for path, steps in zip(good, descriptions, strict=True):
+        for n, (path, steps) in enumerate(zip(good, descriptions, strict=True)):
+            row = {"file": str(path), "steps": steps}
+            if scores is not None:
+                row["match_score_per_step"] = scores[n].tolist()
+            f.write(json.dumps(row) + "\n")
+    for n, (path, steps) in enumerate(zip(good, descriptions, strict=True)):
         print(str(path), file=stdout)
-        for k, text in enumerate(steps, 1):
-            print(f"  step {k}: {text}", file=stdout)
+        for k, text in enumerate(steps):
+            line = f"  step {k + 1}: {text}"
+            if scores is not None:
+                fell = k > 0 and scores[n, k] < scores[n, k - 1]
+                line += f"   [match {scores[n, k]:.3f}{', fell' if fell else ''}]"
+            print(line, file=stdout)
     output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary), file=stdout)
     return summary
 
 
-__all__ = ["caption_images", "describe_images", "list_images", "read_image"]
+def step_match_scores(
+    match_workdir: str | os.PathLike, paths: list[epath.Path], descriptions: list[list[str]]
+) -> np.ndarray:
+    """[N, K] reference-free image-text scores of every step's description (the matching model
+    of `match_workdir`, reading each image at its own input size)."""
+    matcher = load_model(None, match_workdir)
+    embedder = MatchEmbedder.from_loaded(matcher)
+    size = matcher.config.model.image_size
+    num_steps = len(descriptions[0]) if descriptions else 0
+    with matcher.context():
+        images = embedder.embed_images(np.stack([read_image(p, size) for p in paths]))
+        flat = [text for steps in descriptions for text in steps]
+        texts = embedder.embed_texts(flat).reshape(len(paths), num_steps, -1)
+    return np.maximum(np.einsum("ne,nke->nk", images, texts), 0.0)
+
+
+__all__ = ["caption_images", "describe_images", "list_images", "read_image", "step_match_scores"]
