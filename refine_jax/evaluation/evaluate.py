@@ -149,6 +149,7 @@ def report_images(
                     pixels,
                     heatmaps,
                     words_for,
+                    per_image[i].get("match_score"),
                 )
             )
     return items

@@ -61,6 +61,7 @@ class ReportImage:
     image: np.ndarray | None = None  # uint8 [H, W, 3], the model's view of the image
     heatmaps: list[np.ndarray | None] = field(default_factory=list)  # per step, uint8 overlay
     heatmap_words: list[list[str]] = field(default_factory=list)  # the words each map is for
+    match_score: list[float] | None = None  # per step, with a matching model (--match_workdir)
 
 
 def png_data_uri(image: np.ndarray) -> str:
@@ -99,6 +100,12 @@ def step_plots(metrics: dict, schedule: Sequence[float]) -> dict[str, str]:
             "length ratio",
             metrics.get("length_ratio_per_step"),
             True,
+        ),
+        "match": (
+            "Image-text match score per step",
+            "match score",
+            metrics.get("match_score_per_step"),
+            False,
         ),
     }
     for key, (title, label, values, with_schedule) in curves.items():
@@ -181,6 +188,8 @@ def _step_table(metrics: dict, schedule: Sequence[float], weights: Sequence[floa
         ("progress p_k", metrics.get("progress_per_step")),
         ("length ratio", metrics.get("length_ratio_per_step")),
         ("chain agreement", metrics.get("chain_agreement")),
+        ("match score", metrics.get("match_score_per_step")),
+        ("ref-match score", metrics.get("ref_match_score_per_step")),
     ]
     columns = [(name, values) for name, values in columns if values is not None]
     head = "<tr><th>step</th>" + "".join(f"<th>{html.escape(n)}</th>" for n, _ in columns)
@@ -212,16 +221,21 @@ def _card(item: ReportImage) -> str:
             look = "<span class='none'>no words added</span>"
         cider = f"{item.cider[k]:.3f}" if k < len(item.cider) else ""
         drop = k > 0 and k < len(item.cider) and item.cider[k] < item.cider[k - 1] - 1e-9
+        match = ""
+        if item.match_score is not None:  # the step where the image-text score fell is marked
+            fell = k > 0 and item.match_score[k] < item.match_score[k - 1]
+            match = f"<td class='{'fell' if fell else ''}'>{item.match_score[k]:.3f}</td>"
         rows.append(
             f"<tr><td>{k + 1}</td><td class='desc'>{diff_html(previous, text)}</td>"
-            f"<td class='{'fell' if drop else ''}'>{cider}</td><td>{look}</td></tr>"
+            f"<td class='{'fell' if drop else ''}'>{cider}</td>{match}<td>{look}</td></tr>"
         )
         previous = text
     references = "".join(f"<li>{html.escape(r)}</li>" for r in item.references)
+    match_head = "<th>match</th>" if item.match_score is not None else ""
     return (
         f"<section class='card' id='{_anchor(item.image_id)}'>{thumb}<div class='body'>"
         f"<h3>{html.escape(item.image_id)}</h3><table class='chain'><tr><th>step</th>"
-        f"<th>description (<ins>added</ins>, <del>dropped</del>)</th><th>CIDEr</th>"
+        f"<th>description (<ins>added</ins>, <del>dropped</del>)</th><th>CIDEr</th>{match_head}"
         f"<th>where it looked for the added words</th></tr>{''.join(rows)}</table>"
         f"<details><summary>{len(item.references)} reference(s)</summary>"
         f"<ul>{references}</ul></details></div></section>"
