@@ -4,19 +4,25 @@ Builds the Flickr8k configuration (configs/flickr8k.py: 64 px, width 192, canvas
 vocabulary 2,500) as the refinement model at K = 4, 6, 8 and as its autoregressive baseline
 (`:autoregressive`: the same encoder and width, a causal decoder as deep as the detailer;
 about the same parameter count), all with random weights, and times
-`refine_jax.decoding.decode_batch` (what evaluation runs) on random images: refinement, the
-baseline's greedy decoding and its beam search (beam 3), each at batch 1 and batch 64. Each
-is jit-compiled first; then every row is timed once per round, rounds alternating over the
-rows so that background load falls on all of them alike; a row's number is its median.
+`refine_jax.decoding.decode_batch` (what evaluation and captioning run) on random images:
+refinement, the baseline's greedy decoding and its beam search (beam 3), each at batch 1 and
+batch 64. Each is jit-compiled first; then every row is timed once per round, rounds
+alternating over the rows so that background load falls on all of them alike; a row's number
+is its median.
 
-Decoded length: the baseline's greedy and beam decoders are a `lax.scan` over all
-canvas_length + 1 = 29 positions, with no early exit when every caption has ended (an ended
-caption only writes pad). So their cost does not depend on where the random weights put eos:
-both models always write a full 28-token canvas, the like-for-like comparison. A decoder that
-did stop at eos would save time at batch 1 only (in a batch of 64 Flickr8k captions the
-longest is ~28 tokens). The row "stops after N tokens" bounds that case: the baseline built
-with a canvas of N tokens (default 13, the mean Flickr8k val caption), so it runs N + 1
-positions (with a shorter cache, so slightly faster than an early-exiting decoder would be).
+Decoded length: the baseline stops once every caption of the batch has ended (eos), as a
+user's run does (`early_stop=True`, the default), so its cost depends on caption length. Random
+weights would almost never end a caption, so the baseline's eos logit gets a bias, found by
+bisection, that makes its greedy captions of the image pool average --ar_mean_tokens tokens
+(default 13, the mean Flickr8k val caption). Each baseline row is timed twice: with early stop
+(what a user runs) and in the fixed-length mode (`early_stop=False`: all canvas_length + 1 = 29
+positions, the worst case: a batch with a caption that fills the canvas). Refinement always
+writes K full canvases, whatever the weights.
+
+Images: a pool of random images, as many as the largest batch (at least 16). A batch-64 row
+decodes the pool; a batch-1 row decodes one pool image per call, in turn, so its time is the
+mean over captions of different lengths. The columns "decoder calls" (per batch, the mean
+over the pool) and "mean / longest tokens" say how much each row decoded.
 
     python benchmarks/decode_speed.py            # about 5 minutes on 2 shared cores
     python benchmarks/decode_speed.py --quick    # seconds: tiny config, K=2, batch 1
@@ -35,11 +41,12 @@ from pathlib import Path
 import common  # noqa: I001 (the folder's shared helpers, imported first)
 import jax
 import jax.numpy as jnp
+import numpy as np
 import profile_table
 
-from refine_jax.decoding import decode_batch
+from refine_jax.decoding import beam_decode_with_steps, decode_batch, greedy_decode_with_steps
 from refine_jax.models import build_model
-from refine_jax.special_tokens import PAD_ID
+from refine_jax.special_tokens import EOS_ID, PAD_ID
 
 
 def parse_args(argv):
@@ -50,10 +57,10 @@ def parse_args(argv):
     parser.add_argument("--batch_sizes", default="1,64", help="comma list")
     parser.add_argument("--beam", type=int, default=3, help="beam width of the beam rows")
     parser.add_argument(
-        "--ar_stop_length",
-        type=int,
-        default=13,
-        help="also time a baseline that stops after this many tokens, at batch 1 (0: no)",
+        "--ar_mean_tokens",
+        type=float,
+        default=13.0,
+        help="mean greedy caption length the baseline's eos bias is set for (0: no bias)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="timings per row (median)")
     parser.add_argument(
@@ -65,44 +72,130 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.quick:
         args.ks, args.batch_sizes, args.rounds, args.target_s = "2", "1", 2, 0.01
-        args.ar_stop_length = 8
+        args.ar_mean_tokens = 4.0
     return args
 
 
-_MODELS: dict = {}
+# Decoder calls made per batch, jitted once per model and setting (the timed function,
+# decode_batch, returns the captions only).
+_greedy_calls = jax.jit(greedy_decode_with_steps, static_argnums=(0, 3))
+_beam_calls = jax.jit(beam_decode_with_steps, static_argnums=(0, 3, 4, 5))
 
 
-def model_and_params(config):
-    """The model of `config` with random parameters, made once per distinct model."""
-    model = build_model(config, config.tokenizer.vocab_size)
-    if model not in _MODELS:
-        _MODELS[model] = common.init_params(config, model)
-    return model, _MODELS[model]
+def with_eos_bias(params, bias: float):
+    """`params` with `bias` added to the baseline's eos logit (boxed or plain leaves)."""
+    leaf = params["decoder"]["logits"]["bias"]
+    value = getattr(leaf, "value", leaf)
+    value = value.at[EOS_ID].add(bias)
+    leaf = leaf.replace_boxed(value) if hasattr(leaf, "replace_boxed") else value
+    logits = {**params["decoder"]["logits"], "bias": leaf}
+    return {**params, "decoder": {**params["decoder"], "logits": logits}}
+
+
+def caption_lengths(captions) -> np.ndarray:
+    return np.sum(np.asarray(captions) != PAD_ID, axis=-1)
+
+
+def calibrate_eos_bias(model, params, images, target: float, iterations: int = 14):
+    """The eos bias whose greedy captions of `images` average about `target` tokens, and that
+    mean. A larger bias never lengthens a caption, so the mean falls as the bias grows."""
+    mean = lambda b: float(
+        caption_lengths(_greedy_calls(model, with_eos_bias(params, b), images, True)[0]).mean()
+    )
+    low, high = 0.0, 1.0
+    if mean(low) <= target:
+        return low, mean(low)
+    while mean(high) > target:
+        low, high = high, 2 * high
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean(middle) > target else (low, middle)
+    # The bracket's ends give means on either side of the target: take the closer.
+    return min(((b, mean(b)) for b in (low, high)), key=lambda bm: abs(bm[1] - target))
+
+
+class Models:
+    """The model of each config with random parameters, made once per distinct model; the
+    baseline's with the calibrated eos bias."""
+
+    def __init__(self, pool, mean_tokens: float):
+        self.pool, self.mean_tokens = pool, mean_tokens
+        self.made: dict = {}
+        self.calibration: dict | None = None
+
+    def get(self, config):
+        model = build_model(config, config.tokenizer.vocab_size)
+        if model not in self.made:
+            params = common.init_params(config, model)
+            if config.model.kind != "refine" and self.mean_tokens > 0:
+                start = time.perf_counter()
+                bias, mean = calibrate_eos_bias(model, params, self.pool, self.mean_tokens)
+                params = with_eos_bias(params, bias)
+                self.calibration = {
+                    "eos_bias": bias,
+                    "target_mean_tokens": self.mean_tokens,
+                    "greedy_mean_tokens": mean,
+                    "seconds": time.perf_counter() - start,
+                }
+                print(f"baseline eos bias {bias:.3f}: greedy captions of {mean:.1f} tokens")
+            self.made[model] = params
+        return model, self.made[model]
 
 
 class Row:
     """One decoder at one batch size, compiled; `time()` gives seconds per batch."""
 
-    def __init__(self, name, config, method, beam, batch_size):
+    def __init__(self, name, config, method, beam, batch_size, early_stop, models, pool):
         self.name, self.config, self.method, self.beam = name, config, method, beam
-        self.batch_size = batch_size
-        self.model, self.params = model_and_params(config)
+        self.batch_size, self.early_stop = batch_size, early_stop
+        self.model, self.params = models.get(config)
         self.num_params = int(sum(x.size for x in jax.tree.leaves(self.params)))
-        self.images = jax.device_put(common.synthetic_images(config, batch_size))
+        count = len(pool) // batch_size
+        self.batches = [
+            jax.device_put(pool[i * batch_size : (i + 1) * batch_size]) for i in range(count)
+        ]
         self.fractions = common.fractions(config)
+        self.turn = 0
         start = time.perf_counter()
-        canvases = self.call()
-        jax.block_until_ready(canvases)
+        jax.block_until_ready(self.decode(self.batches[0]))
         self.compile_s = time.perf_counter() - start
-        final = canvases[:, -1]  # [B, L]: the last step's canvas (the only one for the baseline)
-        self.mean_tokens = float(jnp.mean(jnp.sum(final != PAD_ID, axis=-1)))
+        # What each batch of the pool decodes: tokens written and decoder calls made.
+        finals = np.concatenate([np.asarray(self.decode(b)[:, -1]) for b in self.batches])
+        lengths = caption_lengths(finals)
+        self.mean_tokens, self.longest = float(lengths.mean()), int(lengths.max())
+        self.decoder_calls = self.mean_calls()
         self.reps = 1
         self.seconds: list[float] = []
 
-    def call(self):
+    def decode(self, images):
         return decode_batch(
-            self.model, self.params, self.images, self.fractions, self.method, self.beam
+            self.model,
+            self.params,
+            images,
+            self.fractions,
+            self.method,
+            self.beam,
+            early_stop=self.early_stop,
         )
+
+    def mean_calls(self) -> float:
+        """Decoder calls per batch, the mean over the pool (refinement: K passes over L)."""
+        m = self.config.model
+        if m.kind == "refine":
+            return float(m.num_refine_steps)
+        if self.method == "beam" and self.beam > 1:
+            calls = lambda b: _beam_calls(
+                self.model, self.params, b, self.beam, 0.0, self.early_stop
+            )
+        else:
+            calls = lambda b: _greedy_calls(self.model, self.params, b, self.early_stop)
+        return float(np.mean([int(calls(b)[1]) for b in self.batches]))
+
+    def call(self):
+        """One batch of the pool, the next one each call."""
+        images = self.batches[self.turn]
+        self.turn = (self.turn + 1) % len(self.batches)
+        return self.decode(images)
 
     def calibrate(self, target_s: float) -> None:
         self.reps = common.reps_for(self.call, target_s)
@@ -113,20 +206,36 @@ class Row:
     def hlo_text(self) -> str:
         return (
             decode_batch.lower(
-                self.model, self.params, self.images, self.fractions, self.method, self.beam
+                self.model,
+                self.params,
+                self.batches[0],
+                self.fractions,
+                self.method,
+                self.beam,
+                early_stop=self.early_stop,
             )
             .compile()
             .as_text()
         )
 
 
-def make_rows(args) -> list[Row]:
+def baseline_names(beam: int) -> list[str]:
+    return [
+        "AR greedy",
+        "AR greedy, fixed length",
+        f"AR beam {beam}",
+        f"AR beam {beam}, fixed length",
+    ]
+
+
+def make_rows(args, pool) -> tuple[list[Row], Models]:
     base = "tiny" if args.quick else ""
     ar = ",".join(filter(None, [base, "autoregressive"]))
+    models = Models(pool, args.ar_mean_tokens)
     rows = []
 
     def add(*row_args) -> None:
-        row = Row(*row_args)
+        row = Row(*row_args, models, pool)
         rows.append(row)
         print(
             f"compiled {row.name} at batch {row.batch_size}: {row.num_params:,} parameters, "
@@ -134,21 +243,25 @@ def make_rows(args) -> list[Row]:
             flush=True,
         )
 
+    greedy, fixed, beam, beam_fixed = baseline_names(args.beam)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for k in [int(k) for k in args.ks.split(",")]:
-            add(f"refine K={k}", common.load_config(base, num_refine_steps=k), "greedy", 1, batch)
-        add("AR greedy", common.load_config(ar), "greedy", 1, batch)
-        add(f"AR beam {args.beam}", common.load_config(ar), "beam", args.beam, batch)
-        if args.ar_stop_length and batch == 1:
-            config = common.load_config(ar, canvas_length=args.ar_stop_length)
-            add(f"AR greedy, stops after {args.ar_stop_length} tokens", config, "greedy", 1, batch)
-    return rows
+            config = common.load_config(base, num_refine_steps=k)
+            add(f"refine K={k}", config, "greedy", 1, batch, True)
+        add(greedy, common.load_config(ar), "greedy", 1, batch, True)
+        add(fixed, common.load_config(ar), "greedy", 1, batch, False)
+        add(beam, common.load_config(ar), "beam", args.beam, batch, True)
+        add(beam_fixed, common.load_config(ar), "beam", args.beam, batch, False)
+    return rows, models
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()
-    rows = make_rows(args)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    image_config = common.load_config("tiny" if args.quick else "")
+    pool = jnp.asarray(common.synthetic_images(image_config, max(max(batch_sizes), 16)))
+    rows, models = make_rows(args, pool)
     for row in rows:
         row.calibrate(args.target_s)
     measures = {f"{r.name} @ {r.batch_size}": r.time for r in rows}
@@ -162,8 +275,9 @@ def main(argv=None) -> int:
             r.name,
             r.batch_size,
             r.num_params,
-            r.config.model.canvas_length + (r.config.model.kind != "refine"),
+            r.decoder_calls,
             r.mean_tokens,
+            r.longest,
             1e3 * common.median(r.seconds),
             100 * common.spread(r.seconds),
             rate(r),
@@ -172,15 +286,13 @@ def main(argv=None) -> int:
     ]
     info = common.machine_info()
     print(f"\n## Decoding speed ({common.machine_line(info)})\n")
-    headers = ["decoder", "batch", "parameters", "positions", "mean tokens written"]
+    headers = ["decoder", "batch", "parameters", "sequential passes", "mean tokens", "longest"]
     headers += ["ms per batch", "spread %", "captions/s"]
     print(common.markdown_table(headers, table))
 
     by_name = {(r.name, r.batch_size): r for r in rows}
     batches = sorted({r.batch_size for r in rows})
-    baselines = ["AR greedy", f"AR beam {args.beam}"]
-    if args.ar_stop_length:
-        baselines.append(f"AR greedy, stops after {args.ar_stop_length} tokens")
+    baselines = baseline_names(args.beam)
     ratios = []
     ratio_rows = []
     for r in rows:
@@ -202,6 +314,13 @@ def main(argv=None) -> int:
     headers = ["refine / baseline"] + [f"{bl} @ {b}" for bl in baselines for b in batches]
     print("\n### Captions/s ratios (goal vs AR greedy: >= 5x at batch 1, >= 2x at batch 64)\n")
     print(common.markdown_table(headers, ratio_rows))
+    early_gain = [
+        [n, b, rate(by_name[(n, b)]) / rate(by_name[(f"{n}, fixed length", b)])]
+        for n in baselines[::2]
+        for b in batches
+    ]
+    print("\n### Baseline: captions/s with early stop / fixed length\n")
+    print(common.markdown_table(["decoder", "batch", "ratio"], early_gain))
 
     profiles = {}
     if args.profile_dir:
@@ -217,9 +336,14 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "config": "configs/flickr8k.py" + (":tiny" if args.quick else ""),
         "decoded_positions_note": (
-            "greedy and beam decoding scan all canvas_length + 1 positions (no early exit); "
+            "the baseline stops once every caption of the batch has ended (early_stop) or runs "
+            "all canvas_length + 1 positions (fixed length, the worst case); its eos logit is "
+            "biased so that random weights write captions of about ar_mean_tokens tokens; "
             "refinement writes the full canvas K times"
         ),
+        "ar_mean_tokens": args.ar_mean_tokens,
+        "eos_calibration": models.calibration,
+        "image_pool": len(pool),
         "rows": [
             {
                 "decoder": r.name,
@@ -227,9 +351,12 @@ def main(argv=None) -> int:
                 "model": common.model_summary(r.config),
                 "method": r.method,
                 "beam": r.beam,
+                "early_stop": r.early_stop,
                 "num_params": r.num_params,
                 "compile_s": r.compile_s,
-                "mean_tokens_random_weights": r.mean_tokens,
+                "decoder_calls_per_batch": r.decoder_calls,
+                "mean_tokens": r.mean_tokens,
+                "longest_caption_tokens": r.longest,
                 "calls_per_timing": r.reps,
                 "seconds_per_batch": common.median(r.seconds),
                 "seconds_per_batch_all": r.seconds,
