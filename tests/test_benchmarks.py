@@ -20,6 +20,7 @@ SYNTHETIC_SCRIPTS = [
     "gradualness.py",  # trains on the generated shapes data
     "target_salience.py",  # shapes captions with --quick
     "match_calibration.py",  # trains a tiny shapes matching model with --quick
+    "caption_filter.py",  # the same, then filters generated shapes shards
 ]
 
 
