@@ -46,3 +46,29 @@ def test_synthetic_benchmark_runs_quick(tmp_path, script):
     result = run_quick(script, tmp_path / "result.json")
     assert result["quick"] is True
     assert result["machine"]["cpu_count"] and result["machine"]["jax"]
+
+
+def test_accelerator_suite_runs_its_parts_and_reports_their_headline(tmp_path):
+    # The suite on CPU with --quick, one part (the parts themselves are run above).
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/accelerator_suite.py",
+            "--quick",
+            "--parts=decode_speed",
+            f"--output={tmp_path / 'suite.json'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert suite["quick"] is True and set(suite["seconds"]) == {"decode_speed"}
+    ratios = suite["decode_speed"]["ratios"]
+    assert suite["headline"] and all("decode:" in row[0] for row in suite["headline"])
+    assert len(suite["headline"]) == sum(
+        r["baseline"].startswith("AR greedy") and "fixed" not in r["baseline"] for r in ratios
+    )
+    assert "## Accelerator suite" in result.stdout
