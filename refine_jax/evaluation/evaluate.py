@@ -85,7 +85,10 @@ def eval_split(
 # Report material: thumbnails and attention heatmaps of the shown images.
 
 
+@functools.lru_cache(maxsize=8)
 def _attention_fn(model: nn.Module):
+    """The jitted attention pass of a model, built once per model (each evaluation of a run
+    reuses its compilation)."""
     return jax.jit(functools.partial(describe_with_attention, model))
 
 
