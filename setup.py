@@ -31,6 +31,8 @@ setup(
     extras_require={
         "test": [
             "pytest>=8,<10",
+            # the README's test command runs the suite in two worker processes (-n 2)
+            "pytest-xdist>=3.5,<4",
             "hypothesis>=6.100,<7",
             "pycocoevalcap>=1.2,<2",
             "ruff>=0.6,<1",

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = tempfile.TemporaryDirectory(prefix="caption-filter-")
     root = Path(scratch.name)
     workdir = args.match_workdir or str(root / "match")
-    if args.quick:
+    if args.quick and not args.match_workdir:
         config = load_config_file(str(common.REPO / "configs" / "shapes.py") + ":tiny,match")
         train_and_evaluate(config, workdir)
     if args.data:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "quick": args.quick,
         "machine": common.machine_info(),
-        "match_workdir": None if args.quick else workdir,
+        "match_workdir": args.match_workdir,
         "data": args.data or "shapes (generated)",
         "images": len(records),
         "captions": len(scored),

@@ -39,7 +39,9 @@ from refine_jax.train import train_and_evaluate
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--match_workdir", default=None, help="a trained matching model")
-    parser.add_argument("--quick", action="store_true", help="train a tiny shapes model first")
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny shapes model (trained first if none given)"
+    )
     parser.add_argument("--num_steps", type=int, default=4, help="K of the calibration chains")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = tempfile.TemporaryDirectory(prefix="match-calibration-") if args.quick else None
     workdir = args.match_workdir or scratch.name
-    if args.quick:
+    if args.quick and not args.match_workdir:
         config = load_config_file(str(common.REPO / "configs" / "shapes.py") + ":tiny,match")
         train_and_evaluate(config, workdir)
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "quick": args.quick,
         "machine": common.machine_info(),
-        "match_workdir": None if args.quick else workdir,
+        "match_workdir": args.match_workdir,
         "checkpoint_step": loaded.step,
         "data": loaded.config.data.to_dict(),
         "retrieval": retrieval,

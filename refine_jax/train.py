@@ -82,12 +82,18 @@ def check_canvas_fits(config: ml_collections.ConfigDict, tokenizer: Tokenizer, s
         )
 
 
+def step_rng(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """The key of a training step's randomness (dropout, self-conditioning draws): the seed
+    folded with the step, from the configured PRNG implementation (`config.rng_impl`)."""
+    return jax.random.fold_in(jax.random.key(config.seed, impl=config.rng_impl), step)
+
+
 def train_step(
     state: TrainState, batch: dict, *, model, optimizer, schedule, config, weights, fractions
 ):
     """One update. A non-finite loss, gradient or update skips the update and is counted, so the
     parameters and optimizer state only ever take finite values."""
-    rng = jax.random.fold_in(jax.random.key(config.seed, impl=config.rng_impl), state.step)
+    rng = step_rng(config, state.step)
     kind_loss = model_kind(config.model.kind).loss
 
     def loss_fn(params):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import REPO
+from test_evaluate import trained_workdir
 
 pytestmark = pytest.mark.slow
 
@@ -19,14 +20,14 @@ SYNTHETIC_SCRIPTS = [
     "scaling.py",
     "gradualness.py",  # trains on the generated shapes data
     "target_salience.py",  # shapes captions with --quick
-    "match_calibration.py",  # trains a tiny shapes matching model with --quick
-    "caption_filter.py",  # the same, then filters generated shapes shards
 ]
+# Scripts that read a trained matching model: given the tests' tiny one.
+MATCH_SCRIPTS = ["match_calibration.py", "caption_filter.py"]
 
 
-def run_quick(script: str, output) -> dict:
+def run_quick(script: str, output, *args: str) -> dict:
     result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--quick", f"--output={output}"],
+        [sys.executable, f"benchmarks/{script}", "--quick", f"--output={output}", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -46,6 +47,13 @@ def test_synthetic_benchmark_runs_quick(tmp_path, script):
     result = run_quick(script, tmp_path / "result.json")
     assert result["quick"] is True
     assert result["machine"]["cpu_count"] and result["machine"]["jax"]
+
+
+@pytest.mark.parametrize("script", MATCH_SCRIPTS)
+def test_matching_model_benchmark_runs_quick(tmp_path, tmp_path_factory, script):
+    workdir = trained_workdir(tmp_path_factory, "tiny,match")
+    result = run_quick(script, tmp_path / "result.json", f"--match_workdir={workdir}")
+    assert result["quick"] is True and result["machine"]["cpu_count"]
 
 
 def test_accelerator_suite_runs_its_parts_and_reports_their_headline(tmp_path):

@@ -123,19 +123,26 @@ def test_each_kinds_loss_scores_its_models_outputs(tokenizer_and_batch, variant)
 
 
 def test_training_randomness_comes_from_the_configured_prng(tokenizer_and_batch):
-    # The same seed and step give the same update under one PRNG implementation, and other
-    # dropout masks (so another loss) under another: the configured implementation is used.
+    # A step's key is of the configured implementation, the same for the same seed and step,
+    # and its dropout masks differ between implementations (so does the loss they give).
     tokenizer, batch = tokenizer_and_batch
+    config = load_config("shapes", "tiny")
+    config.model.dropout_rate = 0.3
+    model = build_model(config, tokenizer.vocab_size)
+    params = initial_state(model, config, tokenizer.vocab_size, train.make_optimizer(config)[0])
+    fractions, weights = kinds.model_kind("refine").step_schedule(config)
+    loss = jax.jit(
+        lambda rng: kinds.model_kind("refine").loss(
+            model, params.params, batch, rng, config, weights, fractions
+        )[0]
+    )
     losses = {}
     for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
-        config = load_config("shapes", "tiny")
-        config.model.dropout_rate = 0.3
         config.rng_impl = impl
-        model = build_model(config, tokenizer.vocab_size)
-        optimizer, schedule = train.make_optimizer(config)
-        state = initial_state(model, config, tokenizer.vocab_size, optimizer)
-        step = jax.jit(train.bind_train_step(config, model, optimizer, schedule))
-        first, again = step(state, batch)[1]["loss"], step(state, batch)[1]["loss"]
-        assert float(first) == float(again)
-        losses[impl] = float(first)
+        rng = train.step_rng(config, jnp.asarray(5))
+        assert jax.random.key_impl(rng) == impl
+        assert jnp.array_equal(
+            jax.random.key_data(rng), jax.random.key_data(train.step_rng(config, jnp.asarray(5)))
+        )
+        losses[impl] = float(loss(rng))
     assert len(set(losses.values())) == 3, losses
