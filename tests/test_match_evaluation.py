@@ -80,6 +80,8 @@ def test_captioner_eval_with_a_matching_model_measures_gradualness_in_its_text_s
     per_row = np.array([r["match_score_per_step"] for r in rows])  # [N, K]
     assert per_row.shape == (len(rows), num_steps) and np.all((0 <= per_row) & (per_row <= 1))
     assert matched["match_score_per_step"] == pytest.approx(per_row.mean(axis=0).tolist())
+    with pytest.raises(ValueError, match="a matching model is needed"):
+        MatchEmbedder.from_loaded(load_model(None, workdir))  # a captioner is no yardstick
     report = (workdir / "eval" / "matched" / "report.html").read_text()
     assert "<th>match</th>" in report and "<th>match score</th>" in report
     assert "<th>match</th>" not in (workdir / "eval" / "tfidf" / "report.html").read_text()
