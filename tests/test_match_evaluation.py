@@ -11,7 +11,12 @@ from test_caption_mode import make_images
 from test_evaluate import run_main, trained_workdir
 
 from refine_jax.data import make_sources
-from refine_jax.evaluation.matching import MatchEmbedder, retrieval_recall
+from refine_jax.evaluation.matching import (
+    MatchEmbedder,
+    calibration,
+    calibration_chains,
+    retrieval_recall,
+)
 from refine_jax.evaluation.refinement_metrics import refinement_metrics
 from refine_jax.model_loading import load_model
 
@@ -113,3 +118,23 @@ def test_caption_mode_scores_every_step_with_a_matching_model(
         ]
         assert sum(printed) >= len(fell)
     assert result.stdout.count("[match ") == 4 * len(rows)
+
+
+def test_calibration_scores_the_perfect_chain_above_the_two_that_do_not_refine(match_workdir):
+    loaded = load_model(None, match_workdir)
+    _, source = make_sources(loaded.config)
+    references = [source[i]["captions"] for i in range(16)]
+    salience = loaded.tokenizer.salience
+    chains = calibration_chains("a large red circle above a small blue square", salience, 4)
+    assert chains["blank_until_last"] == ["", "", "", chains["perfect"][-1]]
+    assert chains["complete_at_first"] == [chains["perfect"][-1]] * 4
+    assert chains["perfect"][-1] == "a large red circle above a small blue square"
+    for shorter, longer in zip(chains["perfect"], chains["perfect"][1:], strict=False):
+        assert set(shorter.split()) <= set(longer.split()) and len(shorter) < len(longer)
+    with loaded.context():
+        result = calibration(MatchEmbedder.from_loaded(loaded), references, salience)
+    for name in ("blank_until_last", "complete_at_first"):  # no path: at the bottom, both ways
+        assert result[name]["gradualness"] == pytest.approx(0.0, abs=1e-9)
+        assert result[name]["gradualness_tfidf"] == pytest.approx(0.0, abs=1e-9)
+    assert result["perfect"]["gradualness"] > 0.2  # even a 20-step model sees a path
+    assert result["perfect"]["progress_per_step"][-1] == pytest.approx(1.0)
