@@ -1,12 +1,23 @@
 """Shared test setup: the JAX CPU backend, 8 fake devices, fast compiles, and tiny configs."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tiny models compile for longer than they run: skip most XLA optimisation passes, here and
 # in the subprocesses the tests start (they inherit the environment).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+# One persistent XLA compilation cache for the whole session: this process, the test workers
+# it starts (they inherit the environment) and the trainings the tests launch, so the same tiny
+# models compile once. A fresh folder per session, removed at its end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="refine_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
