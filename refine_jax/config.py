@@ -262,6 +262,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.data.teacher_caption_rate must be in [0, 1], got "
             f"{config.data.teacher_caption_rate}"
         )
+    for key in ("embed_dim", "text_depth", "match_depth", "match_loss_weight"):
+        least = 1 if key == "embed_dim" else 0
+        if not config.match[key] >= least:
+            raise ValueError(f"config.match.{key} must be >= {least}, got {config.match[key]}")
     if not 0.0 <= config.match.subset_rate <= 1.0:
         raise ValueError(
             f"config.match.subset_rate must be in [0, 1], got {config.match.subset_rate}"
