@@ -28,7 +28,6 @@ and forward/backward. Writes JSON to --output (default benchmarks/results/train_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import os
@@ -59,7 +58,7 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="float32", help="comma list: float32, bfloat16")
     parser.add_argument("--dropout", default="", help="comma list of rates; default: config's")
     parser.add_argument(
-        "--prng", default="", help="comma list of jax_default_prng_impl (threefry2x32, rbg, ...)"
+        "--prng", default="", help="comma list of config.rng_impl (threefry2x32, rbg, unsafe_rbg)"
     )
     parser.add_argument(
         "--scan_detailer", default="", help="comma list of true/false; default: config's"
@@ -105,27 +104,20 @@ class Variant:
         )
         self.vocab = config.tokenizer.vocab_size
         self.flops_per_step = training_flops_per_example(config, self.vocab) * config.batch_size
-        with self.prng_context():
-            start = time.perf_counter()
-            self.model, step, state, self.num_params = common.make_train_step(config)
-            self.batch = jax.device_put(common.synthetic_batch(config))
-            self.compiled = step.lower(state, self.batch).compile()
-            self.compile_s = time.perf_counter() - start
-            self.state, metrics = self.compiled(state, self.batch)
-            jax.block_until_ready(metrics)
-
-    def prng_context(self):
-        if self.prng:
-            return jax.default_prng_impl(self.prng)  # the keys made inside the step use it
-        return contextlib.nullcontext()
+        start = time.perf_counter()
+        self.model, step, state, self.num_params = common.make_train_step(config)
+        self.batch = jax.device_put(common.synthetic_batch(config))
+        self.compiled = step.lower(state, self.batch).compile()
+        self.compile_s = time.perf_counter() - start
+        self.state, metrics = self.compiled(state, self.batch)
+        jax.block_until_ready(metrics)
 
     def run(self, steps: int) -> float:
         """Seconds per step over `steps` consecutive steps."""
-        with self.prng_context():
-            start = time.perf_counter()
-            for _ in range(steps):
-                self.state, metrics = self.compiled(self.state, self.batch)
-            jax.block_until_ready((self.state, metrics))
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
         return (time.perf_counter() - start) / steps
 
 
@@ -262,6 +254,8 @@ def main(argv=None) -> int:
         config = build_config(
             kind, batch_size, remat, dtype, dropout, scan, args.quick, args.num_refine_steps
         )
+        if prng:
+            config.rng_impl = prng  # the step's dropout and self-conditioning keys (step_rng)
         variant = Variant(config, prng)
         print(
             f"compiled {variant.name}: {variant.num_params:,} parameters, {variant.compile_s:.1f}s",
@@ -297,7 +291,7 @@ def main(argv=None) -> int:
         record = {
             "name": v.name,
             "model": common.model_summary(v.config),
-            "prng": v.prng or jax.config.jax_default_prng_impl,
+            "prng": v.config.rng_impl,
             "num_params": v.num_params,
             "compile_s": v.compile_s,
             "seconds_per_step": step_s,
