@@ -237,11 +237,16 @@ def _train_and_evaluate(
         if is_logger:
             add_skips(structural_skip_counts(train_source))
 
+        # The matching model is evaluated by retrieval; its jitted towers are built once.
+        embedder = None
+        if not model_kind(m.kind).describes:
+            embedder = MatchEmbedder(
+                model, state.params, tokenizer, features, config.batch_size, put_full_batch
+            )
+
         def evaluate() -> tuple[list[dict], dict]:
-            if not model_kind(m.kind).describes:  # the matching model: retrieval recall
-                embedder = MatchEmbedder(
-                    model, state.params, tokenizer, features, config.batch_size, put_full_batch
-                )
+            if embedder is not None:
+                embedder.params = state.params
                 return [], split_retrieval(embedder, eval_source)
             samples = describe_split(
                 model,
