@@ -21,7 +21,7 @@ from refine_jax.models.layers import (
     learned_positions,
     token_embedding,
 )
-from refine_jax.models.vit import ViTEncoder
+from refine_jax.models.vit import encoder_for
 from refine_jax.special_tokens import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -106,16 +106,7 @@ class AutoregressiveCaptioner(nn.Module):
     decode: bool = False
 
     def setup(self):
-        self.encoder = ViTEncoder(
-            self.patch_size,
-            self.width,
-            self.encoder_depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.dropout_rate,
-            remat=self.remat != "none",
-        )
+        self.encoder = encoder_for(self)
         self.decoder = CausalDecoder(
             self.vocab_size,
             self.width,

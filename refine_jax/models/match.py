@@ -27,9 +27,10 @@ from refine_jax.models.layers import (
     TextLayer,
     dense,
     layer_norm,
+    learned_positions,
     token_embedding,
 )
-from refine_jax.models.vit import ViTEncoder
+from refine_jax.models.vit import encoder_for
 from refine_jax.special_tokens import BOS_ID, PAD_ID
 
 MAX_LOGIT_SCALE = 100.0  # the learned inverse temperature is capped here, as CLIP does
@@ -76,25 +77,14 @@ class MatchModel(nn.Module):
     remat: str = "none"
 
     def setup(self):
-        self.encoder = ViTEncoder(
-            self.patch_size,
-            self.width,
-            self.encoder_depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.dropout_rate,
-            remat=self.remat != "none",
-        )
+        self.encoder = encoder_for(self)
         self.image_projection = dense(self.embed_dim, ("embed", "joint"), jnp.float32, "image_proj")
         self.dropout = nn.Dropout(self.dropout_rate)
         self.token_embedding = token_embedding(
             self.vocab_size, self.width, self.dtype, "token_embedding"
         )
-        self.text_positions = self.param(
-            "text_positions",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
-            (self.canvas_length + 1, self.width),
+        self.text_positions = learned_positions(  # [1, L+1, D]: the BOS, then the text
+            self, "text_positions", self.canvas_length + 1, self.width, "length"
         )
         layer = lambda name: TextLayer(
             self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name=name
@@ -124,7 +114,7 @@ class MatchModel(nn.Module):
         (token states [B, L+1, D], key mask [B, L+1], unit embeddings [B, E])."""
         ids = jnp.concatenate([jnp.full((texts.shape[0], 1), BOS_ID, texts.dtype), texts], 1)
         key_mask = ids != PAD_ID  # [B, L+1]; the BOS is always attended to
-        x = self.token_embedding(ids) + self.text_positions[None].astype(self.dtype)
+        x = self.token_embedding(ids) + self.text_positions.astype(self.dtype)
         x = self.dropout(x, deterministic=deterministic)
         for text_layer in self.text_layers:
             x = text_layer(x, None, deterministic, key_mask)

@@ -30,7 +30,7 @@ from refine_jax.models.layers import (
     sinusoid,
     token_embedding,
 )
-from refine_jax.models.vit import ViTEncoder
+from refine_jax.models.vit import encoder_for
 from refine_jax.special_tokens import BLANK_ID, NOT_TEXT_IDS, PAD_ID, UNK_ID
 
 STEP_FEATURES = 64  # sinusoidal features of a step's scheduled fraction s(k)
@@ -260,16 +260,7 @@ class RefineCaptioner(nn.Module):
     keep_logits: bool = False  # also return every step's logits (tests and inspection only)
 
     def setup(self):
-        self.encoder = ViTEncoder(
-            self.patch_size,
-            self.width,
-            self.encoder_depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.dropout_rate,
-            remat=self.remat != "none",
-        )
+        self.encoder = encoder_for(self)
         step_cls = DetailerStep
         if self.remat != "none":
             policy = (

@@ -88,3 +88,18 @@ class ViTEncoder(nn.Module):
             self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name="encoderblock"
         )(x, None, deterministic)
         return layer_norm(self.dtype, "encoder_norm")(x)
+
+
+def encoder_for(model: nn.Module) -> ViTEncoder:
+    """The ViT encoder of a model with the shared image-tower fields (patch_size, width,
+    encoder_depth, num_heads, mlp_dim, dtype, dropout_rate, remat): every model kind's."""
+    return ViTEncoder(
+        model.patch_size,
+        model.width,
+        model.encoder_depth,
+        model.num_heads,
+        model.mlp_dim,
+        model.dtype,
+        model.dropout_rate,
+        remat=model.remat != "none",
+    )
