@@ -26,7 +26,7 @@ from etils import epath
 from refine_jax.data.pipeline import preprocess_image
 from refine_jax.data.records import CorruptImageError, decode_image
 from refine_jax.decoding import decode_batch
-from refine_jax.evaluation.matching import MatchEmbedder
+from refine_jax.evaluation.matching import MatchEmbedder, match_scores
 from refine_jax.model_loading import LoadedModel, load_model
 from refine_jax.models.refine import start_canvas
 from refine_jax.paths import folder_name, is_uri
@@ -212,7 +212,7 @@ def step_match_scores(
         images = embedder.embed_images(np.stack([read_image(p, size) for p in paths]))
         flat = [text for steps in descriptions for text in steps]
         texts = embedder.embed_texts(flat).reshape(len(paths), num_steps, -1)
-    return np.maximum(np.einsum("ne,nke->nk", images, texts), 0.0)
+    return match_scores(images, texts)
 
 
 __all__ = ["caption_images", "describe_images", "list_images", "read_image", "step_match_scores"]

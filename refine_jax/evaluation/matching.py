@@ -20,11 +20,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from refine_jax.data.pipeline import CaptionFeatures, eval_batches
+from refine_jax.data.pipeline import CaptionFeatures, eval_batches, pad_to
 from refine_jax.evaluation.refinement_metrics import refinement_metrics
 from refine_jax.model_loading import LoadedModel
 from refine_jax.sharding import to_host
-from refine_jax.special_tokens import PAD_ID
 from refine_jax.targets import SalienceStats, caption_words, schedule_fractions, step_word_indices
 from refine_jax.tokenizer import Tokenizer
 
@@ -54,7 +53,9 @@ class MatchEmbedder:
             lambda p, t: model.apply({"params": p}, t, method=model.encode_texts)[2]
         )
         self._pairs = jax.jit(
-            lambda p, x, t, o: model.apply({"params": p}, x, t, o, method=model.pair_logits)
+            lambda p, x, t, o: jax.nn.sigmoid(
+                model.apply({"params": p}, x, t, o, method=model.pair_logits)
+            )
         )
 
     @classmethod
@@ -94,17 +95,13 @@ class MatchEmbedder:
                 padding = pairs - len(part)
                 tokens = np.concatenate([tokens, np.repeat(tokens[-1:], padding, 0)])
                 local = np.concatenate([local, np.repeat(local[-1:], padding)])
-                logits = to_host(self._pairs(self.params, placed, tokens, local))[: len(part)]
-                out[part] = 1.0 / (1.0 + np.exp(-logits))
+                out[part] = to_host(self._pairs(self.params, placed, tokens, local))[: len(part)]
         return out
 
     def text_tokens(self, text: str) -> np.ndarray:
         """A description as the text tower reads it: its words cut to the canvas, then pad."""
         fitted, _ = self.features.fit_to_canvas(text)
-        ids = self.tokenizer.encode(fitted) if fitted else []
-        out = np.full((self.features.canvas_length,), PAD_ID, np.int32)
-        out[: len(ids)] = ids
-        return out
+        return pad_to(self.tokenizer.encode(fitted) if fitted else [], self.features.canvas_length)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """[len(texts), E] unit embeddings ("" is the empty description)."""
@@ -122,7 +119,9 @@ class MatchEmbedder:
         for arrays, batch_records in eval_batches(source, self.features, self.batch_size):
             embeddings.append(self.embed_images(arrays["image"][: len(batch_records)]))
             records.extend(batch_records)
-        return records, np.concatenate(embeddings) if embeddings else np.zeros((0, 0))
+        if not embeddings:
+            return records, np.zeros((0, self.model.embed_dim), np.float32)
+        return records, np.concatenate(embeddings)
 
     def _batched(self, fn, array: np.ndarray | None, field: str) -> np.ndarray:
         if array is None or len(array) == 0:
@@ -178,13 +177,18 @@ def split_retrieval(embedder: MatchEmbedder, source) -> dict[str, Any]:
     return {"num_images": len(records), "num_texts": len(texts), **recall}
 
 
+def match_scores(image_embeddings: np.ndarray, step_embeddings: np.ndarray) -> np.ndarray:
+    """The reference-free `match_score` [N, K] of each image [N, E] and its steps [N, K, E]."""
+    return np.maximum(np.einsum("ne,nke->nk", image_embeddings, step_embeddings), 0.0)
+
+
 def step_scores(
     image_embeddings: np.ndarray,  # [N, E]
     step_embeddings: np.ndarray,  # [N, K, E]
     reference_embeddings: Sequence[np.ndarray],  # N arrays [R_i, E]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per image and step: (match_score [N, K], ref_match_score [N, K]) (module docstring)."""
-    image_fit = np.maximum(np.einsum("ne,nke->nk", image_embeddings, step_embeddings), 0.0)
+    image_fit = match_scores(image_embeddings, step_embeddings)
     reference_fit = np.stack(
         [
             np.maximum((steps @ refs.T).max(axis=1), 0.0)
@@ -210,8 +214,10 @@ def score_steps(embedder: MatchEmbedder, source, samples: Sequence[dict]) -> dic
     num_steps = len(samples[0]["steps"])
     flat = [text for s in samples for text in s["steps"]]
     steps = embedder.embed_texts(flat).reshape(len(samples), num_steps, -1)  # [N, K, E]
-    references = [embedder.embed_texts(list(s["references"])) for s in samples]
-    match, ref_match = step_scores(images, steps, references)
+    # Every reference embedded in one pass, then split back per image.
+    embedded = embedder.embed_texts([r for s in samples for r in s["references"]])
+    ends = np.cumsum([len(s["references"]) for s in samples])[:-1]
+    match, ref_match = step_scores(images, steps, np.split(embedded, ends))
     return {
         "step_embeddings": steps,
         "blank_embedding": embedder.embed_texts([""])[0],
@@ -250,9 +256,10 @@ def calibration(
     weights = np.full(num_steps, 1.0 / num_steps)
     refs = {i: list(r) for i, r in enumerate(references)}
     blank = embedder.embed_texts([""])[0]
+    all_chains = {i: calibration_chains(r[0], salience, num_steps) for i, r in refs.items()}
     out: dict[str, dict[str, float]] = {}
     for name in CALIBRATION_CHAINS:
-        chains = {i: calibration_chains(r[0], salience, num_steps)[name] for i, r in refs.items()}
+        chains = {i: all_chains[i][name] for i in refs}
         flat = [text for i in refs for text in chains[i]]
         vectors = embedder.embed_texts(flat).reshape(len(refs), num_steps, -1)
         in_match = refinement_metrics(
@@ -274,6 +281,7 @@ __all__ = [
     "calibration_chains",
     "MatchEmbedder",
     "RECALL_AT",
+    "match_scores",
     "retrieval_recall",
     "score_steps",
     "split_retrieval",
