@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import tarfile
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +31,6 @@ from refine_jax.data.records import TEACHER_CAPTIONS_FIELD, decode_image
 from refine_jax.data.shard_writer import add_member
 from refine_jax.evaluation.caption_images import describe_images
 from refine_jax.model_loading import LoadedModel
-from refine_jax.paths import write_atomically
 
 SIDECAR_SUFFIX = ".captioned.json"
 SUMMARY_NAME = "caption_summary.json"
@@ -124,22 +122,18 @@ def caption_shard_set(
     """Captions every input shard of this part (shards `part`, `part + num_parts`, ...) that
     has no finished output yet; when all shards of the set are done, writes references.json
     and caption_summary.json. Returns the summary of what is done so far."""
-    shards, mine = shard_sets.shards_of_part(input_shards, part, num_parts)
-    os.makedirs(output_dir, exist_ok=True)
     teacher = {**(teacher or {}), **decoding.describe()}
-    for shard in mine:
-        if shard_sets.is_done(output_dir, shard, SIDECAR_SUFFIX):
-            log(f"{os.path.basename(shard)}: already captioned, skipped")
-            continue
-        sidecar = caption_shard(loaded, shard, output_dir, decoding, teacher)
-        skipped = sum(sidecar["skipped"].values())
-        log(f"{os.path.basename(shard)}: {sidecar['written']} captioned, {skipped} skipped")
-    return summarize(output_dir, shards, teacher)
-
-
-def summarize(output_dir: str, shards: Sequence[str], teacher: dict[str, Any]) -> dict[str, Any]:
-    """Totals over the finished shards; references.json and the summary file once all are."""
-    sidecars = shard_sets.read_sidecars(output_dir, shards, SIDECAR_SUFFIX)
+    shards, sidecars = shard_sets.rewrite_part(
+        input_shards,
+        output_dir,
+        part,
+        num_parts,
+        SIDECAR_SUFFIX,
+        lambda shard: caption_shard(loaded, shard, output_dir, decoding, teacher),
+        lambda c: f"{c['written']} captioned, {sum(c['skipped'].values())} skipped",
+        "captioned",
+        log,
+    )
     summary = {
         "output_dir": output_dir,
         "shards_done": len(sidecars),
@@ -149,9 +143,12 @@ def summarize(output_dir: str, shards: Sequence[str], teacher: dict[str, Any]) -
         "skipped": shard_sets.summed_skips(sidecars),
         "teacher": teacher,
     }
-    if len(sidecars) == len(shards):
-        shard_sets.write_references(
-            output_dir, list(sidecars.values()), "original captions of a captioned shard set"
-        )
-        write_atomically(os.path.join(output_dir, SUMMARY_NAME), json.dumps(summary))
+    shard_sets.complete_set(
+        output_dir,
+        shards,
+        sidecars,
+        summary,
+        SUMMARY_NAME,
+        "original captions of a captioned shard set",
+    )
     return summary

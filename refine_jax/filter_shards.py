@@ -14,8 +14,6 @@ skipped and counted by reason; `references.json` (the kept captions) and
 
 from __future__ import annotations
 
-import json
-import os
 import tarfile
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +25,6 @@ from refine_jax.data import shard_sets
 from refine_jax.data.pipeline import preprocess_image
 from refine_jax.data.records import TEACHER_CAPTIONS_FIELD, decode_image
 from refine_jax.evaluation.matching import MatchEmbedder
-from refine_jax.paths import write_atomically
 
 SIDECAR_SUFFIX = ".filtered.json"
 SUMMARY_NAME = "filter_summary.json"
@@ -117,19 +114,20 @@ def filter_shard_set(
     are done, writes references.json and filter_summary.json. Returns the summary so far."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"the threshold is a matching probability in [0, 1], got {threshold}")
-    shards, mine = shard_sets.shards_of_part(input_shards, part, num_parts)
-    os.makedirs(output_dir, exist_ok=True)
-    for shard in mine:
-        if shard_sets.is_done(output_dir, shard, SIDECAR_SUFFIX):
-            log(f"{os.path.basename(shard)}: already filtered, skipped")
-            continue
-        sidecar = filter_shard(embedder, shard, output_dir, threshold)
-        dropped = sum(sidecar["captions_dropped"].values())
-        log(
-            f"{os.path.basename(shard)}: {sidecar['written']} kept, "
-            f"{sidecar['no_caption_kept']} left out, {dropped} captions dropped"
-        )
-    sidecars = shard_sets.read_sidecars(output_dir, shards, SIDECAR_SUFFIX)
+    shards, sidecars = shard_sets.rewrite_part(
+        input_shards,
+        output_dir,
+        part,
+        num_parts,
+        SIDECAR_SUFFIX,
+        lambda shard: filter_shard(embedder, shard, output_dir, threshold),
+        lambda f: (
+            f"{f['written']} kept, {f['no_caption_kept']} left out, "
+            f"{sum(f['captions_dropped'].values())} captions dropped"
+        ),
+        "filtered",
+        log,
+    )
     total = lambda key: {o: sum(s[key][o] for s in sidecars.values()) for o in ORIGINS}
     summary = {
         "output_dir": output_dir,
@@ -143,9 +141,12 @@ def filter_shard_set(
         "captions_dropped": total("captions_dropped"),
         "skipped": shard_sets.summed_skips(sidecars),
     }
-    if len(sidecars) == len(shards):
-        shard_sets.write_references(
-            output_dir, list(sidecars.values()), "captions kept by the matching model's filter"
-        )
-        write_atomically(os.path.join(output_dir, SUMMARY_NAME), json.dumps(summary))
+    shard_sets.complete_set(
+        output_dir,
+        shards,
+        sidecars,
+        summary,
+        SUMMARY_NAME,
+        "captions kept by the matching model's filter",
+    )
     return summary

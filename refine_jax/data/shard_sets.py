@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from refine_jax.data.records import SkipCounter, is_record
@@ -102,3 +102,41 @@ def read_good_records(shard: str) -> tuple[list[dict], SkipCounter]:
             records.append(element)
     source.close()
     return records, counter
+
+
+def rewrite_part(
+    input_shards: str | Sequence[str],
+    output_dir: str,
+    part: int,
+    num_parts: int,
+    suffix: str,
+    rewrite: Callable[[str], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+    done_word: str,
+    log: Callable[[str], Any] = print,
+) -> tuple[list[str], dict[str, dict]]:
+    """Runs `rewrite(shard) -> sidecar` (which ends with `finish`) on every shard of this part
+    that is not done yet, logging `describe(sidecar)` per shard; returns (every shard of the
+    set, the sidecars of the done ones by shard name)."""
+    shards, mine = shards_of_part(input_shards, part, num_parts)
+    os.makedirs(output_dir, exist_ok=True)
+    for shard in mine:
+        if is_done(output_dir, shard, suffix):
+            log(f"{os.path.basename(shard)}: already {done_word}, skipped")
+            continue
+        log(f"{os.path.basename(shard)}: {describe(rewrite(shard))}")
+    return shards, read_sidecars(output_dir, shards, suffix)
+
+
+def complete_set(
+    output_dir: str,
+    shards: Sequence[str],
+    sidecars: dict[str, dict],
+    summary: dict[str, Any],
+    summary_name: str,
+    description: str,
+) -> None:
+    """Once every shard is done: references.json (`description`) and the set's summary file."""
+    if len(sidecars) == len(shards):
+        write_references(output_dir, list(sidecars.values()), description)
+        write_atomically(os.path.join(output_dir, summary_name), json.dumps(summary))
