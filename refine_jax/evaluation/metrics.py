@@ -44,33 +44,21 @@ def split_metrics(
     schedule, weights = step_schedule(config)
     trajectories = {n: list(s["steps"]) for n, s in enumerate(samples)}
     references = {n: list(s["references"]) for n, s in enumerate(samples)}
-    metrics = refinement_metrics(trajectories, references, schedule, weights, per_image=per_image)
-    for key in ("gradualness", "gradualness_raw", "progress_per_step", "refine_score"):
-        metrics[f"{key}_tfidf"] = metrics[key]
-    metrics["gradualness_encoding"] = "tfidf"
+    metrics = refinement_metrics(
+        trajectories,
+        references,
+        schedule,
+        weights,
+        per_image=per_image,
+        step_vectors=None if match is None else match["step_embeddings"],
+        blank_vector=None if match is None else match["blank_embedding"],
+    )
+    metrics["gradualness_encoding"] = "tfidf" if match is None else "match"
     if match is not None:
-        in_match_space = refinement_metrics(
-            trajectories,
-            references,
-            schedule,
-            weights,
-            per_image=per_image,
-            step_vectors=match["step_embeddings"],
-            blank_vector=match["blank_embedding"],
-        )
-        for key in ("gradualness", "gradualness_raw", "progress_per_step", "refine_score"):
-            metrics[key] = in_match_space[key]
-        metrics["gradualness_encoding"] = "match"
         metrics["match_score_per_step"] = match["match_score"].mean(axis=0).tolist()
         metrics["ref_match_score_per_step"] = match["ref_match_score"].mean(axis=0).tolist()
-        if per_image:
-            for n, (entry, matched) in enumerate(
-                zip(metrics["per_image"], in_match_space["per_image"], strict=True)
-            ):
-                for key in ("progress", "gradualness", "gradualness_raw"):
-                    entry[f"{key}_tfidf"] = entry[key]
-                    entry[key] = matched[key]
-                entry["match_score"] = match["match_score"][n].tolist()
+        for entry, scores in zip(metrics.get("per_image", ()), match["match_score"], strict=False):
+            entry["match_score"] = scores.tolist()
     metrics["schedule"] = [float(x) for x in schedule]
     metrics["weights"] = [float(x) for x in weights]
     num_steps = metrics["num_steps"]

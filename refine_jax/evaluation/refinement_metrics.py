@@ -181,6 +181,11 @@ def refinement_metrics(
     A single step (K = 1: the autoregressive baseline) has no path to be gradual along: G, A
     and R (and their raw forms) are None, "not applicable".
 
+    Gradualness is always also reported in CIDEr's TF-IDF space, as `gradualness_tfidf`,
+    `gradualness_raw_tfidf`, `progress_per_step_tfidf` and `refine_score_tfidf` (and per image
+    `progress_tfidf`, `gradualness_tfidf`, `gradualness_raw_tfidf`): the same values as the
+    unsuffixed ones when no step vectors are given.
+
     Returns num_images, num_steps, cider_per_step, bleu4_per_step, final_cider, final_bleu4,
     weighted_quality (Q_w), gradualness (normalised G), gradualness_raw (DESIGN's 1 - mean
     deviation), progress_per_step (mean p_k over images with a non-zero final encoding, None if
@@ -230,15 +235,17 @@ def refinement_metrics(
         [[len(steps[k][n].split()) for k in range(num_steps)] for n in range(len(ids))],
         dtype=np.float64,
     )
-    if vectors is None:
-        vectorizer: CiderVectorizer = cider.vectorizer
-        distances = np.empty((len(ids), num_steps), dtype=np.float64)
-        final_blank = np.empty(len(ids), dtype=bool)
-        for n in range(len(ids)):
-            encoded = [vectorizer.encode(steps[k][n]) for k in range(num_steps)]
-            final_blank[n] = not any(encoded[-1].values())
-            distances[n] = [cosine_distance(e, encoded[-1]) for e in encoded]
-    else:
+    # Progress in CIDEr's TF-IDF space, always (reported as *_tfidf); in the caller's encoding
+    # when step vectors are given.
+    vectorizer: CiderVectorizer = cider.vectorizer
+    tfidf_distances = np.empty((len(ids), num_steps), dtype=np.float64)
+    tfidf_blank = np.empty(len(ids), dtype=bool)
+    for n in range(len(ids)):
+        encoded = [vectorizer.encode(steps[k][n]) for k in range(num_steps)]
+        tfidf_blank[n] = not any(encoded[-1].values())
+        tfidf_distances[n] = [cosine_distance(e, encoded[-1]) for e in encoded]
+    distances, final_blank = tfidf_distances, tfidf_blank
+    if vectors is not None:
         distances = np.array(
             [
                 [cosine_distance(vectors[n, k], vectors[n, -1]) for k in range(num_steps)]
@@ -252,19 +259,32 @@ def refinement_metrics(
             span = np.array([cosine_distance(blank, vectors[n, -1]) for n in range(len(ids))])
             final_blank = span <= 1e-6
             distances = distances / np.where(final_blank, 1.0, span)[:, None]
-    progress = 1.0 - distances
     final = lengths[:, -1:]
     has_words = final[:, 0] > 0
     ratios = lengths / np.where(final == 0, 1, final)
-    grad, grad_raw = _adherence(progress, final_blank, sched)
     adherence, adherence_raw = _adherence(ratios, ~has_words, sched)
-
     weighted_quality = float(np.dot(w, cider_per_step))
-    gradualness = float(grad.mean())
-    kept = ~final_blank
     applicable = num_steps > 1  # one step: nothing to be gradual along
-    if not applicable:
-        gradualness = None
+
+    def gradualness_of(distances: np.ndarray, blank: np.ndarray, suffix: str) -> tuple:
+        """(summary keys with `suffix`, per-image (progress, G, raw G)) of one encoding."""
+        progress = 1.0 - distances
+        grad, grad_raw = _adherence(progress, blank, sched)
+        kept = ~blank
+        summary = {
+            f"gradualness{suffix}": float(grad.mean()) if applicable else None,
+            f"gradualness_raw{suffix}": float(grad_raw.mean()) if applicable else None,
+            f"progress_per_step{suffix}": (
+                progress[kept].mean(axis=0).tolist() if kept.any() else None
+            ),
+            f"refine_score{suffix}": weighted_quality * float(grad.mean()) if applicable else None,
+        }
+        return summary, (progress, grad, grad_raw)
+
+    main, (progress, grad, grad_raw) = gradualness_of(distances, final_blank, "")
+    tfidf, (progress_tfidf, grad_tfidf, grad_raw_tfidf) = gradualness_of(
+        tfidf_distances, tfidf_blank, "_tfidf"
+    )
     out: dict[str, Any] = {
         "num_images": len(ids),
         "num_steps": num_steps,
@@ -273,17 +293,15 @@ def refinement_metrics(
         "final_cider": float(cider_per_step[-1]),
         "final_bleu4": float(bleu4_per_step[-1]),
         "weighted_quality": weighted_quality,
-        "gradualness": gradualness,
-        "gradualness_raw": float(grad_raw.mean()) if applicable else None,
-        "progress_per_step": progress[kept].mean(axis=0).tolist() if kept.any() else None,
+        **main,
         "length_adherence": float(adherence.mean()) if applicable else None,
         "length_adherence_raw": float(adherence_raw.mean()) if applicable else None,
         "length_ratio_per_step": (
             ratios[has_words].mean(axis=0).tolist() if has_words.any() else None
         ),
-        "refine_score": weighted_quality * gradualness if applicable else None,
         "monotonic_fraction": float(monotonic.mean()),
         "num_blank_final": int((~has_words).sum()),
+        **tfidf,
     }
     if per_image:
         out["per_image"] = [
@@ -291,6 +309,9 @@ def refinement_metrics(
                 "image_id": image_id,
                 "cider": per_image_cider_arr[n].tolist(),
                 "progress": progress[n].tolist(),
+                "progress_tfidf": progress_tfidf[n].tolist(),
+                "gradualness_tfidf": float(grad_tfidf[n]),
+                "gradualness_raw_tfidf": float(grad_raw_tfidf[n]),
                 "length_ratio": ratios[n].tolist(),
                 "gradualness": float(grad[n]),
                 "gradualness_raw": float(grad_raw[n]),
