@@ -47,6 +47,7 @@ from refine_jax.evaluation.metrics import (
 )
 from refine_jax.evaluation.report import ReportImage, select_images, write_report
 from refine_jax.model_loading import LoadedModel, load_model, restore_params
+from refine_jax.models.kinds import model_kind
 from refine_jax.paths import absolute, folder_name
 from refine_jax.sharding import to_host
 from refine_jax.workdir_config import config_for_workdir
@@ -193,7 +194,7 @@ def evaluate_checkpoint(
     timings["open_split"] = time.perf_counter() - tick
     name = eval_name or default_eval_name(eval_data)
     output_dir = workdir / "eval" / name
-    if config.model.kind == "match":
+    if not model_kind(config.model.kind).describes:  # the matching model
         return _evaluate_retrieval(loaded, source, info, name, output_dir, timings, start)
 
     tick = time.perf_counter()
@@ -313,8 +314,8 @@ def _evaluate_retrieval(
 
 def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
     """A few lines for the console: the headline metrics and where the files are."""
-    if summary["model_kind"] == "match":
-        print(f"eval {summary['eval_name']} (checkpoint {summary['checkpoint_step']}):", file=out)
+    print(f"eval {summary['eval_name']} (checkpoint {summary['checkpoint_step']}):", file=out)
+    if not model_kind(summary["model_kind"]).describes:  # retrieval recall
         print(f"  {summary['num_images']} images, {summary['num_texts']} texts", file=out)
         for key, value in summary.items():
             if "_r@" in key:
@@ -331,7 +332,6 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
         "refine_score",
         "monotonic_fraction",
     )
-    print(f"eval {summary['eval_name']} (checkpoint {summary['checkpoint_step']}):", file=out)
     for key in keys:
         value = summary[key]
         if value is None:
