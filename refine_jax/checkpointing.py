@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from refine_jax.config import base_config
 from refine_jax.errors import CheckpointError, CheckpointMismatchError
 
 CHECKSUMS_FILE = "checksums.json"
@@ -60,10 +61,12 @@ def model_signature(config: ml_collections.ConfigDict, params: Any) -> dict:
 
 
 def signature_differences(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between two model signatures (empty when compatible)."""
+    """Human-readable differences between two model signatures (empty when compatible). A model
+    key the checkpoint predates counts as its `base_config` default, with which it was trained."""
     differences = []
+    defaults = base_config().model
     for key in sorted(set(saved["model"]) | set(current["model"])):
-        old, new = saved["model"].get(key), current["model"].get(key)
+        old, new = saved["model"].get(key, defaults.get(key)), current["model"].get(key)
         if old != new:
             differences.append(f"model.{key}: checkpoint has {old!r}, config has {new!r}")
     for key in sorted(set(saved["param_shapes"]) | set(current["param_shapes"])):

@@ -17,6 +17,7 @@ import ml_collections
 # the modules that implement them import them from here.
 MODEL_KINDS = ("refine", "autoregressive", "match")  # registered in models/kinds.py
 REMAT_POLICIES = ("none", "full", "dots")  # models.refine
+POSITION_BIASES = ("none", "relative")  # models.vit
 TARGET_KINDS = ("salience", "full")  # targets
 LAYOUTS = ("aligned", "left")  # targets.canvas_targets
 SCHEDULES = ("linear", "log")  # targets.schedule_fractions
@@ -95,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.0
     config.model.dtype = "float32"
     config.model.remat = "none"
+    # "relative": every encoder self-attention adds a learned bias per head and 2-D patch
+    # offset (models.vit), so a head can attend by relative place ("the next row, same column").
+    config.model.position_bias = "none"
     config.model.scan_detailer = True
     config.model.pretrained_encoder = ""  # a big_vision ViT .npz to start the encoder from
 
@@ -226,6 +230,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(config.rng_impl, "rng_impl", RNG_IMPLS)
     _check_choice(m.kind, "model.kind", MODEL_KINDS)
     _check_choice(m.remat, "model.remat", REMAT_POLICIES)
+    _check_choice(m.position_bias, "model.position_bias", POSITION_BIASES)
     _check_choice(t.kind, "targets.kind", TARGET_KINDS)
     _check_choice(t.schedule, "targets.schedule", SCHEDULES)
     _check_choice(t.layout, "targets.layout", LAYOUTS)

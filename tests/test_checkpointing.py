@@ -49,6 +49,18 @@ def test_signature_differences_name_config_keys_and_parameter_shapes():
     assert signature_differences(saved, saved) == []
 
 
+def test_a_model_key_the_checkpoint_predates_counts_as_its_default():
+    config = load_config("shapes", "tiny")
+    params = {"dense": {"kernel": np.zeros((4, 8))}}
+    saved = model_signature(config, params)
+    del saved["model"]["position_bias"]  # written before the key existed
+    assert signature_differences(saved, model_signature(config, params)) == []
+    config.model.position_bias = "relative"
+    assert signature_differences(saved, model_signature(config, params)) == [
+        "model.position_bias: checkpoint has 'none', config has 'relative'"
+    ]
+
+
 def test_a_step_already_saved_is_not_saved_again(tmp_path):
     checkpointer = Checkpointer(tmp_path, save_every=10, async_save=False)
     data = iterator()

@@ -1,5 +1,6 @@
 """The refinement model: weight sharing across steps, scanned == unscanned, remat, decoding."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ from conftest import load_config
 
 from refine_jax.models import build_model
 from refine_jax.models.refine import clean_canvas, write_scheduled
+from refine_jax.models.vit import relative_offsets
 from refine_jax.special_tokens import BLANK_ID, EOS_ID, PAD_ID, UNK_ID
 from refine_jax.targets import schedule_fractions
 from refine_jax.train import init_variables
@@ -225,3 +227,41 @@ def test_an_aligned_step_writes_its_share_of_the_description_most_confident_word
         write_scheduled(logits, jnp.asarray(1.0)),
         [[5, 8, 6, P, P, P, P, P], [5, 6, 7, 8, 5, P, P, P]],
     )
+
+
+def test_relative_offsets_number_each_2d_offset_once_and_share_equal_offsets():
+    offsets = relative_offsets(2, 3)  # patches (row, col) in row-major order
+    assert offsets.shape == (6, 6)
+    # 3 rows x 5 columns of offsets, numbered row-major from (-1, -2): (0, 0) is 1*5 + 2 = 7.
+    assert set(np.diag(offsets)) == {7}
+    assert offsets[0, 5] == (1 + 1) * 5 + (2 + 2)  # (0,0) -> (1,2): one row down, two right
+    assert offsets[5, 0] == 0  # (1,2) -> (0,0): one row up, two left
+    assert offsets[0, 3] == offsets[1, 4] == offsets[2, 5]  # "one row down" from each column
+    assert len(np.unique(offsets)) == 15
+
+
+def test_relative_position_bias_starts_at_zero_and_then_changes_what_the_encoder_sees():
+    config = tiny_config(2)
+    plain = build_model(config, VOCAB)
+    config.model.position_bias = "relative"
+    biased = build_model(config, VOCAB)
+    params = nn.unbox(init_variables(biased, config, VOCAB))
+    table = params["encoder"]["encoderblock"]["relative_position_bias"]
+    grid = config.model.image_size // config.model.patch_size
+    # One table per encoder layer (stacked by the scan), one column per head.
+    assert table.shape == (
+        config.model.encoder_depth,
+        (2 * grid - 1) ** 2,
+        config.model.num_heads,
+    )
+    images = inputs(config)[0]
+    without_bias = jax.tree.map(lambda x: x, params)
+    del without_bias["encoder"]["encoderblock"]["relative_position_bias"]
+    encoded = lambda model, p: model.apply({"params": p}, images, method="encode")
+    np.testing.assert_allclose(
+        encoded(biased, params), encoded(plain, without_bias), rtol=1e-6, atol=1e-6
+    )
+    params["encoder"]["encoderblock"]["relative_position_bias"] = jnp.linspace(
+        -2.0, 2.0, table.size
+    ).reshape(table.shape)
+    assert not np.allclose(encoded(biased, params), encoded(plain, without_bias), atol=1e-3)

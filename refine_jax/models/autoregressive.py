@@ -103,6 +103,7 @@ class AutoregressiveCaptioner(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     remat: str = "none"
+    position_bias: str = "none"  # of the encoder's self-attention (models.vit)
     decode: bool = False
 
     def setup(self):

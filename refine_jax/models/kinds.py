@@ -116,6 +116,7 @@ def _shared_module_args(config: ml_collections.ConfigDict, vocab_size: int) -> d
         dtype=jnp.dtype(m.dtype),
         dropout_rate=m.dropout_rate,
         remat=m.remat,
+        position_bias=m.position_bias,
     )
 
 

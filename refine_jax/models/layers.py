@@ -65,6 +65,7 @@ class Attention(nn.Module):
         memory: jax.Array,  # [B, M, D]
         mask: jax.Array | None = None,  # broadcastable to [B, H, Q, M]
         deterministic: bool = True,
+        bias: jax.Array | None = None,  # added to the logits, broadcastable to [B, H, Q, M]
     ) -> jax.Array:
         features = queries.shape[-1]
         if features % self.num_heads:
@@ -81,6 +82,8 @@ class Attention(nn.Module):
         if self.decode:
             k, v, mask = self._update_cache(k, v, mask)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(self.dtype)
+        if bias is not None:
+            logits = logits + bias.astype(logits.dtype)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)

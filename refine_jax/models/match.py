@@ -75,6 +75,7 @@ class MatchModel(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     remat: str = "none"
+    position_bias: str = "none"  # of the encoder's self-attention (models.vit)
 
     def setup(self):
         self.encoder = encoder_for(self)

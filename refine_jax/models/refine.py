@@ -250,6 +250,7 @@ class RefineCaptioner(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     remat: str = "none"
+    position_bias: str = "none"  # of the encoder's self-attention (models.vit)
     scan: bool = True
     layout: str = "aligned"  # of the targets: how a step writes its canvas (see DetailerStep)
     objective: str = "final"  # "final" or "step" (see DetailerStep)

@@ -1,11 +1,12 @@
-"""ViT image encoder: patchify, learned positions (2-D sin-cos initialised), pre-LN blocks stacked
-with `nn.scan`."""
+"""ViT image encoder: patchify, learned positions (2-D sin-cos initialised), optionally a learned
+2-D relative position bias in every self-attention, pre-LN blocks stacked with `nn.scan`."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from refine_jax.models.layers import (
     Attention,
@@ -19,20 +20,44 @@ from refine_jax.models.layers import (
 )
 
 
+def relative_offsets(grid_height: int, grid_width: int) -> np.ndarray:
+    """[N, N] int: entry (i, j) numbers the 2-D offset of patch j from patch i (row-major
+    patches), one of (2·grid_height − 1)·(2·grid_width − 1); equal offsets share a number."""
+    rows, cols = np.meshgrid(np.arange(grid_height), np.arange(grid_width), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    d_row = rows[None, :] - rows[:, None] + grid_height - 1  # [N, N], in [0, 2·gh − 2]
+    d_col = cols[None, :] - cols[:, None] + grid_width - 1
+    return d_row * (2 * grid_width - 1) + d_col
+
+
 class EncoderBlock(nn.Module):
-    """One pre-LN ViT block; written as a scan body (carry in, carry out)."""
+    """One pre-LN ViT block; written as a scan body (carry in, carry out). With `grid` (patch
+    rows, columns) its self-attention adds a learned bias per head and 2-D offset between
+    patches (zero at init), so a head can look "one row down" or "later in the same column"
+    wherever it is, which absolute positions alone make hard to learn."""
 
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    grid: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, _, deterministic: bool = True):
         drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        bias = None
+        if self.grid is not None:
+            offsets = relative_offsets(*self.grid)
+            num_offsets = (2 * self.grid[0] - 1) * (2 * self.grid[1] - 1)
+            table = self.param(
+                "relative_position_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("offsets", None)),
+                (num_offsets, self.num_heads),
+            )
+            bias = jnp.transpose(table[offsets], (2, 0, 1))[None]  # [1, H, N, N]
         h = layer_norm(self.dtype, "pre_attention_norm")(x)
         h = Attention(self.num_heads, self.dtype, self.dropout_rate, name="self_attention")(
-            h, h, None, deterministic
+            h, h, None, deterministic, bias
         )
         x = constrain(x + drop(h), ("batch", "patches", "embed"))
         h = layer_norm(self.dtype, "pre_mlp_norm")(x)
@@ -52,6 +77,7 @@ class ViTEncoder(nn.Module):
     dropout_rate: float = 0.0
     remat: bool = False
     position_init: str = "sincos2d"  # of the learned position table: "sincos2d" or "normal"
+    position_bias: str = "none"  # "relative": a learned 2-D relative bias in each self-attention
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -77,6 +103,7 @@ class ViTEncoder(nn.Module):
         x = constrain(x, ("batch", "patches", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+        block_grid = grid if self.position_bias == "relative" else None
         x, _ = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -85,14 +112,20 @@ class ViTEncoder(nn.Module):
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
-            self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name="encoderblock"
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.dropout_rate,
+            block_grid,
+            name="encoderblock",
         )(x, None, deterministic)
         return layer_norm(self.dtype, "encoder_norm")(x)
 
 
 def encoder_for(model: nn.Module) -> ViTEncoder:
     """The ViT encoder of a model with the shared image-tower fields (patch_size, width,
-    encoder_depth, num_heads, mlp_dim, dtype, dropout_rate, remat): every model kind's."""
+    encoder_depth, num_heads, mlp_dim, dtype, dropout_rate, remat, position_bias): every model
+    kind's."""
     return ViTEncoder(
         model.patch_size,
         model.width,
@@ -102,4 +135,5 @@ def encoder_for(model: nn.Module) -> ViTEncoder:
         model.dtype,
         model.dropout_rate,
         remat=model.remat != "none",
+        position_bias=model.position_bias,
     )
