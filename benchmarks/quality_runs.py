@@ -19,6 +19,10 @@ from refine_jax.train import train_and_evaluate
 SCORES = (
     "final_cider",
     "final_bleu4",
+    "final_cider_interval",
+    "final_repetition",
+    "repetition_per_step",
+    "consensus_per_step",
     "cider_per_step",
     "bleu4_per_step",
     "weighted_quality",

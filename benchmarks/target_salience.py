@@ -5,8 +5,9 @@ salience targets (statistics from the training captions) and reports, per step k
 
 - `subject`: the share of step-k targets that contain the caption's subject (the first
   noun-like phrase head, `refine_jax.targets.subject_position`);
-- `consensus`: the share that contain a content word used by at least 3 of the image's
-  references, a check that does not depend on the noun test.
+- `consensus`: the share that contain a content word used by a majority (3 of 5) of the
+  image's references (`evaluation.refinement_metrics.consensus_words`), a check that does not
+  depend on the noun test.
 
     python benchmarks/target_salience.py --data=../shared/data/flickr8k
     python benchmarks/target_salience.py --quick     # shapes captions, seconds
@@ -18,7 +19,6 @@ benchmarks/results/target_salience[_quick].json).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 from pathlib import Path
@@ -27,8 +27,8 @@ import common
 
 from refine_jax.data.shapes import generate
 from refine_jax.data.shards import TarShardSource
+from refine_jax.evaluation.refinement_metrics import consensus_words
 from refine_jax.targets import (
-    FUNCTION_WORDS,
     SalienceStats,
     caption_words,
     step_word_indices,
@@ -36,14 +36,6 @@ from refine_jax.targets import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def consensus_words(references: list[str]) -> set[str]:
-    """Content words that at least 3 of the references use."""
-    counts = collections.Counter(
-        w for c in references for w in set(caption_words(c)) if w not in FUNCTION_WORDS
-    )
-    return {w for w, n in counts.items() if n >= 3}
 
 
 def read_split(folder: str) -> list[list[str]]:
@@ -70,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     subject, consensus, total = [0] * k, [0] * k, 0
     examples = []
     for references in images:
-        agreed = consensus_words(references)
+        agreed = consensus_words([" ".join(caption_words(c)) for c in references])
         for caption in references:
             words = caption_words(caption)
             steps = step_word_indices(words, k, stats)

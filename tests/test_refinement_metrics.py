@@ -10,8 +10,11 @@ import pytest
 
 from refine_jax.evaluation.caption_metrics import score_captions
 from refine_jax.evaluation.refinement_metrics import (
+    bootstrap_interval,
     chain_agreement,
+    consensus_words,
     degenerate_deviation,
+    has_repeated_word,
     refinement_metrics,
 )
 
@@ -214,6 +217,42 @@ def test_monotonicity_on_hand_made_trajectories() -> None:
     assert [p["monotonic"] for p in out["per_image"]] == [True, False]
     cider_b = out["per_image"][1]["cider"]
     assert cider_b[2] < cider_b[1]
+
+
+def test_repetition_and_consensus_shares_per_step() -> None:
+    refs = {
+        "a": ["a dog runs", "a dog in snow", "the dog jumps", "a cat sits", "snow falls"],
+        "b": [CAPTION_B, CAPTION_B, CAPTION_B],
+    }
+    chains = {
+        "a": ["snow", "a snow snow", "the dog runs", "a dog dog runs"],  # repeats at 2 and 4
+        "b": ["outside", "dogs", "two dogs play", "Two two dogs play outside."],
+    }
+    out = refinement_metrics(chains, refs, LINEAR4, UNIFORM4)
+    # "b" at step 4 repeats after lower-casing tokenisation ("two two").
+    assert out["repetition_per_step"] == [0.0, 0.5, 0.0, 1.0]
+    assert out["final_repetition"] == 1.0
+    # a's majority word is "dog" (3 of 5; "snow" 2 of 5); b's are all four of its words.
+    assert out["consensus_per_step"] == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_consensus_words_need_a_majority_of_references_and_skip_function_words() -> None:
+    refs = ["a dog in the snow", "a dog runs", "the brown dog in snow", "a cat"]
+    assert consensus_words(refs) == {"dog"}  # "snow": 2 of 4, no majority; "a": a function word
+    assert has_repeated_word("a dog dog runs") and not has_repeated_word("a dog a dog")
+
+
+def test_final_cider_interval_is_a_bootstrap_interval_around_the_mean() -> None:
+    chains = {"a": GROWING_A, "b": ["two", "two dogs", "two dogs play", "a horse"]}
+    out = refinement_metrics(chains, REFS, LINEAR4, UNIFORM4, per_image=True)
+    finals = [p["cider"][-1] for p in out["per_image"]]
+    assert finals[0] == pytest.approx(10.0) and finals[1] == 0.0
+    low, high = out["final_cider_interval"]
+    # Resampling two images gives means 0, 5 or 10, with 5 the likeliest.
+    assert low == 0.0 and high == pytest.approx(10.0) and low <= out["final_cider"] <= high
+    assert bootstrap_interval([3.0, 3.0, 3.0]) == [3.0, 3.0]
+    with pytest.raises(ValueError, match="at least one value"):
+        bootstrap_interval([])
 
 
 def test_length_adherence_counts_eval_tokens() -> None:

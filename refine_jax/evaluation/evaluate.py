@@ -325,7 +325,9 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
     keys = (
         "num_images",
         "final_cider",
+        "final_cider_interval",
         "final_bleu4",
+        "final_repetition",
         "weighted_quality",
         "gradualness",
         "length_adherence",
@@ -338,6 +340,8 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
             value = "n/a (one step: nothing to refine)"
         elif key == "gradualness":
             value = f"{value:.4f} ({summary['gradualness_encoding']} text space)"
+        elif key == "final_cider_interval":
+            value = f"[{value[0]:.4f}, {value[1]:.4f}] (95% bootstrap over images)"
         print(
             f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}", file=out
         )

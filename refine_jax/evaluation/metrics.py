@@ -85,6 +85,8 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         "progress_per_step_tfidf": "progress_tfidf",
         "match_score_per_step": "match_score",
         "ref_match_score_per_step": "ref_match_score",
+        "repetition_per_step": "repetition",
+        "consensus_per_step": "consensus",
     }
     flat: dict[str, float] = {}
     for key, value in metrics.items():

@@ -19,6 +19,13 @@ schedule s(k) and the loss weights w_k:
 - Refine score R = Q_w * G (the normalised G below), and `monotonic_fraction`: the fraction of
   images whose per-image CIDEr never drops from one step to the next (a drop of at most 1e-9
   relative is float noise).
+- Repetition: the share of step-k captions with an immediately repeated word ("snow snow"),
+  the typical failure of parallel decoding. Consensus: the share of step-k captions that hold a
+  content word (not in `targets.FUNCTION_WORDS`) used by a majority of the image's references
+  (3 of 5): does the coarse description already name what people agree is there?
+- `final_cider_interval`: a 95% bootstrap interval of the final CIDEr-D over images (2,000
+  resamples, seed 0). The IDF comes from the references and is fixed, so the corpus CIDEr is the
+  mean of the per-image scores and resampling those is exact.
 
 Normalised G and A (`gradualness`, `length_adherence`). The raw 1 - dev does not separate a
 gradual chain from the two degenerate ones: at K = 4 under the linear schedule both "blank until
@@ -64,8 +71,41 @@ from refine_jax.evaluation.caption_metrics import (
     prepare_captions,
 )
 from refine_jax.evaluation.ptb_tokenizer import tokenize_many
+from refine_jax.targets import FUNCTION_WORDS
 
 _MONOTONE_RTOL = 1e-9
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[float]:
+    """[low, high] percentile bootstrap interval of the mean of per-image `values`."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        raise ValueError("a bootstrap interval needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (resamples, values.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+
+
+def has_repeated_word(caption: str) -> bool:
+    """Whether two consecutive words of the (tokenised) caption are the same."""
+    words = caption.split()
+    return any(a == b for a, b in zip(words, words[1:], strict=False))
+
+
+def consensus_words(references: Sequence[str]) -> set[str]:
+    """Content words that a majority of the (tokenised) references use (3 of 5)."""
+    counts: dict[str, int] = {}
+    for caption in references:
+        for word in set(caption.split()) - FUNCTION_WORDS:
+            counts[word] = counts.get(word, 0) + 1
+    return {w for w, n in counts.items() if n > len(references) / 2}
 
 
 def _as_step_array(values: Any, num_steps: int, name: str) -> np.ndarray:
@@ -187,6 +227,7 @@ def refinement_metrics(
     unsuffixed ones when no step vectors are given.
 
     Returns num_images, num_steps, cider_per_step, bleu4_per_step, final_cider, final_bleu4,
+    final_cider_interval, repetition_per_step, final_repetition, consensus_per_step,
     weighted_quality (Q_w), gradualness (normalised G), gradualness_raw (DESIGN's 1 - mean
     deviation), progress_per_step (mean p_k over images with a non-zero final encoding, None if
     none), length_adherence (normalised A), length_adherence_raw, length_ratio_per_step (mean
@@ -230,6 +271,14 @@ def refinement_metrics(
         1.0, np.abs(per_image_cider_arr[:, :-1])
     )
     monotonic = ~drops.any(axis=1)
+    agreed = [consensus_words(ref_groups[n]) for n in range(len(ids))]
+    repetition_per_step = [
+        float(np.mean([has_repeated_word(c) for c in steps[k]])) for k in range(num_steps)
+    ]
+    consensus_per_step = [
+        float(np.mean([bool(agreed[n] & set(c.split())) for n, c in enumerate(steps[k])]))
+        for k in range(num_steps)
+    ]
 
     lengths = np.array(
         [[len(steps[k][n].split()) for k in range(num_steps)] for n in range(len(ids))],
@@ -292,6 +341,10 @@ def refinement_metrics(
         "bleu4_per_step": [float(x) for x in bleu4_per_step],
         "final_cider": float(cider_per_step[-1]),
         "final_bleu4": float(bleu4_per_step[-1]),
+        "final_cider_interval": bootstrap_interval(per_image_cider_arr[:, -1]),
+        "repetition_per_step": repetition_per_step,
+        "final_repetition": repetition_per_step[-1],
+        "consensus_per_step": consensus_per_step,
         "weighted_quality": weighted_quality,
         **main,
         "length_adherence": float(adherence.mean()) if applicable else None,
