@@ -136,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.decode = ml_collections.ConfigDict()
     config.decode.revise = True  # a step may replace words earlier steps wrote
     config.decode.polish_steps = 0  # extra applications of the final step
+    config.decode.beam_size = 1  # the baseline in eval and caption modes: 1 greedy, > 1 beam
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "shapes"  # shapes | shards | tfds_coco | labels | mixture (data/__init__)
@@ -242,6 +243,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.targets.objective = 'final' needs targets.layout = 'aligned' and "
             f"targets.kind = 'salience' (got {t.layout!r}, {t.kind!r}); or use objective 'step'"
         )
+    if config.decode.beam_size < 1:
+        raise ValueError(f"config.decode.beam_size must be >= 1, got {config.decode.beam_size}")
     if config.decode.polish_steps < 0:
         raise ValueError(
             f"config.decode.polish_steps must be >= 0, got {config.decode.polish_steps}"

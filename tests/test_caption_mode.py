@@ -20,7 +20,8 @@ from refine_jax.evaluation.caption_images import (
     describe_images,
     list_images,
 )
-from refine_jax.evaluation.evaluate import load_model
+from refine_jax.evaluation.captioning import describe_split
+from refine_jax.evaluation.evaluate import eval_split, load_model
 from refine_jax.tokenizer import train_tokenizer
 
 
@@ -149,3 +150,38 @@ def test_a_folder_of_many_batches_compiles_the_decoder_once(
     assert len(described) == 40 and all(
         len(steps) == (4 if method == "greedy" else 1) for steps in described
     )
+
+
+@pytest.mark.parametrize("beam_size,decoder", [(1, "greedy_decode"), (3, "beam_decode")])
+def test_eval_describes_the_split_with_the_configured_beam(
+    tmp_path, monkeypatch, beam_size, decoder
+):
+    config = load_config("shapes", "tiny,autoregressive")
+    config.data.eval_size = 20  # two batches of 16, the second padded
+    config.decode.beam_size = beam_size
+    tokenizer = train_tokenizer(["a red circle above a blue square", "two green stars"] * 20, 300)
+    loaded = load_model(config, tmp_path, random_init=True, tokenizer=tokenizer)
+    calls = []
+    traced = getattr(decoding, decoder)
+
+    def recording(model, params, images, *args, **kwargs):
+        calls.append(args[:1])  # the beam size (beam search) or early_stop (greedy)
+        return traced(model, params, images, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, decoder, recording)
+    decoding.decode_batch.clear_cache()
+    source, _ = eval_split(config)
+    with loaded.context():
+        samples = describe_split(
+            loaded.model,
+            loaded.params,
+            source,
+            loaded.features,
+            loaded.tokenizer,
+            config.batch_size,
+            loaded.fractions,
+            put_batch=loaded.put_batch,
+            beam_size=config.decode.beam_size,
+        )
+    assert len(samples) == 20 and all(len(s["steps"]) == 1 for s in samples)
+    assert calls == [((3,) if beam_size > 1 else (True,))]  # traced once, two batches

@@ -77,6 +77,7 @@ def test_canvas_shorter_than_longest_target_is_rejected_before_compilation(
         ("targets.schedule", "cubic", "targets.schedule = 'cubic' is not one of"),
         ("targets.self_condition_rate", 1.5, "self_condition_rate must be in"),
         ("model.patch_size", 7, "not divisible by patch_size 7"),
+        ("decode.beam_size", 0, "decode.beam_size must be >= 1"),
         ("model.position_bias", "alibi", "model.position_bias = .alibi. is not one of"),
         ("match.embed_dim", 0, "match.embed_dim must be >= 1"),
         ("match.subset_rate", -0.1, "match.subset_rate must be in"),

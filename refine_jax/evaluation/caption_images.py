@@ -166,7 +166,11 @@ def caption_images(
         except (CorruptImageError, OSError) as e:
             skipped.append({"file": str(path), "error": str(e)})
             print(f"skipping {path}: {e}", file=stderr)
-    descriptions = describe_images(loaded, np.stack(arrays), start_from) if arrays else []
+    beam = config.decode.beam_size
+    method = "beam" if beam > 1 else "greedy"
+    descriptions = (
+        describe_images(loaded, np.stack(arrays), start_from, method, beam) if arrays else []
+    )
     scores = step_match_scores(match_workdir, good, descriptions) if match_workdir else None
 
     output = epath.Path(output) if output else default_output(workdir, images)

@@ -20,11 +20,12 @@ def describe_split(
     batch_size: int,
     fractions: np.ndarray,
     put_batch=lambda batch: batch,
+    beam_size: int = 1,
 ) -> list[dict]:
     """Per image: `image_id`, `references`, `steps` (the decoded description of each step),
     `targets` (the coarse-to-fine targets of its first reference) and `chain` when the source
     knows the true one. `put_batch` places a host batch, which every process holds whole, on
-    the devices."""
+    the devices. `beam_size` > 1: the baseline decodes by beam search (else greedily)."""
     samples = []
     for arrays, records in eval_batches(source, features, batch_size):
         canvases = decode_batch(
@@ -32,6 +33,8 @@ def describe_split(
             params,
             put_batch({"image": arrays["image"]})["image"],
             np.asarray(fractions, np.float32),
+            "beam" if beam_size > 1 else "greedy",
+            beam_size,
         )
         canvases = to_host(canvases)  # [B, K, L]
         for i, record in enumerate(records):

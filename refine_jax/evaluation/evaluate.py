@@ -208,6 +208,7 @@ def evaluate_checkpoint(
             config.batch_size,
             loaded.fractions,
             put_batch=loaded.put_batch,
+            beam_size=config.decode.beam_size,
         )
     timings["describe"] = time.perf_counter() - tick
 
