@@ -1,4 +1,5 @@
-"""The refinement model: weight sharing across steps, scanned == unscanned, remat, decoding."""
+"""The refinement model: weight sharing across steps, scanned == unscanned, remat, decoding,
+image keys/values projected once per image."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ import pytest
 from conftest import load_config
 
 from refine_jax.models import build_model
-from refine_jax.models.refine import clean_canvas, write_scheduled
+from refine_jax.models.refine import STEP_FEATURES, clean_canvas, write_scheduled
 from refine_jax.models.vit import relative_offsets
 from refine_jax.special_tokens import BLANK_ID, EOS_ID, PAD_ID, UNK_ID
 from refine_jax.targets import schedule_fractions
@@ -81,6 +82,117 @@ def test_scanned_and_unscanned_give_same_logits_and_gradients():
     np.testing.assert_allclose(out_s["cross_entropy"], out_u["cross_entropy"], atol=1e-5)
     for g_s, g_u in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u), strict=True):
         np.testing.assert_allclose(g_s, g_u, atol=1e-5, rtol=1e-4)
+
+
+def test_detailer_parameters_keep_the_layout_of_existing_checkpoints():
+    # The image keys/values are projected outside the scan with the cross-attention's own
+    # parameters: every parameter keeps the path and shape checkpoints written before have.
+    config = tiny_config(3)
+    m = config.model
+    params = nn.unbox(init_variables(build_model(config, VOCAB), config, VOCAB))
+    d = m.width
+    attention = {
+        f"{projection}/{w}": (d, d) if w == "kernel" else (d,)
+        for projection in ("query", "key", "value", "out")
+        for w in ("kernel", "bias")
+    }
+    norms = ("pre_self_attention_norm", "pre_cross_attention_norm", "pre_mlp_norm")
+    layer = {
+        **{
+            f"{a}/{k}": v
+            for a in ("self_attention", "cross_attention")
+            for k, v in attention.items()
+        },
+        **{f"{n}/{w}": (d,) for n in norms for w in ("scale", "bias")},
+        "mlp/wi/kernel": (d, m.mlp_dim),
+        "mlp/wi/bias": (m.mlp_dim,),
+        "mlp/wo/kernel": (m.mlp_dim, d),
+        "mlp/wo/bias": (d,),
+    }
+    expected = {
+        **{f"layer_{i}/{k}": v for i in range(m.detailer_depth) for k, v in layer.items()},
+        "token_embedding/embedding": (VOCAB, d),
+        "pos_embedding": (m.canvas_length, d),
+        "step_embedding/kernel": (STEP_FEATURES, d),
+        "step_embedding/bias": (d,),
+        "final_norm/scale": (d,),
+        "final_norm/bias": (d,),
+        "logits/kernel": (d, VOCAB),
+        "logits/bias": (VOCAB,),
+        "due/kernel": (d, 1),
+        "due/bias": (1,),
+    }
+    shapes = {
+        "/".join(k.key for k in path): leaf.shape
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params["detailer"])
+    }
+    assert shapes == expected
+
+
+def per_step_projection(model, params, images, steps, final):
+    """The reference: the K steps of the unscanned `model`, every step projecting the image
+    tokens to its layers' cross-attention keys and values itself (as before they were
+    projected once per image). Returns (per-step outputs stacked, the 'intermediates')."""
+
+    def run(m, images):
+        image_tokens = m.encode(images)
+        canvas = jnp.full((images.shape[0], m.canvas_length), BLANK_ID, jnp.int32)
+        per_step = []
+        for k in range(steps["fraction"].shape[0]):
+            step_k = jax.tree.map(lambda a, k=k: a[k], steps)
+            memory = (image_tokens,) * m.detailer_depth  # the tokens: the step projects them
+            canvas, out = m.detailer(canvas, step_k, memory, final, True)
+            per_step.append(out)
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+
+    return model.apply({"params": params}, images, method=run, mutable=["intermediates"])
+
+
+def sown_cross_attention(state):
+    """Each detailer layer's sown cross-attention weights as one [K, B, H, L, N] array: the
+    scan sows one stacked array, a Python loop one array per step."""
+    weights = {
+        name: layer["cross_attention"]["attention_weights"]
+        for name, layer in state["intermediates"]["detailer"].items()
+        if name.startswith("layer_")
+    }
+    return {name: w[0] if len(w) == 1 else jnp.stack(w) for name, w in weights.items()}
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_keys_values_projected_once_give_the_outputs_of_projecting_them_every_step(scan):
+    config = tiny_config(3)
+    model = build_model(config, VOCAB, scan=scan).clone(keep_logits=True)
+    reference = build_model(config, VOCAB, scan=False).clone(keep_logits=True)
+    params = init_variables(model, config, VOCAB)
+    images, targets, fractions, self_condition = inputs(config)
+
+    # Training: the per-step loss terms and logits (own predictions read after some steps).
+    out, state = model.apply(
+        {"params": params}, images, targets, fractions, self_condition, mutable=["intermediates"]
+    )
+    steps = {
+        "fraction": fractions,
+        "target": jnp.swapaxes(targets, 0, 1),
+        "self_condition": jnp.repeat(self_condition[None], 3, axis=0),
+    }
+    expected, expected_state = per_step_projection(reference, params, images, steps, targets[:, -1])
+    for key in ("cross_entropy", "expected_length", "token_accuracy", "logits"):
+        np.testing.assert_allclose(out[key], expected[key], atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(out["exact_match"], expected["exact_match"])
+    # The cross-attention weights are still sown, one map per step and layer.
+    attention = sown_cross_attention(state)
+    expected_attention = sown_cross_attention(expected_state)
+    patches = (config.model.image_size // config.model.patch_size) ** 2
+    assert attention.keys() == expected_attention.keys() == {"layer_0"}
+    assert attention["layer_0"].shape == (3, 3, 2, config.model.canvas_length, patches)
+    np.testing.assert_allclose(attention["layer_0"], expected_attention["layer_0"], atol=1e-6)
+
+    # Decoding: the same canvas at every step.
+    described = model.apply({"params": params}, images, fractions, method=model.describe)
+    expected, _ = per_step_projection(reference, params, images, {"fraction": fractions}, None)
+    np.testing.assert_array_equal(described["canvas"], expected["canvas"])
+    np.testing.assert_allclose(described["pooled"], expected["pooled"], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

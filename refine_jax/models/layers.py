@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = jnp.dtype | str
+KeysValues = tuple[jax.Array, jax.Array]  # an attention's projected memory: [B, M, H, Dh] each
 
 default_kernel_init = nn.initializers.xavier_uniform()
 
@@ -50,6 +51,9 @@ class Attention(nn.Module):
     The cache is sized by the first (initialising) call, which must see the full length.
     Cross-attention weights are sown into 'intermediates' as `attention_weights` [B, H, Q, K]
     so interpretability tools can show where a step looked.
+
+    A memory read many times (the image tokens, by every refinement step) can be projected
+    once: `project_memory` gives its (keys, values), which `__call__` takes as `memory`.
     """
 
     num_heads: int
@@ -61,13 +65,13 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(
         self,
-        queries: jax.Array,  # [B, Q, D]
-        memory: jax.Array,  # [B, M, D]
+        queries: jax.Array | None,  # [B, Q, D]; None: only project `memory` (project_memory)
+        memory: jax.Array | KeysValues,  # [B, M, D], or its projection by project_memory
         mask: jax.Array | None = None,  # broadcastable to [B, H, Q, M]
         deterministic: bool = True,
         bias: jax.Array | None = None,  # added to the logits, broadcastable to [B, H, Q, M]
-    ) -> jax.Array:
-        features = queries.shape[-1]
+    ) -> jax.Array | KeysValues:
+        features = (memory if queries is None else queries).shape[-1]
         if features % self.num_heads:
             raise ValueError(f"width {features} is not divisible by num_heads {self.num_heads}")
         head_dim = features // self.num_heads
@@ -76,9 +80,13 @@ class Attention(nn.Module):
             y = dense(features, ("embed", "heads"), self.dtype, name)(x)
             return y.reshape(*y.shape[:2], self.num_heads, head_dim)  # [B, T, H, Dh]
 
+        if isinstance(memory, tuple):
+            k, v = memory
+        else:
+            k, v = project(memory, "key"), project(memory, "value")
+        if queries is None:
+            return k, v
         q = project(queries, "query")
-        k = project(memory, "key")
-        v = project(memory, "value")
         if self.decode:
             k, v, mask = self._update_cache(k, v, mask)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(self.dtype)
@@ -93,6 +101,11 @@ class Attention(nn.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         out = out.reshape(*out.shape[:2], features)  # [B, Q, D]
         return dense(features, ("heads", "embed"), self.dtype, "out")(out)
+
+    def project_memory(self, memory: jax.Array) -> KeysValues:
+        """(keys, values) of `memory` [B, M, D], each [B, M, H, Dh], with this attention's
+        parameters: what `__call__` computes from `memory` before reading it."""
+        return self(None, memory)
 
     def _update_cache(self, k: jax.Array, v: jax.Array, mask: jax.Array | None):
         """Writes this step's key/value at the cache index; attends to positions written so far."""
@@ -128,7 +141,11 @@ class Mlp(nn.Module):
 class TextLayer(nn.Module):
     """Pre-LN text block: self-attention (bidirectional or causal), cross-attention to the image
     tokens (left out when they are None: a text-only block), MLP. `key_mask` [B, L] (bool, True =
-    a token to attend to) hides padding from the self-attention."""
+    a token to attend to) hides padding from the self-attention.
+
+    The image tokens may come as their cross-attention keys and values (`image_keys_values`), so
+    a layer applied many times to one image projects it once. The cross-attention is defined in
+    `setup` for that method to reach it; the rest is compact."""
 
     num_heads: int
     mlp_dim: int
@@ -137,11 +154,20 @@ class TextLayer(nn.Module):
     causal: bool = False
     decode: bool = False
 
+    def setup(self):
+        self.cross_attention = Attention(
+            self.num_heads, self.dtype, self.dropout_rate, sow_weights=True
+        )
+
+    def image_keys_values(self, image_tokens: jax.Array) -> KeysValues:
+        """The cross-attention's (keys, values) of `image_tokens` [B, N, D], [B, N, H, Dh] each."""
+        return self.cross_attention.project_memory(image_tokens)
+
     @nn.compact
     def __call__(
         self,
         x: jax.Array,
-        image_tokens: jax.Array | None,
+        image_tokens: jax.Array | KeysValues | None,  # [B, N, D], or image_keys_values of it
         deterministic: bool = True,
         key_mask: jax.Array | None = None,
     ) -> jax.Array:
@@ -159,13 +185,7 @@ class TextLayer(nn.Module):
         x = constrain(x + drop(h), ("batch", "length", "embed"))
         if image_tokens is not None:
             h = layer_norm(self.dtype, "pre_cross_attention_norm")(x)
-            h = Attention(
-                self.num_heads,
-                self.dtype,
-                self.dropout_rate,
-                sow_weights=True,
-                name="cross_attention",
-            )(h, image_tokens, None, deterministic)
+            h = self.cross_attention(h, image_tokens, None, deterministic)
             x = constrain(x + drop(h), ("batch", "length", "embed"))
         h = layer_norm(self.dtype, "pre_mlp_norm")(x)
         h = Mlp(self.mlp_dim, self.dtype, self.dropout_rate, name="mlp")(h, deterministic)

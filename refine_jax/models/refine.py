@@ -22,6 +22,7 @@ import optax
 
 from refine_jax.models.layers import (
     Dtype,
+    KeysValues,
     TextLayer,
     constrain,
     dense,
@@ -138,6 +139,11 @@ class DetailerStep(nn.Module):
     (`write_due`), so it may revise earlier words. Objective `step`: the step predicts its own
     target canvas; with the `aligned` layout it writes its scheduled share of the description
     (`write_scheduled`), with `left` each position's most likely token.
+
+    The image enters as `memory`: every layer's cross-attention (keys, values) of the image
+    tokens, from `image_keys_values`. They are the same at every step, so the caller projects
+    them once per image, outside the scan, rather than K times inside it. The text layers are
+    defined in `setup` for that method to reach them (same parameter paths as inline ones).
     """
 
     vocab_size: int
@@ -155,12 +161,25 @@ class DetailerStep(nn.Module):
     revise: bool = True
     keep_logits: bool = False
 
+    def setup(self):
+        self.layers = [
+            TextLayer(
+                self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name=f"layer_{i}"
+            )
+            for i in range(self.depth)
+        ]
+
+    def image_keys_values(self, image_tokens: jax.Array) -> tuple[KeysValues, ...]:
+        """Per text layer, its cross-attention (keys, values) of `image_tokens` [B, N, D]."""
+        return tuple(layer.image_keys_values(image_tokens) for layer in self.layers)
+
     @nn.compact
     def __call__(
         self,
         canvas: jax.Array,  # [B, L] int
         step: dict[str, jax.Array],
-        image_tokens: jax.Array,  # [B, N, D]
+        memory: tuple[KeysValues | jax.Array, ...],  # per layer: image_keys_values' pair, or
+        # the image tokens [B, N, D] themselves, projected again by this step
         final: jax.Array | None,  # [B, L] int: the whole caption (training, `final` objective)
         deterministic: bool = True,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -170,10 +189,8 @@ class DetailerStep(nn.Module):
         x = x + dense(self.width, ("step", "embed"), self.dtype, "step_embedding")(step_features)
         x = constrain(x, ("batch", "length", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        for i in range(self.depth):
-            x = TextLayer(
-                self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name=f"layer_{i}"
-            )(x, image_tokens, deterministic)
+        for layer, keys_values in zip(self.layers, memory, strict=True):
+            x = layer(x, keys_values, deterministic)
         x = layer_norm(self.dtype, "final_norm")(x)
         logits = dense(self.vocab_size, ("embed", "vocab"), jnp.float32, "logits")(x)
         logits = constrain(logits, ("batch", "length", "vocab"))  # [B, L, V]
@@ -301,16 +318,19 @@ class RefineCaptioner(nn.Module):
 
     def _refine(self, image_tokens, steps, final, deterministic, start=None):
         """Applies the detailer once per entry of `steps` (leading axis), from the `start`
-        canvas [B, L] (default: the blank description)."""
+        canvas [B, L] (default: the blank description). The image tokens' cross-attention keys
+        and values are projected once here and read by every step."""
         if start is None:
             start = jnp.full((image_tokens.shape[0], self.canvas_length), BLANK_ID, jnp.int32)
+        # Not scanned (nn.scan and nn.remat lift __call__ only): the detailer's own parameters.
+        memory = self.detailer.image_keys_values(image_tokens)
         if self.scan:
-            _, outputs = self.detailer(start, steps, image_tokens, final, deterministic)
+            _, outputs = self.detailer(start, steps, memory, final, deterministic)
             return outputs
         canvas, per_step = start, []
         for k in range(steps["fraction"].shape[0]):
             step_k = jax.tree.map(lambda a, k=k: a[k], steps)
-            canvas, out = self.detailer(canvas, step_k, image_tokens, final, deterministic)
+            canvas, out = self.detailer(canvas, step_k, memory, final, deterministic)
             per_step.append(out)
         return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
 
