@@ -1,5 +1,5 @@
-"""Analytic FLOP counts: the detailer is counted K times; the count equals the matmul FLOPs of
-the program JAX traces, and is close to XLA's own count."""
+"""Analytic FLOP counts: the detailer is counted K times, its image key/value projections once;
+the count equals the matmul FLOPs of the program JAX traces, and is close to XLA's own count."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,12 @@ import pytest
 from conftest import load_config
 from jax.extend import core as jax_core
 
-from refine_jax.flops import encoder_flops, forward_flops_per_example, text_pass_flops
+from refine_jax.flops import (
+    encoder_flops,
+    forward_flops_per_example,
+    image_keys_values_flops,
+    text_pass_flops,
+)
 from refine_jax.models import build_model
 from refine_jax.models.kinds import model_kind
 from refine_jax.targets import schedule_fractions
@@ -40,14 +45,18 @@ def traced_matmul_flops(jaxpr: jax_core.Jaxpr) -> float:
     return total
 
 
-def test_detailer_is_counted_once_per_step():
+def test_detailer_is_counted_once_per_step_and_its_image_keys_values_once_per_image():
     config = load_config("shapes", "tiny")
     (step,) = model_kind("refine").text_passes(config)
     one = text_pass_flops(config, VOCAB, step)
+    keys_values = image_keys_values_flops(config, step)
+    m = config.model
+    patches = (m.image_size // m.patch_size) ** 2
+    assert keys_values == m.detailer_depth * 2 * patches * 2 * m.width**2
     for k in (1, 4, 8):
         config.model.num_refine_steps = k
         assert forward_flops_per_example(config, VOCAB) == pytest.approx(
-            encoder_flops(config) + k * one
+            encoder_flops(config) + keys_values + k * one
         )
 
 
@@ -79,11 +88,24 @@ def test_analytic_count_equals_the_traced_programs_matmuls(variant, num_steps, o
     assert forward_flops_per_example(config, VOCAB) == pytest.approx(traced, rel=1e-12)
 
 
+def test_scanned_detailer_projects_the_image_keys_values_once_outside_the_scan():
+    # The scanned program's matmuls (a scan body counted once per step) equal the count with
+    # the image key/value projections once; were they in the scan body, the program would have
+    # (K - 1) x image_keys_values_flops more.
+    config = load_config("shapes", "")
+    config.model.num_refine_steps = 4
+    model = build_model(config, VOCAB, scan=True)
+    params = init_variables(model, config, VOCAB)
+    inputs = model_kind("refine").init_inputs(config)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, *inputs))(params)
+    traced = traced_matmul_flops(jaxpr.jaxpr)
+    assert forward_flops_per_example(config, VOCAB) == pytest.approx(traced, rel=1e-12)
+
+
 def test_analytic_count_is_close_to_the_compilers_count():
     config = load_config("shapes", "")
     # XLA's cost analysis counts a loop body once, so compare with no loops: one encoder
-    # layer and one detailer step (several unrolled steps would let XLA share their identical
-    # image key/value projections).
+    # layer and one detailer step.
     config.model.encoder_depth = 1
     config.model.num_refine_steps = 1
     model = build_model(config, VOCAB, scan=False)

@@ -69,7 +69,9 @@ class ModelKind:
 class TextPass:
     """`count` runs of a text stack of `depth` layers over `length` tokens, for FLOP counting:
     with cross-attention to the image tokens or not, with vocabulary logits or not, plus
-    `head_flops` of small per-pass heads."""
+    `head_flops` of small per-pass heads. `keys_values_once`: the runs read one image, whose
+    cross-attention keys and values are projected once for all of them (the detailer's K
+    steps), not once per run."""
 
     count: int
     length: int
@@ -77,6 +79,7 @@ class TextPass:
     cross_attention: bool = True
     vocab_logits: bool = True
     head_flops: float = 0.0
+    keys_values_once: bool = False
 
 
 _KINDS: dict[str, ModelKind] = {}
@@ -204,11 +207,12 @@ def _refine_loss(model, params, batch, rng, config, weights, fractions):
 
 def _refine_text_passes(config: ml_collections.ConfigDict) -> tuple[TextPass, ...]:
     """K detailer steps; each adds the step embedding of s(k) and, with the `final` objective,
-    the due head."""
+    the due head. The image's keys and values are projected once, before the steps."""
     m = config.model
     due_head = 2 * m.canvas_length * m.width if config.targets.objective == "final" else 0
     heads = float(2 * STEP_FEATURES * m.width + due_head)
-    return (TextPass(m.num_refine_steps, m.canvas_length, m.detailer_depth, head_flops=heads),)
+    k, length = m.num_refine_steps, m.canvas_length
+    return (TextPass(k, length, m.detailer_depth, head_flops=heads, keys_values_once=True),)
 
 
 # --- The autoregressive baseline: the same encoder and a causal decoder of the same depth.
