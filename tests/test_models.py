@@ -353,7 +353,7 @@ def test_relative_offsets_number_each_2d_offset_once_and_share_equal_offsets():
 
 
 def test_relative_position_bias_starts_at_zero_and_then_changes_what_the_encoder_sees():
-    config = tiny_config(2)
+    config = tiny_config(2, position_bias="none")
     plain = build_model(config, VOCAB)
     config.model.position_bias = "relative"
     biased = build_model(config, VOCAB)

@@ -49,6 +49,7 @@ ENCODER_BLOCK = {
     "pre_attention_norm/bias": (None, F),
     "pre_mlp_norm/scale": (None, F),
     "pre_mlp_norm/bias": (None, F),
+    "relative_position_bias": (None, None, None),  # [layers, offsets, heads]: small, replicated
 }
 GOLDEN = {
     **{f"detailer/layer_0/{k}": v for k, v in TEXT_LAYER.items()},
