@@ -11,6 +11,9 @@ checkpoint is only scored, so the tables can be rebuilt from trained runs:
     python benchmarks/flickr8k_quality.py --root=/work/runs --skip_baseline \\
         --name=flickr8k_left --set targets.layout=left              # an ablation of the refiner
     python benchmarks/flickr8k_quality.py --quick                   # seconds: tiny models
+    python benchmarks/flickr8k_quality.py --root=/work/runs --beam=3 \
+        --match_workdir=/work/runs/flickr8k_match    # + the baseline's beam search; G in the
+                                                     # matching model's text space
 
 Workdirs: ROOT/flickr8k_tokenizer (shared), ROOT/NAME (refinement; NAME defaults to
 flickr8k_refine) and ROOT/flickr8k_ar. `--set KEY=VALUE` (repeatable) overrides a key of the
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="flickr8k_refine", help="the refinement run's workdir")
     parser.add_argument("--set", action="append", default=[], help="refinement KEY=VALUE")
     parser.add_argument("--skip_baseline", action="store_true", help="score the refiner only")
+    parser.add_argument("--beam", type=int, default=1, help="> 1: also score the baseline's beam")
+    parser.add_argument("--match_workdir", default=None, help="matching model: G in its space")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
 
@@ -103,8 +108,17 @@ def main(argv: list[str] | None = None) -> int:
             "total_steps": config.total_steps,
             "batch_size": config.batch_size,
             "overrides": overrides if config.model.kind == "refine" else {},
-            **quality_runs.train_and_score(config, str(root / name), str(data / "val")),
+            **quality_runs.train_and_score(
+                config, str(root / name), str(data / "val"), match_workdir=args.match_workdir
+            ),
         }
+        if config.model.kind != "refine" and args.beam > 1:
+            results[f"{name}_beam{args.beam}"] = {
+                **results[name],
+                **quality_runs.score_with_beam(
+                    config, str(root / name), args.beam, str(data / "val")
+                ),
+            }
 
     rows = [
         [
@@ -112,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             r["kind"],
             f"{r['total_steps']} × {r['batch_size']}",
             r["final_cider"],
+            "[{:.3f}, {:.3f}]".format(*r["final_cider_interval"]),
             r["final_bleu4"],
+            r["final_repetition"],
             r["gradualness"] if r["kind"] == "refine" else "–",
             r["length_adherence"] if r["kind"] == "refine" else "–",
             r["refine_score"] if r["kind"] == "refine" else "–",
@@ -121,7 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(
         common.markdown_table(
-            ["run", "model", "steps × batch", "CIDEr-D", "BLEU-4", "G", "A", "R"], rows
+            [
+                "run",
+                "model",
+                "steps × batch",
+                "CIDEr-D",
+                "95% interval",
+                "BLEU-4",
+                "repeated word",
+                "G",
+                "A",
+                "R",
+            ],
+            rows,
         )
     )
     for name, r in results.items():
@@ -130,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"\n{name} per step: CIDEr-D {quality_runs.per_step(r['cider_per_step'])}; "
                 f"BLEU-4 {quality_runs.per_step(r['bleu4_per_step'])}; progress "
                 f"{quality_runs.per_step(r['progress_per_step'])}; length ratio "
-                f"{quality_runs.per_step(r['length_ratio_per_step'])}"
+                f"{quality_runs.per_step(r['length_ratio_per_step'])}; consensus word "
+                f"{quality_runs.per_step(r['consensus_per_step'])}; repeated word "
+                f"{quality_runs.per_step(r['repetition_per_step'])}; G encoding "
+                f"{r.get('gradualness_encoding')} (TF-IDF G {r.get('gradualness_tfidf')})"
             )
     result = {
         "benchmark": "flickr8k_quality",

@@ -20,6 +20,9 @@ SCORES = (
     "final_cider",
     "final_bleu4",
     "final_cider_interval",
+    "gradualness_encoding",
+    "gradualness_tfidf",
+    "match_score_per_step",
     "final_repetition",
     "repetition_per_step",
     "consensus_per_step",
@@ -49,19 +52,38 @@ def trained_step(workdir: str) -> int:
 
 
 def train_and_score(
-    config, workdir: str, eval_data: str | None = None, report_images: int = 20
+    config,
+    workdir: str,
+    eval_data: str | None = None,
+    report_images: int = 20,
+    match_workdir: str | None = None,
 ) -> dict[str, Any]:
     """Trains `config` in `workdir` up to config.total_steps (unless already there) and returns
     the scores of the final checkpoint on the held-out split (or `eval_data`), with
-    `train_seconds` (None when the run was already trained) and the eval's output folder."""
+    `train_seconds` (None when the run was already trained) and the eval's output folder.
+    `match_workdir`: a matching model whose text space measures gradualness (DESIGN §11)."""
     train_seconds = None
     if trained_step(workdir) < config.total_steps:
         start = time.perf_counter()
         train_and_evaluate(config, workdir)
         train_seconds = time.perf_counter() - start
-    summary = evaluate_checkpoint(config, workdir, eval_data, max_report_images=report_images)
+    summary = evaluate_checkpoint(
+        config, workdir, eval_data, max_report_images=report_images, match_workdir=match_workdir
+    )
     scores = {key: summary[key] for key in SCORES if key in summary}
     return {**scores, "train_seconds": train_seconds, "eval_dir": summary["output_dir"]}
+
+
+def score_with_beam(config, workdir: str, beam_size: int, eval_data: str | None = None) -> dict:
+    """The scores of a trained baseline's final checkpoint decoded by beam search."""
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.decode.beam_size = beam_size
+    summary = evaluate_checkpoint(
+        config, workdir, eval_data, eval_name=f"beam{beam_size}", max_report_images=0
+    )
+    scores = {key: summary[key] for key in SCORES if key in summary}
+    return {**scores, "eval_dir": summary["output_dir"]}
 
 
 def per_step(values: list[float] | None, digits: int = 3) -> str:
