@@ -90,6 +90,9 @@ def convert_big_vision_encoder(arrays: Mapping[str, np.ndarray], encoder: Mappin
                 source = "/".join(p for p in (theirs, part, leaf) if p)
                 target = "/".join(p for p in ("encoderblock", ours, part, leaf) if p)
                 flat[target] = _merge_heads(target, _block_tensor(arrays, source, depth))
+    relative = encoder["encoderblock"].get("relative_position_bias")
+    if relative is not None:  # a ViT has none: zero keeps the pretrained encoder's function
+        flat["encoderblock/relative_position_bias"] = np.zeros(np.shape(relative), np.float32)
     converted = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(encoder):
         key = "/".join(str(k.key) for k in path)
