@@ -81,9 +81,7 @@ def test_loaded_encoder_computes_what_the_big_vision_vit_computes(tmp_path):
     config = encoder_config()
     params = nn.unbox(init_variables(build_model(config, 50), config, 50))
     loaded = load_pretrained_encoder(params, str(tmp_path / "vit.npz"))
-    encoder = ViTEncoder(
-        PATCH, WIDTH, DEPTH, HEADS, MLP, position_bias=config.model.position_bias
-    )
+    encoder = ViTEncoder(PATCH, WIDTH, DEPTH, HEADS, MLP, position_bias=config.model.position_bias)
     assert config.model.position_bias == "relative"  # loaded as zeros: the ViT has no bias
     ours = encoder.apply({"params": loaded["encoder"]}, images)
     expected = reference.apply({"params": reference_params}, images)
