@@ -44,6 +44,14 @@ def test_write_due_writes_due_words_ends_at_the_first_pad_and_never_writes_speci
     assert written[1].tolist() == [BLANK_ID, A, C, BLANK_ID, D, A]
 
 
+def test_write_due_ends_where_the_length_probabilities_add_up_to_one_half():
+    # No position is more likely pad than not (P(pad) ~ 0.46 at positions 1 and 2), but the
+    # description is 1 or 2 tokens long with probability ~0.92: it ends at position 2.
+    logits = one_hot_logits([[B, {PAD_ID: 4.0, A: 4.0}, {PAD_ID: 4.0, C: 4.0}, D, A, B]])
+    written = write_due(logits, jnp.ones((1, 6)), jnp.full((1, 6), BLANK_ID))
+    assert written[0].tolist() == [B, A, PAD_ID, PAD_ID, PAD_ID, PAD_ID]
+
+
 def test_write_due_writes_the_most_due_position_when_none_is_due():
     logits = one_hot_logits([[A, B, C, D]])
     due = jnp.asarray([[-3.0, -0.5, -1.0, -2.0]])

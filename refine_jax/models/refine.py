@@ -85,14 +85,19 @@ def write_due(
     position), due_logits [B, L] (whether the position is written by this step), the canvas
     read [B, L] -> token ids [B, L].
 
-    The description ends at the first position more likely pad than not. Before that, every
+    The description ends at its median predicted length. The objective trains pad only at the
+    caption's first pad (`final_objective_terms`), so P(pad) at position i is the model's
+    probability that the description is i tokens long, and positions past the end carry no
+    trained prediction at all: the end is the first position where these probabilities add
+    up to one half (where a reference's length is uncertain, as on photos with five
+    references, no single position need be more likely pad than not). Before that, every
     position the model deems due (due logit > 0) gets its most likely word and the rest stay
     blank, so how many words a step writes is the model's decision; at least the most due
     position is written. With `revise`, a word already on the canvas may be replaced by a
     likelier one; without, written words are copied.
     """
     probabilities = jax.nn.softmax(logits, axis=-1)
-    ended = jnp.cumsum(probabilities[..., PAD_ID] >= 0.5, axis=-1) > 0  # [B, L]
+    ended = jnp.cumsum(probabilities[..., PAD_ID], axis=-1) >= 0.5  # [B, L]
     words = best_words(logits)
     if not revise:
         words = jnp.where(is_word(canvas), canvas, words)
