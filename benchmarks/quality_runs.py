@@ -42,6 +42,12 @@ SCORES = (
 )
 
 
+def scores_of(summary: dict[str, Any]) -> dict[str, Any]:
+    """The table's metrics of an evaluate_checkpoint summary, and the eval's output folder."""
+    scores = {key: summary[key] for key in SCORES if key in summary}
+    return {**scores, "eval_dir": summary["output_dir"]}
+
+
 def trained_step(workdir: str) -> int:
     """The step of the newest checkpoint in `workdir` (0 when there is none)."""
     checkpointer = Checkpointer(f"{workdir}/checkpoints", save_every=1, async_save=False)
@@ -70,8 +76,7 @@ def train_and_score(
     summary = evaluate_checkpoint(
         config, workdir, eval_data, max_report_images=report_images, match_workdir=match_workdir
     )
-    scores = {key: summary[key] for key in SCORES if key in summary}
-    return {**scores, "train_seconds": train_seconds, "eval_dir": summary["output_dir"]}
+    return {**scores_of(summary), "train_seconds": train_seconds}
 
 
 def score_with_beam(config, workdir: str, beam_size: int, eval_data: str | None = None) -> dict:
@@ -82,8 +87,7 @@ def score_with_beam(config, workdir: str, beam_size: int, eval_data: str | None 
     summary = evaluate_checkpoint(
         config, workdir, eval_data, eval_name=f"beam{beam_size}", max_report_images=0
     )
-    scores = {key: summary[key] for key in SCORES if key in summary}
-    return {**scores, "eval_dir": summary["output_dir"]}
+    return scores_of(summary)
 
 
 def per_step(values: list[float] | None, digits: int = 3) -> str:
