@@ -14,7 +14,12 @@ from PIL import Image
 from test_evaluate import trained_workdir
 
 from refine_jax.caption_shards import SIDECAR_SUFFIX, Decoding, caption_shard_set
-from refine_jax.data.pipeline import CaptionFeatures
+from refine_jax.data.pipeline import (
+    NO_TEACHER_CAPTION,
+    SKIP_REASONS,
+    CaptionFeatures,
+    count_skips,
+)
 from refine_jax.data.records import TEACHER_CAPTIONS_FIELD
 from refine_jax.data.shard_writer import ShardWriter
 from refine_jax.data.shards import TarShardSource
@@ -122,6 +127,26 @@ def test_training_draws_teacher_captions_at_the_configured_rate(loaded):
     assert captions_drawn(0.0) == {"a red circle"}
     assert captions_drawn(1.0) == {"a large red circle"}
     assert captions_drawn(0.5) == {"a red circle", "a large red circle"}
+
+
+def test_asking_for_teacher_captions_from_uncaptioned_records_is_counted(loaded):
+    record = {"key": "k", "image": np.zeros((8, 8, 3), np.uint8), "captions": ["a red circle"]}
+    features = CaptionFeatures.from_config(loaded.config, loaded.tokenizer)
+    rng = np.random.default_rng(0)
+    missing = SKIP_REASONS.index(NO_TEACHER_CAPTION)
+
+    features.teacher_caption_rate = 0.5
+    example = features.random_map(record, rng)
+    assert loaded.tokenizer.decode(example["caption"]) == "a red circle"  # trained on, counted
+    assert count_skips({k: example[k][None] for k in ("skip_reason", "dropped")}) == {
+        "dropped/no_teacher_caption": 1
+    }
+    assert example["dropped"][missing] == 1
+    features.teacher_caption_rate = 0.0  # not asked for: nothing counted
+    assert not features.random_map(record, rng)["dropped"].any()
+    record[TEACHER_CAPTIONS_FIELD] = ["a large red circle"]
+    features.teacher_caption_rate = 0.5
+    assert not features.random_map(record, rng)["dropped"].any()
 
 
 def test_bad_part_is_refused(loaded, tmp_path):

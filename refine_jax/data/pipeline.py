@@ -62,10 +62,19 @@ from refine_jax.tokenizer import Tokenizer
 # Skip codes
 
 TRUNCATED_CAPTION = "truncated_caption"
+NO_TEACHER_CAPTION = "no_teacher_caption"
 #: Code table of ``skip_reason``: 0 is a good example; then every `records.SkipReason`; then
 #: ``truncated_caption`` (caption cut to fit the canvas; the example is still used unless no
-#: word fits) and ``other`` (a reason this table does not know).
-SKIP_REASONS: tuple[str, ...] = ("ok", *(r.value for r in SkipReason), TRUNCATED_CAPTION, "other")
+#: word fits), ``no_teacher_caption`` (only as a dropped part: distillation asked for a
+#: teacher's caption and the record has none, so a reference was used) and ``other`` (a reason
+#: this table does not know).
+SKIP_REASONS: tuple[str, ...] = (
+    "ok",
+    *(r.value for r in SkipReason),
+    TRUNCATED_CAPTION,
+    NO_TEACHER_CAPTION,
+    "other",
+)
 SKIP_CODES: dict[str, int] = {name: code for code, name in enumerate(SKIP_REASONS)}
 #: Fields added to source elements: the element's index in its source, and the source's id.
 INDEX_FIELD, SOURCE_FIELD = "_index", "_source"
@@ -279,11 +288,15 @@ class CaptionFeatures(grain.transforms.RandomMap):
 
     def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict:
         """Training: a teacher's caption at ``teacher_caption_rate`` where the record has one
-        (distilled shards), else one of the references, drawn uniformly."""
+        (distilled shards), else one of the references, drawn uniformly. A record without one
+        while the rate asks for them is counted as ``dropped/no_teacher_caption``, so training
+        on shards that were never captioned shows in the logged counts."""
         captions = record.get("captions") or [None]
         teachers = record.get(TEACHER_CAPTIONS_FIELD)
         if teachers and rng.random() < self.teacher_caption_rate:
             captions = teachers
+        elif not teachers and self.teacher_caption_rate > 0:
+            record = {**record, "dropped": (*record.get("dropped", ()), NO_TEACHER_CAPTION)}
         caption = captions[int(rng.integers(len(captions)))]
         return self.features(record, caption, rng)
 
