@@ -13,7 +13,17 @@ than the 28-token canvas (under 1% at this vocabulary) are cut and counted as
 
 Variants (combine with commas): `:tiny` runs a few steps on a small model in about a minute;
 `:autoregressive` selects the autoregressive baseline with the same encoder and width;
-`:match` the image-text matching model that scores the captioners (DESIGN §11).
+`:match` the image-text matching model that scores the captioners (DESIGN §11); `:distill`
+trains the refinement model on a teacher's captions (sequence-level distillation), from shards
+that `refine_jax.commands.caption_shards` wrote with a trained baseline:
+
+    python -m refine_jax.main --config=configs/flickr8k.py:autoregressive \
+        --config.data.path=../shared/data/flickr8k --workdir=/tmp/flickr8k_ar
+    python -m refine_jax.commands.caption_shards --workdir=/tmp/flickr8k_ar \
+        --input=../shared/data/flickr8k/train --output=/tmp/flickr8k_teacher --beam=3
+    python -m refine_jax.main --config=configs/flickr8k.py:distill \
+        --config.data.path=../shared/data/flickr8k \
+        --config.data.train_path=/tmp/flickr8k_teacher --workdir=/tmp/flickr8k_distill
 """
 
 import ml_collections
@@ -22,7 +32,7 @@ from refine_jax.config import base_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = parse_variants(arg, allowed=("tiny", "autoregressive", "match"))
+    variants = parse_variants(arg, allowed=("tiny", "autoregressive", "match", "distill"))
     config = base_config()
     config.seed = 0
     config.batch_size = 64
@@ -83,5 +93,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             config.batch_size = 128  # more in-batch negatives
             config.total_steps = 600
             config.eval_every_steps = 300
+    if "distill" in variants:
+        # Every training example's caption is the teacher's (BENCHMARKS.md: distillation);
+        # data.train_path must name the captioned shards, or every example is counted as
+        # dropped/no_teacher_caption.
+        config.data.teacher_caption_rate = 1.0
     config.lock()
     return config
