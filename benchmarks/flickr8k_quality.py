@@ -170,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(data),
         "runs": results,
     }
+    for name, r in results.items():
+        if r["kind"] != "refine":
+            paired = quality_runs.paired_cider_difference(results[args.name], r)
+            result.setdefault("paired_cider_difference", {})[name] = paired
+            low, high = paired["interval"]
+            print(
+                f"\npaired final CIDEr-D, {args.name} - {name}: {paired['mean']:+.3f} "
+                f"[{low:+.3f}, {high:+.3f}] over {paired['num_images']} images"
+            )
     if "flickr8k_ar" in results and results["flickr8k_ar"]["final_cider"]:
         ratio = results[args.name]["final_cider"] / results["flickr8k_ar"]["final_cider"]
         result["cider_ratio_refine_over_ar"] = ratio

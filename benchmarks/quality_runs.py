@@ -8,11 +8,14 @@ rebuilt from the trained models alone.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from refine_jax.checkpointing import Checkpointer
 from refine_jax.evaluation.evaluate import evaluate_checkpoint
+from refine_jax.evaluation.refinement_metrics import paired_difference
 from refine_jax.train import train_and_evaluate
 
 # The metrics a quality table shows, from evaluate_checkpoint's summary (DESIGN §4).
@@ -88,6 +91,20 @@ def score_with_beam(config, workdir: str, beam_size: int, eval_data: str | None 
         config, workdir, eval_data, eval_name=f"beam{beam_size}", max_report_images=0
     )
     return scores_of(summary)
+
+
+def final_cider_by_image(eval_dir: str) -> dict[str, float]:
+    """Each image's final-step CIDEr-D from an eval's captions.jsonl, by image id."""
+    with (Path(eval_dir) / "captions.jsonl").open() as f:
+        return {r["image_id"]: r["cider_per_step"][-1] for r in map(json.loads, f)}
+
+
+def paired_cider_difference(run: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Final CIDEr-D of `run` minus `other` (two scored results) on the same images, with the
+    paired bootstrap interval."""
+    return paired_difference(
+        final_cider_by_image(run["eval_dir"]), final_cider_by_image(other["eval_dir"])
+    )
 
 
 def per_step(values: list[float] | None, digits: int = 3) -> str:

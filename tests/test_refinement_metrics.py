@@ -15,6 +15,7 @@ from refine_jax.evaluation.refinement_metrics import (
     consensus_words,
     degenerate_deviation,
     has_repeated_word,
+    paired_difference,
     refinement_metrics,
 )
 
@@ -387,3 +388,16 @@ def test_chain_agreement() -> None:
         chain_agreement({k: v[:2] for k, v in trajectories.items()}, true_chains)
     with pytest.raises(ValueError, match="same image ids"):
         chain_agreement({"a": trajectories["a"]}, true_chains)
+
+
+def test_paired_difference_resamples_the_images_both_runs_scored() -> None:
+    better = {"a": 0.5, "b": 0.7, "c": 0.2, "only_here": 9.0}
+    worse = {"a": 0.4, "b": 0.6, "c": 0.1, "only_there": -9.0}
+    result = paired_difference(better, worse)
+    assert result["num_images"] == 3
+    assert result["mean"] == pytest.approx(0.1)
+    assert result["interval"] == pytest.approx([0.1, 0.1])  # the same gain on every photo
+    mixed = paired_difference({"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 1.0})
+    assert mixed["mean"] == 0.0 and mixed["interval"][0] < 0.0 < mixed["interval"][1]
+    with pytest.raises(ValueError, match="none are shared"):
+        paired_difference({"a": 1.0}, {"b": 1.0})

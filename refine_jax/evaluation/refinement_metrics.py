@@ -26,6 +26,8 @@ schedule s(k) and the loss weights w_k:
 - `final_cider_interval`: a 95% bootstrap interval of the final CIDEr-D over images (2,000
   resamples, seed 0). The IDF comes from the references and is fixed, so the corpus CIDEr is the
   mean of the per-image scores and resampling those is exact.
+- `paired_difference`: two runs' per-image scores on the same images, their mean difference
+  and its paired bootstrap interval (how the equal-budget comparisons are reported).
 
 Normalised G and A (`gradualness`, `length_adherence`). The raw 1 - dev does not separate a
 gradual chain from the two degenerate ones: at K = 4 under the linear schedule both "blank until
@@ -91,6 +93,23 @@ def bootstrap_interval(
     means = values[rng.integers(0, values.size, (resamples, values.size))].mean(axis=1)
     tail = (1.0 - confidence) / 2 * 100
     return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+
+
+def paired_difference(
+    a: Mapping[Hashable, float], b: Mapping[Hashable, float], seed: int = 0
+) -> dict[str, Any]:
+    """Mean of a - b over the images both score (per-image values by image id) with its paired
+    95% bootstrap interval (the same images resampled for both): is one model better on the
+    same photos, not only on average."""
+    shared = sorted(a.keys() & b.keys(), key=str)
+    if not shared:
+        raise ValueError("a paired difference needs images that both runs scored; none are shared")
+    differences = np.asarray([a[i] - b[i] for i in shared], np.float64)
+    return {
+        "mean": float(differences.mean()),
+        "interval": bootstrap_interval(differences, seed=seed),
+        "num_images": len(shared),
+    }
 
 
 def has_repeated_word(caption: str) -> bool:
