@@ -5,8 +5,8 @@
         [--method=beam --beam=3] [--checkpoint_step=N] [--part=0 --num_parts=1]
 
 Re-running the same command resumes (finished shards are skipped). Train on the result with
-`--config.data.train_path=OUTPUT --config.data.teacher_caption_rate=0.5` (see
-`refine_jax.caption_shards`).
+`configs/flickr8k.py:distill --config.data.train_path=OUTPUT` (teacher caption rate 1.0,
+measured best in BENCHMARKS.md; see `refine_jax.caption_shards`).
 """
 
 from __future__ import annotations
