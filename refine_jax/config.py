@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.decode.revise = True  # a step may replace words earlier steps wrote
     config.decode.polish_steps = 0  # extra applications of the final step
     config.decode.beam_size = 1  # the baseline in eval and caption modes: 1 greedy, > 1 beam
+    # Blank a word that repeats the word before it in every step's description ("is is" ->
+    # "is"), as parallel decoders de-duplicate; either model kind, at eval and caption time.
+    config.decode.drop_repeats = False
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "shapes"  # shapes | shards | tfds_coco | labels | mixture (data/__init__)

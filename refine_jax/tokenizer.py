@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 from etils import epath
 
@@ -48,6 +49,10 @@ class Tokenizer:
                 f"tokenizer has no {BLANK_PIECE} piece at id {BLANK_ID}; retrain it with "
                 "python -m refine_jax.tokenizer"
             )
+        # Pieces that open a word (sentencepiece marks them with a leading U+2581).
+        self._word_starts = np.array(
+            [self._sp.id_to_piece(i).startswith("\u2581") for i in range(self.vocab_size)]
+        )
 
     def __getstate__(self) -> dict:  # grain worker processes receive a pickled copy
         return {"model_proto": self.model_proto, "salience": self.salience}
@@ -65,6 +70,29 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of an id sequence; pad, bos, eos and blank ids are dropped, as on the canvas."""
         return self._sp.decode([int(i) for i in ids if int(i) not in NOT_TEXT_IDS])
+
+    def drop_repeated_words(self, canvases: np.ndarray) -> np.ndarray:
+        """Canvases [..., L] with every word that repeats the word before it blanked, so
+        "a dog is is running" reads "a dog is running" (the de-duplication of parallel
+        decoders). Words are compared as text, whole (all their pieces; blanks between are
+        skipped), as `str.split` reads the decoded description: "an angled" stays."""
+        out = np.array(canvases, copy=True)
+        rows = out.reshape(-1, out.shape[-1])  # [N, L], a view of out
+        for row in rows:
+            words: list[list[int]] = []  # each word's positions, in reading order
+            for i, token in enumerate(row.tolist()):
+                if token in NOT_TEXT_IDS:
+                    continue
+                if not words or self._word_starts[token]:
+                    words.append([])
+                words[-1].append(i)
+            previous = None
+            for word in words:
+                text = self._sp.decode(row[word].tolist()).strip()
+                if text and text == previous:
+                    row[word] = BLANK_ID
+                previous = text or previous
+        return out
 
     def save(self, directory: str | epath.PathLike) -> None:
         directory = epath.Path(directory)

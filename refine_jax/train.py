@@ -257,6 +257,7 @@ def _train_and_evaluate(
                 config.batch_size,
                 fractions,
                 put_full_batch,
+                drop_repeats=config.decode.drop_repeats,
             )
             return samples, {**exact_match_rates(samples), **evaluate_samples(samples, config)}
 

@@ -185,3 +185,42 @@ def test_eval_describes_the_split_with_the_configured_beam(
         )
     assert len(samples) == 20 and all(len(s["steps"]) == 1 for s in samples)
     assert calls == [((3,) if beam_size > 1 else (True,))]  # traced once, two batches
+
+
+def collapsed(text: str) -> str:
+    """The text with each word that repeats the word before it left out."""
+    words = text.split()
+    return " ".join(w for i, w in enumerate(words) if i == 0 or w != words[i - 1])
+
+
+def test_drop_repeats_leaves_out_repeated_words_in_eval_and_caption_mode(tmp_path):
+    config = load_config("shapes", "tiny")
+    config.data.eval_size = 16
+    tokenizer = train_tokenizer(["a red circle above a blue square", "two green stars"] * 20, 300)
+    loaded = load_model(config, tmp_path, random_init=True, tokenizer=tokenizer)
+    # Every position's likeliest word is "a" (one piece), so each step writes it more than once.
+    logits = loaded.params["detailer"]["logits"]
+    logits["bias"] = logits["bias"].at[tokenizer.encode("a")[0]].add(20.0)
+    source, _ = eval_split(config)
+
+    def described(drop_repeats: bool) -> list[list[str]]:
+        with loaded.context():
+            samples = describe_split(
+                loaded.model,
+                loaded.params,
+                source,
+                loaded.features,
+                loaded.tokenizer,
+                config.batch_size,
+                loaded.fractions,
+                put_batch=loaded.put_batch,
+                drop_repeats=drop_repeats,
+            )
+        return [s["steps"] for s in samples]
+
+    kept, dropped = described(False), described(True)
+    assert any(collapsed(text) != text for steps in kept for text in steps)
+    assert dropped == [[collapsed(text) for text in steps] for steps in kept]
+    images = np.stack([loaded.features.map(source[i])["image"] for i in range(3)])
+    config.decode.drop_repeats = True  # caption mode reads the loaded config
+    assert describe_images(loaded, images) == dropped[:3]

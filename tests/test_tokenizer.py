@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from refine_jax.data import training_captions
@@ -128,3 +129,25 @@ def test_pieces_are_learned_from_lower_cased_captions():
     assert (
         tokenizer.salience.word_counts["dog"] == 200 and "Dog" not in tokenizer.salience.word_counts
     )
+
+
+def test_drop_repeated_words_blanks_a_word_that_repeats_the_one_before(shapes_tokenizer):
+    tok = shapes_tokenizer
+
+    def dropped(*parts: str | int) -> str:
+        """Canvas of words and raw ids (blanks), then pad; the text after dropping repeats."""
+        ids = [i for p in parts for i in (tok.encode(p) if isinstance(p, str) else [p])]
+        canvas = np.asarray([ids + [PAD_ID] * 3])
+        out = tok.drop_repeated_words(canvas)
+        assert out.shape == canvas.shape and np.all(out[:, len(ids) :] == PAD_ID)
+        return tok.decode(out[0])
+
+    assert dropped("a small small circle") == "a small circle"
+    assert dropped("a small", BLANK_ID, BLANK_ID, "small circle") == "a small circle"
+    assert dropped("small small small") == "small"  # a run keeps its first word
+    assert dropped("zebra zebra") == "zebra"  # six pieces each, dropped whole
+    assert dropped("small smallz circle") == "small smallz circle"  # a prefix is another word
+    assert dropped("a circle and a circle") == "a circle and a circle"  # not adjacent
+    canvas = np.asarray(tok.encode("red red"))
+    tok.drop_repeated_words(canvas)
+    assert tok.decode(canvas) == "red red"  # the input is not changed

@@ -130,6 +130,8 @@ def describe_images(
                 start,
             )
         canvases = to_host(canvases)  # [B, K, L]
+        if loaded.config.decode.drop_repeats:
+            canvases = loaded.tokenizer.drop_repeated_words(canvases)
         out.extend([loaded.tokenizer.decode(c) for c in canvases[i]] for i in range(len(chunk)))
     return out
 

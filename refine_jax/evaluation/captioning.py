@@ -21,11 +21,14 @@ def describe_split(
     fractions: np.ndarray,
     put_batch=lambda batch: batch,
     beam_size: int = 1,
+    drop_repeats: bool = False,
 ) -> list[dict]:
     """Per image: `image_id`, `references`, `steps` (the decoded description of each step),
     `targets` (the coarse-to-fine targets of its first reference) and `chain` when the source
     knows the true one. `put_batch` places a host batch, which every process holds whole, on
-    the devices. `beam_size` > 1: the baseline decodes by beam search (else greedily)."""
+    the devices. `beam_size` > 1: the baseline decodes by beam search (else greedily).
+    `drop_repeats`: a word repeating the one before it is blanked
+    (`Tokenizer.drop_repeated_words`)."""
     samples = []
     for arrays, records in eval_batches(source, features, batch_size):
         canvases = decode_batch(
@@ -37,6 +40,8 @@ def describe_split(
             beam_size,
         )
         canvases = to_host(canvases)  # [B, K, L]
+        if drop_repeats:
+            canvases = tokenizer.drop_repeated_words(canvases)
         for i, record in enumerate(records):
             sample = {
                 "image_id": record["key"],

@@ -128,6 +128,8 @@ def report_images(
             placed = loaded.put_batch({"image": padded})["image"]
             canvases, attention = attend(loaded.params, placed, jnp.asarray(loaded.fractions))
         canvases, attention = to_host(canvases), to_host(attention)  # [B, K, L], [B, K, L, N]
+        if loaded.config.decode.drop_repeats:  # as describe_split wrote them
+            canvases = loaded.tokenizer.drop_repeated_words(canvases)
         for b, i in enumerate(chunk):
             pixels = to_uint8(images[b])
             heatmaps, words_for = [], []
@@ -209,6 +211,7 @@ def evaluate_checkpoint(
             loaded.fractions,
             put_batch=loaded.put_batch,
             beam_size=config.decode.beam_size,
+            drop_repeats=config.decode.drop_repeats,
         )
     timings["describe"] = time.perf_counter() - tick
 
