@@ -72,9 +72,7 @@ def caption_shard(
     )
 
     written, empty, references = 0, 0, {}
-    with tarfile.open(
-        shard_sets.temporary_path(output_dir, shard), "w", format=tarfile.GNU_FORMAT
-    ) as tar:
+    with shard_sets.temporary_shard(output_dir, shard) as tar:
         for record, steps in zip(records, texts, strict=True):
             caption = steps[-1].strip()
             if not caption:  # the teacher wrote nothing: keep the sample, without a caption

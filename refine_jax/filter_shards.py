@@ -14,7 +14,6 @@ skipped and counted by reason; `references.json` (the kept captions) and
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,9 +60,7 @@ def filter_shard(
     dropped = {origin: 0 for origin in ORIGINS}
     written, no_caption_kept, references = 0, 0, {}
     position = 0
-    with tarfile.open(
-        shard_sets.temporary_path(output_dir, shard), "w", format=tarfile.GNU_FORMAT
-    ) as tar:
+    with shard_sets.temporary_shard(output_dir, shard) as tar:
         for record, pairs in zip(records, per_record, strict=True):
             verdicts = []
             for origin, text in pairs:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_evaluate import trained_workdir
+from test_workdir_config import BUCKET, fake_bucket
 
 from refine_jax.caption_shards import SIDECAR_SUFFIX, Decoding, caption_shard_set
 from refine_jax.data.pipeline import (
@@ -106,6 +107,25 @@ def test_a_rerun_skips_finished_shards_and_finishes_the_rest(loaded, tmp_path):
     assert done.stat().st_mtime_ns == stamp  # not captioned again
     assert any("already captioned" in line for line in logged)
     assert (tmp_path / "out" / "references.json").exists()
+
+
+def test_a_uri_output_folder_is_written_through_epath(loaded, tmp_path, monkeypatch):
+    good = make_input(tmp_path / "in")
+    bucket = tmp_path / "bucket"
+    with fake_bucket(bucket, monkeypatch):
+        summary = caption_shard_set(loaded, str(tmp_path / "in"), f"{BUCKET}/teacher")
+        logged = []
+        caption_shard_set(loaded, str(tmp_path / "in"), f"{BUCKET}/teacher", log=logged.append)
+    assert summary["shards_done"] == 2 and summary["written"] == len(good)
+    assert sum("already captioned" in line for line in logged) == 2
+    out = bucket / "teacher"
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(
+        p.name for p in (tmp_path / "in").glob("*.tar")
+    )
+    assert not list(out.glob("*.tmp"))
+    assert {r["key"] for r in TarShardSource(str(out))} == set(good)
+    assert json.loads((out / "references.json").read_text())["annotations"]
+    assert not Path("gs:").exists()  # nothing went to a local `gs:/...` folder
 
 
 def test_training_draws_teacher_captions_at_the_configured_rate(loaded):

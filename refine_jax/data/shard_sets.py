@@ -3,16 +3,21 @@
 Each input shard becomes an output shard of the same name, written to `NAME.tar.tmp` and renamed
 when complete, with a `NAME.tar<suffix>` JSON sidecar of its counts: a shard with both is done,
 so a re-run skips it (resumable), and `part`/`num_parts` split the shards between independent
-processes (parallel). When every shard is done, the set's original captions are written as a
+processes (parallel). The output folder may be local or a URI (`gs://...`): paths go through
+epath. When every shard is done, the set's original captions are written as a
 COCO-style `references.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from etils import epath
 
 from refine_jax.data.records import SkipCounter, is_record
 from refine_jax.data.shard_writer import REFERENCES_NAME
@@ -33,32 +38,38 @@ def shards_of_part(
     return shards, shards[part::num_parts]
 
 
+def output_path(output_dir: str, shard: str, suffix: str = "") -> epath.Path:
+    """The output of input `shard` (its file name in `output_dir`), with `suffix` appended."""
+    return epath.Path(output_dir) / (os.path.basename(shard) + suffix)
+
+
 def is_done(output_dir: str, shard: str, suffix: str) -> bool:
-    done = os.path.join(output_dir, os.path.basename(shard))
-    return os.path.exists(done) and os.path.exists(done + suffix)
+    return (
+        output_path(output_dir, shard).exists() and output_path(output_dir, shard, suffix).exists()
+    )
 
 
-def temporary_path(output_dir: str, shard: str) -> str:
-    """Where a shard is written until it is complete."""
-    return os.path.join(output_dir, os.path.basename(shard) + ".tmp")
+@contextlib.contextmanager
+def temporary_shard(output_dir: str, shard: str) -> Iterator[tarfile.TarFile]:
+    """The tar that input `shard`'s output is written to until it is complete (`finish`)."""
+    with output_path(output_dir, shard, ".tmp").open("wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            yield tar
 
 
 def finish(output_dir: str, shard: str, suffix: str, sidecar: dict[str, Any]) -> None:
     """Renames the complete temporary shard into place, then writes its sidecar (done)."""
-    name = os.path.basename(shard)
-    os.replace(temporary_path(output_dir, shard), os.path.join(output_dir, name))
-    write_atomically(os.path.join(output_dir, name + suffix), json.dumps(sidecar))
+    output_path(output_dir, shard, ".tmp").replace(output_path(output_dir, shard))
+    write_atomically(output_path(output_dir, shard, suffix), json.dumps(sidecar))
 
 
 def read_sidecars(output_dir: str, shards: Sequence[str], suffix: str) -> dict[str, dict]:
     """The sidecars of the done shards, by shard name."""
     sidecars = {}
     for shard in shards:
-        name = os.path.basename(shard)
-        path = os.path.join(output_dir, name + suffix)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                sidecars[name] = json.load(f)
+        path = output_path(output_dir, shard, suffix)
+        if path.exists():
+            sidecars[os.path.basename(shard)] = json.loads(path.read_text(encoding="utf-8"))
     return sidecars
 
 
@@ -87,7 +98,7 @@ def write_references(output_dir: str, sidecars: Sequence[dict], description: str
         "images": images,
         "annotations": annotations,
     }
-    write_atomically(os.path.join(output_dir, REFERENCES_NAME), json.dumps(references))
+    write_atomically(epath.Path(output_dir) / REFERENCES_NAME, json.dumps(references))
 
 
 def read_good_records(shard: str) -> tuple[list[dict], SkipCounter]:
@@ -119,7 +130,7 @@ def rewrite_part(
     that is not done yet, logging `describe(sidecar)` per shard; returns (every shard of the
     set, the sidecars of the done ones by shard name)."""
     shards, mine = shards_of_part(input_shards, part, num_parts)
-    os.makedirs(output_dir, exist_ok=True)
+    epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     for shard in mine:
         if is_done(output_dir, shard, suffix):
             log(f"{os.path.basename(shard)}: already {done_word}, skipped")
@@ -139,4 +150,4 @@ def complete_set(
     """Once every shard is done: references.json (`description`) and the set's summary file."""
     if len(sidecars) == len(shards):
         write_references(output_dir, list(sidecars.values()), description)
-        write_atomically(os.path.join(output_dir, summary_name), json.dumps(summary))
+        write_atomically(epath.Path(output_dir) / summary_name, json.dumps(summary))
