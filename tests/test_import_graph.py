@@ -59,3 +59,20 @@ def test_only_main_and_the_commands_parse_a_command_line():
         if path not in entry_points and (found := command_line_imports(path))
     }
     assert parsing == {}, f"move these modules' commands to refine_jax/commands/: {parsing}"
+
+
+def test_the_readme_layout_table_names_every_library_module():
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in layout.splitlines() if line.startswith("| `")]
+    package = REPO / "refine_jax"
+    unnamed = [
+        str(path.relative_to(REPO))
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "__init__.py"
+        and path.parent.name != "commands"  # the commands/ row names them
+        and not any(
+            f"`{path.name}`" in row or f"{path.relative_to(REPO)}`" in row for row in rows
+        )
+    ]
+    assert not unnamed, f"README's layout table does not name {unnamed}"
