@@ -71,8 +71,6 @@ def test_the_readme_layout_table_names_every_library_module():
         for path in sorted(package.rglob("*.py"))
         if path.name != "__init__.py"
         and path.parent.name != "commands"  # the commands/ row names them
-        and not any(
-            f"`{path.name}`" in row or f"{path.relative_to(REPO)}`" in row for row in rows
-        )
+        and not any(f"`{path.name}`" in row or f"{path.relative_to(REPO)}`" in row for row in rows)
     ]
     assert not unnamed, f"README's layout table does not name {unnamed}"
