@@ -5,15 +5,19 @@ model kind the config allows is registered."""
 from __future__ import annotations
 
 import flax.linen as nn
+import grain
 import jax
+import jax.numpy as jnp
+import optax
 import pytest
 from conftest import load_config
 
 from refine_jax import sharding
+from refine_jax.checkpointing import Checkpointer
 from refine_jax.config import MODEL_KINDS
 from refine_jax.models import build_model
 from refine_jax.models.kinds import model_kind, registered_model_kinds
-from refine_jax.train_state import abstract_state, create_state
+from refine_jax.train_state import TrainState, abstract_state, create_state, restore_state
 
 
 def specs(tree) -> dict[str, object]:
@@ -44,3 +48,19 @@ def test_every_configurable_model_kind_is_registered():
     assert set(registered_model_kinds()) == set(MODEL_KINDS)
     with pytest.raises(ValueError, match="unknown model.kind 'diffusion'.*registered kinds"):
         model_kind("diffusion")
+
+
+def test_a_checkpoint_of_another_state_layout_fails_saying_what_to_do(tmp_path):
+    """Same parameters, another optimizer state (as a trainer version with another optimizer
+    would write): refused with the layout message, not orbax's tree error."""
+    params = {"dense": {"kernel": jnp.ones((4, 8))}}
+    signature = {"model": {}, "param_shapes": {}}
+    data = iter(grain.MapDataset.range(10).batch(2).to_iter_dataset())
+    written = TrainState(step=jnp.asarray(3), params=params, opt_state=optax.sgd(0.1).init(params))
+    checkpointer = Checkpointer(tmp_path, save_every=1, async_save=False)
+    checkpointer.save(3, written, data, signature, force=True)
+    target = TrainState(step=jnp.asarray(0), params=params, opt_state=optax.adam(0.1).init(params))
+    shardings = jax.tree.map(lambda _: None, target)
+    with pytest.raises(ValueError, match="state layout differs.*Restore it with the version"):
+        restore_state(checkpointer, 3, target, shardings, signature)
+    checkpointer.close()
