@@ -333,9 +333,10 @@ def _train_and_evaluate(
                 if nonfinite_streak >= config.max_consecutive_nonfinite:
                     checkpointer.wait()
                     raise RuntimeError(
-                        f"{nonfinite_streak} consecutive updates had a non-finite loss or "
-                        f"gradient (up to step {step - 1}); stopping. The last good checkpoint "
-                        f"is step {checkpointer.latest_step()} in {workdir / 'checkpoints'}"
+                        f"{nonfinite_streak} consecutive updates had a non-finite loss, "
+                        f"gradient or update (up to step {step - 1}); stopping. The last good "
+                        f"checkpoint is step {checkpointer.latest_step()} in "
+                        f"{workdir / 'checkpoints'}"
                     )
             previous_metrics = metrics
             # A checkpoint is ranked only by its own step's evaluation, never an earlier one's.
