@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from refine_jax.errors import ConfigError
+
 # The choices of config values, owned here so that loading a config imports no JAX, Flax or PIL;
 # the modules that implement them import them from here.
 MODEL_KINDS = ("refine", "autoregressive", "match")  # registered in models/kinds.py
@@ -54,7 +56,7 @@ def parse_variants(arg: str, allowed: Sequence[str]) -> set[str]:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
     unknown = variants - set(allowed)
     if unknown:
-        raise ValueError(f"unknown config variant(s) {sorted(unknown)}; allowed: {list(allowed)}")
+        raise ConfigError(f"unknown config variant(s) {sorted(unknown)}; allowed: {list(allowed)}")
     return variants
 
 
@@ -207,7 +209,7 @@ def load_config_file(spec: str, **overrides) -> ml_collections.ConfigDict:
 
 def _check_choice(value: str, name: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"config.{name} = {value!r} is not one of {list(choices)}")
+        raise ConfigError(f"config.{name} = {value!r} is not one of {list(choices)}")
 
 
 def _non_finite_values(node, prefix: str = "config") -> list[str]:
@@ -227,9 +229,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the bad key for values no run could succeed with."""
     non_finite = _non_finite_values(config)
     if non_finite:
-        raise ValueError(f"non-finite config value: {', '.join(non_finite)}; use a finite number")
+        raise ConfigError(f"non-finite config value: {', '.join(non_finite)}; use a finite number")
     if not config.learning_rate >= 0:
-        raise ValueError(f"config.learning_rate must be >= 0, got {config.learning_rate}")
+        raise ConfigError(f"config.learning_rate must be >= 0, got {config.learning_rate}")
     m, t = config.model, config.targets
     _check_choice(config.rng_impl, "rng_impl", RNG_IMPLS)
     _check_choice(m.kind, "model.kind", MODEL_KINDS)
@@ -242,50 +244,50 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(t.objective, "targets.objective", OBJECTIVES)
     _check_choice(t.self_condition_layout, "targets.self_condition_layout", SELF_CONDITION_LAYOUTS)
     if t.objective == "final" and (t.layout != "aligned" or t.kind != "salience"):
-        raise ValueError(
+        raise ConfigError(
             "config.targets.objective = 'final' needs targets.layout = 'aligned' and "
             f"targets.kind = 'salience' (got {t.layout!r}, {t.kind!r}); or use objective 'step'"
         )
     if config.decode.beam_size < 1:
-        raise ValueError(f"config.decode.beam_size must be >= 1, got {config.decode.beam_size}")
+        raise ConfigError(f"config.decode.beam_size must be >= 1, got {config.decode.beam_size}")
     if config.decode.polish_steps < 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.decode.polish_steps must be >= 0, got {config.decode.polish_steps}"
         )
     if m.num_refine_steps < 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.num_refine_steps (K) must be >= 1, got {m.num_refine_steps}"
         )
     for key in ("batch_size", "total_steps", "log_every_steps", "canvas_length", "width"):
         value = config[key] if key in config else m[key]
         if value < 1:
-            raise ValueError(f"config.{key} must be >= 1, got {value}")
+            raise ConfigError(f"config.{key} must be >= 1, got {value}")
     if m.image_size % m.patch_size:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.image_size {m.image_size} is not divisible by patch_size {m.patch_size}"
         )
     if m.width % m.num_heads:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.width {m.width} is not divisible by num_heads {m.num_heads}"
         )
     if not 0.0 <= config.data.teacher_caption_rate <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             "config.data.teacher_caption_rate must be in [0, 1], got "
             f"{config.data.teacher_caption_rate}"
         )
     for key in ("embed_dim", "text_depth", "match_depth", "match_loss_weight"):
         least = 1 if key == "embed_dim" else 0
         if not config.match[key] >= least:
-            raise ValueError(f"config.match.{key} must be >= {least}, got {config.match[key]}")
+            raise ConfigError(f"config.match.{key} must be >= {least}, got {config.match[key]}")
     if not 0.0 <= config.match.subset_rate <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"config.match.subset_rate must be in [0, 1], got {config.match.subset_rate}"
         )
     if not 0.0 <= t.self_condition_rate <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"config.targets.self_condition_rate must be in [0, 1], got {t.self_condition_rate}"
         )
     if len(config.mesh.shape) != 3:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh.shape must give ('data', 'fsdp', 'tensor'), got {config.mesh.shape}"
         )

@@ -9,6 +9,7 @@ from conftest import REPO, load_config
 
 from refine_jax import train
 from refine_jax.config import load_config_file, parse_variants, validate_config
+from refine_jax.errors import ConfigError
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_invalid_values_name_the_key(key, value, message):
     config = load_config("shapes", "tiny")
     section, name = key.split(".")
     config[section][name] = value
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):  # main reports it as one line
         validate_config(config)
 
 
