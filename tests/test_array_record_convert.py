@@ -15,12 +15,11 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from refine_jax.data.array_record_convert import (
+from refine_jax.data.array_record_convert import convert, output_path_for
+from refine_jax.data.array_records import (
     ArrayRecordCaptionSource,
-    convert,
     decode_record,
     encode_record,
-    output_path_for,
     stats_path,
 )
 from refine_jax.data.records import SkipCounter, decode_image, is_record

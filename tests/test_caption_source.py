@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from refine_jax.data.array_record_convert import ArrayRecordCaptionSource
+from refine_jax.data.array_records import ArrayRecordCaptionSource
 from refine_jax.data.caption_source import (
     HasKeys,
     HasLongestCaption,

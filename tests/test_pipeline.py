@@ -472,7 +472,8 @@ def test_shards_without_a_split_folder_name_it(tmp_path):
 
 
 def test_coco_config_reads_tar_and_array_record_shards(tmp_path):
-    from refine_jax.data.array_record_convert import ArrayRecordCaptionSource, convert
+    from refine_jax.data.array_record_convert import convert
+    from refine_jax.data.array_records import ArrayRecordCaptionSource
 
     keys = write_good_split(tmp_path / "tar" / "train", 2, 6)
     write_good_split(tmp_path / "tar" / "val", 1, 5, first=100)

@@ -1,4 +1,4 @@
-"""ArrayRecord files of image–caption records, and a converter from tar shards.
+"""A converter from tar shards to ArrayRecord files (the format and reader: `data.array_records`).
 
 Tar shards need a member index and one read per sample; at scale ArrayRecord is the better
 random-access format for grain. The converter writes one ``<shard>.array_record`` file per
@@ -13,12 +13,7 @@ the exact skip counts of that shard::
 each output is written under a temporary name and renamed when complete, and a shard whose
 output exists is skipped.
 
-Record encoding (version 1), all integers unsigned 32-bit little-endian::
-
-    b"RJC1"                                   magic and version
-    len(key)      key as UTF-8
-    len(image)    image bytes as stored in the shard (JPEG/PNG/WebP)
-    n_captions    then, n_captions times: len(caption)  caption as UTF-8
+The record encoding is documented in :mod:`refine_jax.data.array_records`.
 """
 
 from __future__ import annotations
@@ -26,25 +21,19 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import struct
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, SupportsIndex
+from typing import Any
 
 from absl import logging
-from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
+from refine_jax.data.array_records import SUFFIX, encode_record, stats_path
 from refine_jax.data.records import (
-    Record,
     SkipCounter,
-    Skipped,
-    SkipReason,
-    checked_index,
-    skipped,
 )
 from refine_jax.data.shards import (
     NoSamplesError,
@@ -55,117 +44,7 @@ from refine_jax.data.shards import (
 )
 from refine_jax.paths import write_atomically
 
-MAGIC = b"RJC1"
-SUFFIX = ".array_record"
-STATS_SUFFIX = ".stats.json"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: what grain needs for fast random reads
-_U32 = struct.Struct("<I")
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding
-
-
-def encode_record(record: Record) -> bytes:
-    """Serialises a record (key, image bytes, captions) in the documented format."""
-    parts = [MAGIC]
-
-    def add(blob: bytes) -> None:
-        if len(blob) > 0xFFFFFFFF:
-            raise ValueError(f"field of {len(blob)} bytes is too long to encode")
-        parts.append(_U32.pack(len(blob)))
-        parts.append(blob)
-
-    add(record["key"].encode("utf-8"))
-    add(bytes(record["image_bytes"]))
-    parts.append(_U32.pack(len(record["captions"])))
-    for caption in record["captions"]:
-        add(caption.encode("utf-8"))
-    return b"".join(parts)
-
-
-def decode_record(data: bytes) -> Record:
-    """Inverse of :func:`encode_record`; raises ValueError on malformed data."""
-    view = memoryview(data)
-    if bytes(view[:4]) != MAGIC:
-        raise ValueError(f"not a refine_jax caption record (magic {bytes(view[:4])!r})")
-    pos = 4
-
-    def take_u32() -> int:
-        nonlocal pos
-        if pos + 4 > len(view):
-            raise ValueError("record ends inside a length field")
-        (n,) = _U32.unpack_from(view, pos)
-        pos += 4
-        return n
-
-    def take() -> bytes:
-        nonlocal pos
-        n = take_u32()
-        if pos + n > len(view):
-            raise ValueError("record ends inside a field")
-        blob = bytes(view[pos : pos + n])
-        pos += n
-        return blob
-
-    key = take().decode("utf-8")
-    image = take()
-    captions = [take().decode("utf-8") for _ in range(take_u32())]
-    if pos != len(view):
-        raise ValueError(f"{len(view) - pos} trailing bytes after the record")
-    return {"key": key, "image_bytes": image, "captions": captions}
-
-
-# ---------------------------------------------------------------------------------------------
-# Source
-
-
-def stats_path(array_record_path: str) -> str:
-    """The per-file stats JSON written by the converter beside an ArrayRecord file."""
-    return array_record_path + STATS_SUFFIX
-
-
-class ArrayRecordCaptionSource:
-    """Grain ``RandomAccessDataSource`` of records from ArrayRecord files written by the converter.
-
-    ``paths``: a directory of ``*.array_record`` files, a glob, a file, or a list of these.
-    ``source[i]`` returns a record, or a ``corrupt_record`` skip marker if the bytes do not decode.
-    """
-
-    def __init__(self, paths: PathsArg) -> None:
-        self._paths = expand_paths(paths, SUFFIX)
-        self._source = ArrayRecordDataSource(self._paths)
-        if len(self._source) == 0:
-            raise NoSamplesError(f"no records in {paths!r} ({', '.join(self._paths[:5])})")
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: SupportsIndex) -> Record | Skipped:
-        i = checked_index(index, len(self))
-        try:
-            return decode_record(self._source[i])
-        except (ValueError, UnicodeDecodeError):
-            return skipped(f"#{i}", SkipReason.CORRUPT_RECORD)
-
-    @property
-    def paths(self) -> list[str]:
-        """The ArrayRecord files of this source, in order."""
-        return list(self._paths)
-
-    def structural_counts(self) -> SkipCounter:
-        """What the converter left out of these files (from their stats JSON; good = 0)."""
-        total = SkipCounter()
-        for path in self._paths:
-            p = epath.Path(stats_path(path))
-            if p.exists():
-                counts = SkipCounter.from_dict(json.loads(p.read_text()))
-                counts.good = 0
-                total.merge(counts)
-        return total
-
-    def __repr__(self) -> str:
-        return f"ArrayRecordCaptionSource({len(self._paths)} files, {len(self)} records)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ source yields records for `data.pipeline`.
 
 * ``shapes``: the embedded generated data (no files);
 * ``shards``: image–caption shards: tar (webdataset / img2dataset) or ArrayRecord (from
-  ``data.array_record_convert``), chosen by the files found. ``data.path`` is a folder with one
+  ``data.array_records``), chosen by the files found. ``data.path`` is a folder with one
   sub-folder per split (``data.train_split``, ``data.eval_split``: ``train/``, ``val/``), or
   ``data.train_path`` / ``data.eval_path`` give a folder, glob, file or comma-separated list;
 * ``tfds_coco``: the COCO Karpathy TFDS builder of ``data.coco`` (``data.path``: its TFDS
@@ -88,7 +88,7 @@ def _split_location(root: str, split: str, key: str, required: bool = True) -> s
 def open_shards(location: str, cache_dir: str = "", key: str = "config.data.path") -> Any:
     """Tar or ArrayRecord caption shards at ``location`` (folder, glob, file, or comma-separated
     list), the format chosen by the files found; errors name ``key`` and the path."""
-    from refine_jax.data.array_record_convert import SUFFIX, ArrayRecordCaptionSource
+    from refine_jax.data.array_records import SUFFIX, ArrayRecordCaptionSource
     from refine_jax.data.shards import NoSamplesError, TarShardSource, expand_paths
 
     items = [p.strip() for p in location.split(",") if p.strip()]
