@@ -4,7 +4,7 @@ source yields records for `data.pipeline`.
 ``config.data.name`` selects:
 
 * ``shapes``: the embedded generated data (no files);
-* ``shards``: image–caption shards: tar (webdataset / img2dataset) or ArrayRecord (from
+* ``shards``: image–caption shards: tar (webdataset / img2dataset) or ArrayRecord (read by
   ``data.array_records``), chosen by the files found. ``data.path`` is a folder with one
   sub-folder per split (``data.train_split``, ``data.eval_split``: ``train/``, ``val/``), or
   ``data.train_path`` / ``data.eval_path`` give a folder, glob, file or comma-separated list;
