@@ -152,6 +152,22 @@ def test_a_folder_of_many_batches_compiles_the_decoder_once(
     )
 
 
+def describe_loaded_split(loaded, source, **options) -> list[dict]:
+    """describe_split of `source` with a loaded model, under its mesh, as eval mode runs it."""
+    with loaded.context():
+        return describe_split(
+            loaded.model,
+            loaded.params,
+            source,
+            loaded.features,
+            loaded.tokenizer,
+            loaded.config.batch_size,
+            loaded.fractions,
+            put_batch=loaded.put_batch,
+            **options,
+        )
+
+
 @pytest.mark.parametrize("beam_size,decoder", [(1, "greedy_decode"), (3, "beam_decode")])
 def test_eval_describes_the_split_with_the_configured_beam(
     tmp_path, monkeypatch, beam_size, decoder
@@ -171,18 +187,7 @@ def test_eval_describes_the_split_with_the_configured_beam(
     monkeypatch.setattr(decoding, decoder, recording)
     decoding.decode_batch.clear_cache()
     source, _ = eval_split(config)
-    with loaded.context():
-        samples = describe_split(
-            loaded.model,
-            loaded.params,
-            source,
-            loaded.features,
-            loaded.tokenizer,
-            config.batch_size,
-            loaded.fractions,
-            put_batch=loaded.put_batch,
-            beam_size=config.decode.beam_size,
-        )
+    samples = describe_loaded_split(loaded, source, beam_size=config.decode.beam_size)
     assert len(samples) == 20 and all(len(s["steps"]) == 1 for s in samples)
     assert calls == [((3,) if beam_size > 1 else (True,))]  # traced once, two batches
 
@@ -204,18 +209,7 @@ def test_drop_repeats_leaves_out_repeated_words_in_eval_and_caption_mode(tmp_pat
     source, _ = eval_split(config)
 
     def described(drop_repeats: bool) -> list[list[str]]:
-        with loaded.context():
-            samples = describe_split(
-                loaded.model,
-                loaded.params,
-                source,
-                loaded.features,
-                loaded.tokenizer,
-                config.batch_size,
-                loaded.fractions,
-                put_batch=loaded.put_batch,
-                drop_repeats=drop_repeats,
-            )
+        samples = describe_loaded_split(loaded, source, drop_repeats=drop_repeats)
         return [s["steps"] for s in samples]
 
     kept, dropped = described(False), described(True)
