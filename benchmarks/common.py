@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refine_jax.config import load_config_file, validate_config
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.special_tokens import PAD_ID
 from refine_jax.targets import schedule_fractions
 from refine_jax.train import bind_train_step

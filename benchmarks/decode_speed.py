@@ -4,7 +4,7 @@ Builds the Flickr8k configuration (configs/flickr8k.py: 64 px, width 192, canvas
 vocabulary 2,500) as the refinement model at K = 4, 6, 8 and as its autoregressive baseline
 (`:autoregressive`: the same encoder and width, a causal decoder as deep as the detailer;
 about the same parameter count), all with random weights, and times
-`refine_jax.decoding.decode_batch` (what evaluation and captioning run) on random images:
+`refine_jax.model_kinds.decode_batch` (what evaluation and captioning run) on random images:
 refinement, the baseline's greedy decoding and its beam search (beam 3), each at batch 1 and
 batch 64. Each is jit-compiled first; then every row is timed once per round, rounds
 alternating over the rows so that background load falls on all of them alike; a row's number
@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import profile_table
 
-from refine_jax.decoding import beam_decode_with_steps, decode_batch, greedy_decode_with_steps
-from refine_jax.models import build_model
+from refine_jax.decoding import beam_decode_with_steps, greedy_decode_with_steps
+from refine_jax.model_kinds import build_model, decode_batch
 from refine_jax.special_tokens import EOS_ID, PAD_ID
 
 

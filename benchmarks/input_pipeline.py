@@ -28,7 +28,7 @@ from absl import app, flags
 
 from refine_jax.data import make_sources, training_captions
 from refine_jax.data.pipeline import CaptionFeatures, count_skips, train_batches
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.tokenizer import train_tokenizer
 from refine_jax.train import bind_train_step
 from refine_jax.train_state import initial_state, make_optimizer

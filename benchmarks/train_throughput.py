@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import profile_table
 
 from refine_jax.flops import encoder_flops, text_stack_flops, training_flops_per_example
-from refine_jax.models.kinds import model_kind
+from refine_jax.model_kinds import model_kind
 from refine_jax.train import bind_train_step, make_optimizer
 
 

@@ -17,7 +17,7 @@ from refine_jax.errors import ConfigError
 
 # The choices of config values, owned here so that loading a config imports no JAX, Flax or PIL;
 # the modules that implement them import them from here.
-MODEL_KINDS = ("refine", "autoregressive", "match")  # registered in models/kinds.py
+MODEL_KINDS = ("refine", "autoregressive", "match")  # registered in model_kinds.py
 REMAT_POLICIES = ("none", "full", "dots")  # models.refine
 POSITION_BIASES = ("none", "relative")  # models.vit
 TARGET_KINDS = ("salience", "full")  # targets

@@ -1,19 +1,27 @@
 """Decoding: K refinement steps in parallel per step, and greedy / beam search for the baseline.
 
-All functions are pure and jit-able; `decode_batch` is the one entry point the trainer and
-evaluation use: it returns, per image, the token canvases of every step ([B, K, L]; K = 1
-for the autoregressive baseline).
+All functions are pure and jit-able. Each captioner kind registers two of them in
+`model_kinds`: its `describe` hook (`refine_canvases`, `autoregressive_canvases`: the token
+canvases of every step, [B, K, L], K = 1 for the baseline) and its `describe_with_attention`
+hook (`refine_attention`, `autoregressive_attention`: the canvases and the last text layer's
+cross-attention). The trainer and evaluation call them through `model_kinds.decode_batch`.
 """
 
 from __future__ import annotations
 
-import functools
+import re
+from collections.abc import Mapping
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from refine_jax.models.autoregressive import AutoregressiveCaptioner, next_token_logits
+from refine_jax.models.autoregressive import (
+    AutoregressiveCaptioner,
+    next_token_logits,
+    shift_right,
+    with_eos,
+)
 from refine_jax.models.refine import RefineCaptioner
 from refine_jax.special_tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -182,29 +190,115 @@ def refine_decode(
     }
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "beam", "early_stop"))
-def decode_batch(
-    model: nn.Module,
+def refine_canvases(
+    model: RefineCaptioner,
     params,
     images: jax.Array,
     fractions,
+    start: jax.Array | None = None,
     method: str = "greedy",
     beam: int = 1,
-    start: jax.Array | None = None,
     early_stop: bool = True,
 ) -> jax.Array:
-    """Token canvases of every step, [B, K, L] (K = 1 for the baseline). `start` [B, L]:
-    descriptions the refinement model continues instead of the blank one. `early_stop`: the
-    baseline stops decoding once every caption has ended (False: always all L + 1 positions,
-    the worst case; the captions are the same).
+    """The refinement kind's `describe` hook: the canvases of its K steps, [B, K, L], from the
+    blank description or `start` [B, L]. The K steps are its whole decoding: `method`, `beam`
+    and `early_stop` are the baseline's settings and change nothing here."""
+    del method, beam, early_stop
+    return refine_decode(model, params, images, fractions, start)["canvas"]
 
-    Jitted once at import, with the model, method, beam and early_stop static: every call
-    with the same model (equal modules hash alike), settings and array shapes reuses one
-    compilation."""
-    if isinstance(model, RefineCaptioner):
-        return refine_decode(model, params, images, fractions, start)["canvas"]
+
+def autoregressive_canvases(
+    model: AutoregressiveCaptioner,
+    params,
+    images: jax.Array,
+    fractions,
+    start: jax.Array | None = None,
+    method: str = "greedy",
+    beam: int = 1,
+    early_stop: bool = True,
+) -> jax.Array:
+    """The baseline's `describe` hook: its one caption as a one-step canvas, [B, 1, L], greedy
+    or by beam search (`method='beam'`, `beam` > 1). `early_stop`: stop once every caption has
+    ended (False: always all L + 1 positions, the worst case; the captions are the same).
+    `fractions` (its one step) is unused; it cannot continue a given `start`."""
+    del fractions
     if start is not None:
         raise ValueError("only a refinement model can continue a given description")
     if method == "beam" and beam > 1:
         return beam_decode(model, params, images, beam, early_stop=early_stop)[:, None]
     return greedy_decode(model, params, images, early_stop)[:, None]
+
+
+_LAYER = re.compile(r"layer_(\d+)$")
+
+
+def last_layer_attention(intermediates: Mapping[str, Any]) -> jax.Array:
+    """The sown cross-attention of the last text layer, [K, B, H, Q, N] (K = 1 when unstacked).
+
+    Accepts the 'intermediates' collection (or the dict holding it) of a scanned refinement
+    model ([K, B, H, Q, N] in a 1-tuple), of an unscanned one (K arrays [B, H, Q, N]) or of the
+    baseline's decoder (one [B, H, Q, N])."""
+    found: list[tuple[int, Any]] = []
+
+    def visit(node: Any, layer: int | None) -> None:
+        if not isinstance(node, Mapping):
+            return
+        for key, value in node.items():
+            match = _LAYER.match(str(key))
+            if (
+                key == "cross_attention"
+                and isinstance(value, Mapping)
+                and "attention_weights" in value
+            ):
+                found.append((-1 if layer is None else layer, value["attention_weights"]))
+            else:
+                visit(value, int(match.group(1)) if match else layer)
+
+    visit(intermediates, None)
+    if not found:
+        raise ValueError(
+            "no sown cross-attention weights: apply the model with mutable=['intermediates']"
+        )
+    weights = max(found, key=lambda item: item[0])[1]
+    arrays = list(weights) if isinstance(weights, tuple | list) else [weights]
+    if len(arrays) == 1:
+        array = arrays[0]
+        return array if array.ndim == 5 else array[None]
+    return jnp.stack(arrays)  # an unscanned loop sows once per step
+
+
+def refine_attention(
+    model: RefineCaptioner, params, images: jax.Array, fractions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The refinement kind's `describe_with_attention` hook: canvases [B, K, L] and the last
+    layer's head-averaged cross-attention [B, K, L, N] of every step (jit-able)."""
+    out, state = model.apply(
+        {"params": params},
+        images,
+        fractions,
+        method=RefineCaptioner.describe,
+        mutable=["intermediates"],
+    )
+    weights = last_layer_attention(state["intermediates"])  # [K, B, H, L, N]
+    return jnp.swapaxes(out["canvas"], 0, 1), jnp.swapaxes(weights.mean(axis=2), 0, 1)
+
+
+def autoregressive_attention(
+    model: AutoregressiveCaptioner, params, images: jax.Array, fractions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The baseline's `describe_with_attention` hook: its greedy caption [B, 1, L] and, from a
+    teacher-forced pass over it, the last layer's head-averaged cross-attention [B, 1, L, N]."""
+    del fractions  # one step
+    caption = greedy_decode(model, params, images)  # [B, L]
+    image_tokens = model.apply({"params": params}, images, method=AutoregressiveCaptioner.encode)
+    inputs = shift_right(with_eos(jnp.pad(caption, ((0, 0), (0, 1)))))
+    _, state = model.apply(
+        {"params": params},
+        image_tokens,
+        inputs,
+        method=AutoregressiveCaptioner.logits,
+        mutable=["intermediates"],
+    )
+    weights = last_layer_attention(state["intermediates"])[0]  # [B, H, L+1, N]
+    attention = weights.mean(axis=1)[:, : caption.shape[1]]
+    return caption[:, None], attention[:, None]

@@ -1,6 +1,6 @@
 """Analytic model FLOPs (DESIGN §7): matmul FLOPs counted from the config, 2 per multiply-add.
 
-Each model kind describes its text passes (`models.kinds.TextPass`); the detailer is counted K
+Each model kind describes its text passes (`model_kinds.TextPass`); the detailer is counted K
 times (it runs K times), its cross-attention's image key/value projections once (they are
 computed once per image, before the steps); a training step is counted as three
 forward passes (forward, and a backward pass of twice its cost). Layer norms, softmaxes and
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from refine_jax.models.kinds import TextPass, model_kind
+from refine_jax.model_kinds import TextPass, model_kind
 
 
 def encoder_flops(config: ml_collections.ConfigDict) -> float:

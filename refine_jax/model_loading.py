@@ -23,7 +23,7 @@ from refine_jax import sharding
 from refine_jax.checkpointing import Checkpointer, model_signature
 from refine_jax.config import validate_config
 from refine_jax.data.pipeline import CaptionFeatures
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import Tokenizer
 from refine_jax.train_state import abstract_state, create_params, restore_state

@@ -37,8 +37,7 @@ from refine_jax.evaluation.matching import MatchEmbedder, split_retrieval
 from refine_jax.evaluation.metrics import evaluate_samples
 from refine_jax.flops import training_flops_per_example
 from refine_jax.metric_writer import MetricWriter
-from refine_jax.models import build_model
-from refine_jax.models.kinds import model_kind
+from refine_jax.model_kinds import build_model, model_kind
 from refine_jax.models.pretrained import load_pretrained_encoder
 from refine_jax.stop_signals import StopSignals
 from refine_jax.targets import schedule_fractions

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from refine_jax import sharding
 from refine_jax.checkpointing import Checkpointer
-from refine_jax.models.kinds import model_kind
+from refine_jax.model_kinds import model_kind
 
 
 @flax.struct.dataclass

@@ -12,11 +12,10 @@ from refine_jax import decoding
 from refine_jax.decoding import (
     beam_decode,
     beam_decode_with_steps,
-    decode_batch,
     greedy_decode,
     greedy_decode_with_steps,
 )
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model, decode_batch
 from refine_jax.models.autoregressive import (
     AutoregressiveCaptioner,
     next_token_logits,

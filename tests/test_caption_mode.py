@@ -13,7 +13,7 @@ from conftest import load_config
 from PIL import Image
 from test_evaluate import run_main, trained_workdir
 
-from refine_jax import decoding
+from refine_jax import decoding, model_kinds
 from refine_jax.evaluation.caption_images import (
     caption_images,
     default_output,
@@ -137,16 +137,16 @@ def test_a_folder_of_many_batches_compiles_the_decoder_once(
         return traced(*args, **kwargs)
 
     monkeypatch.setattr(decoding, decoder, counting)
-    decoding.decode_batch.clear_cache()
+    model_kinds.decode_batch.clear_cache()
     images = np.random.default_rng(0).uniform(-1, 1, (40, 48, 48, 3)).astype(np.float32)
     described = describe_images(loaded, images, method=method, beam=2)  # 3 batches, 1 padded
-    assert traces == [(16, 48, 48, 3)] and decoding.decode_batch._cache_size() == 1
+    assert traces == [(16, 48, 48, 3)] and model_kinds.decode_batch._cache_size() == 1
     # Another call, and single images (padded to the same batch), reuse that compilation and
     # describe each image as the batched call did.
     assert describe_images(loaded, images, method=method, beam=2) == described
     for i in (0, 17, 39):
         assert describe_images(loaded, images[i : i + 1], method=method, beam=2) == [described[i]]
-    assert len(traces) == 1 and decoding.decode_batch._cache_size() == 1
+    assert len(traces) == 1 and model_kinds.decode_batch._cache_size() == 1
     assert len(described) == 40 and all(
         len(steps) == (4 if method == "greedy" else 1) for steps in described
     )
@@ -185,7 +185,7 @@ def test_eval_describes_the_split_with_the_configured_beam(
         return traced(model, params, images, *args, **kwargs)
 
     monkeypatch.setattr(decoding, decoder, recording)
-    decoding.decode_batch.clear_cache()
+    model_kinds.decode_batch.clear_cache()
     source, _ = eval_split(config)
     samples = describe_loaded_split(loaded, source, beam_size=config.decode.beam_size)
     assert len(samples) == 20 and all(len(s["steps"]) == 1 for s in samples)

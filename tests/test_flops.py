@@ -14,8 +14,7 @@ from refine_jax.flops import (
     image_keys_values_flops,
     text_pass_flops,
 )
-from refine_jax.models import build_model
-from refine_jax.models.kinds import model_kind
+from refine_jax.model_kinds import build_model, model_kind
 from refine_jax.targets import schedule_fractions
 from refine_jax.train import init_variables
 

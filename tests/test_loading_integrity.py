@@ -17,8 +17,8 @@ from test_checkpoint_integrity import overwrite_4_kib
 from refine_jax import sharding
 from refine_jax.checkpointing import Checkpointer, model_signature
 from refine_jax.errors import CheckpointError
+from refine_jax.model_kinds import build_model
 from refine_jax.model_loading import restore_params
-from refine_jax.models import build_model
 from refine_jax.train_state import create_state
 
 VOCAB = 60

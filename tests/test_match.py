@@ -16,8 +16,7 @@ from refine_jax.data.pipeline import CaptionFeatures, random_word_subset, train_
 from refine_jax.data.shapes import ShapesSource
 from refine_jax.evaluation.matching import retrieval_recall, step_scores
 from refine_jax.losses import contrastive_loss, match_head_loss
-from refine_jax.models import build_model
-from refine_jax.models.kinds import model_kind
+from refine_jax.model_kinds import build_model, model_kind
 from refine_jax.models.match import same_text, sample_hard_negatives
 from refine_jax.tokenizer import train_tokenizer
 from refine_jax.train_state import init_variables

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config
 
+from refine_jax import model_kinds as kinds
 from refine_jax import train
 from refine_jax.data import training_captions
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
 from refine_jax.data.shapes import ShapesSource
 from refine_jax.flops import encoder_flops, forward_flops_per_example, text_pass_flops
 from refine_jax.losses import autoregressive_loss, refine_loss
-from refine_jax.models import build_model, kinds
+from refine_jax.models.refine import RefineCaptioner
 from refine_jax.tokenizer import train_tokenizer
 from refine_jax.train_state import initial_state
 
@@ -52,7 +54,7 @@ def test_train_step_takes_its_loss_from_the_registered_kind(monkeypatch, tokeniz
     register_for_test(monkeypatch, "constant", loss=constant_loss)
     config = load_config("shapes", "tiny")
     config.model.kind = "constant"
-    model = build_model(config, tokenizer.vocab_size)
+    model = kinds.build_model(config, tokenizer.vocab_size)
     optimizer, schedule = train.make_optimizer(config)
     state = initial_state(model, config, tokenizer.vocab_size, optimizer)
     step = jax.jit(train.bind_train_step(config, model, optimizer, schedule))
@@ -93,7 +95,7 @@ def test_each_kinds_loss_scores_its_models_outputs(tokenizer_and_batch, variant)
     config.model.dropout_rate = 0.0
     config.targets.self_condition_rate = 0.0
     config.targets.length_loss_weight = 0.5  # the length term counts too
-    model = build_model(config, tokenizer.vocab_size)
+    model = kinds.build_model(config, tokenizer.vocab_size)
     params = train.init_variables(model, config, tokenizer.vocab_size)
     fractions, weights = (
         jnp.asarray(a, jnp.float32)
@@ -128,7 +130,7 @@ def test_training_randomness_comes_from_the_configured_prng(tokenizer_and_batch)
     tokenizer, batch = tokenizer_and_batch
     config = load_config("shapes", "tiny")
     config.model.dropout_rate = 0.3
-    model = build_model(config, tokenizer.vocab_size)
+    model = kinds.build_model(config, tokenizer.vocab_size)
     params = initial_state(model, config, tokenizer.vocab_size, train.make_optimizer(config)[0])
     fractions, weights = kinds.model_kind("refine").step_schedule(config)
     loss = jax.jit(
@@ -146,3 +148,46 @@ def test_training_randomness_comes_from_the_configured_prng(tokenizer_and_batch)
         )
         losses[impl] = float(loss(rng))
     assert len(set(losses.values())) == 3, losses
+
+
+class EchoCaptioner(RefineCaptioner):
+    """A refinement module registered as a kind of its own (its describe hook differs)."""
+
+
+def test_decoding_dispatches_on_the_kind_registered_for_the_models_class(monkeypatch):
+    config = load_config("shapes", "tiny")
+    images = jnp.zeros((2, config.model.image_size, config.model.image_size, 3))
+    fractions = jnp.asarray(kinds.model_kind("refine").step_schedule(config)[0], jnp.float32)
+
+    def echo(model, params, images, fractions, start, method, beam, early_stop):
+        """The start canvas at every step: the hook, not the refinement decoder, ran."""
+        return jnp.repeat(start[:, None], fractions.shape[0], axis=1)
+
+    refine = kinds.model_kind("refine")
+    register_for_test(monkeypatch, "echo", module_type=EchoCaptioner, describe=echo)
+    model = kinds.build_model(config, 50)
+    echo_model = EchoCaptioner(
+        **{f: getattr(model, f) for f in model.__dataclass_fields__ if f not in ("parent", "name")}
+    )
+    assert kinds.kind_of_model(echo_model).name == "echo"  # its own class wins over the base's
+    assert kinds.kind_of_model(model) is refine
+    params = train.init_variables(model, config, 50)
+    start = jnp.arange(2 * config.model.canvas_length, dtype=jnp.int32).reshape(2, -1) % 50
+    np.testing.assert_array_equal(
+        kinds.decode_batch(echo_model, params, images, fractions, start=start),
+        jnp.repeat(start[:, None], config.model.num_refine_steps, axis=1),
+    )
+    written = kinds.decode_batch(model, params, images, fractions, start=start)
+    assert written.shape == (2, config.model.num_refine_steps, config.model.canvas_length)
+    assert not np.array_equal(written[:, 0], start)  # the detailer wrote on it
+
+
+def test_a_kind_that_writes_no_descriptions_cannot_be_decoded():
+    config = load_config("shapes", "tiny,match")
+    model = kinds.build_model(config, 50)
+    assert not kinds.kind_of_model(model).describes
+    images = jnp.zeros((1, config.model.image_size, config.model.image_size, 3))
+    with pytest.raises(ValueError, match="kind 'match' writes no descriptions"):
+        kinds.decode_batch(model, {}, images, jnp.ones(1))
+    with pytest.raises(TypeError, match="Dense is not the module of any registered model kind"):
+        kinds.kind_of_model(nn.Dense(3))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.models.refine import STEP_FEATURES, clean_canvas, write_scheduled
 from refine_jax.models.vit import relative_offsets
 from refine_jax.special_tokens import BLANK_ID, EOS_ID, PAD_ID, UNK_ID

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import load_config
 
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.train_state import init_variables, make_optimizer
 
 

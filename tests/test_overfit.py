@@ -8,7 +8,7 @@ from conftest import load_config
 from refine_jax.data import training_captions
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
 from refine_jax.data.shapes import ShapesSource
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import train_tokenizer
 from refine_jax.train import bind_train_step

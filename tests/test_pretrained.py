@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.models.pretrained import load_pretrained_encoder
 from refine_jax.models.vit import ViTEncoder
 from refine_jax.train import init_variables

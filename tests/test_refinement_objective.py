@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.models.refine import final_objective_terms, write_due
 from refine_jax.special_tokens import BLANK_ID, BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from refine_jax.targets import schedule_fractions

@@ -18,13 +18,11 @@ from PIL import Image
 from test_evaluate import trained_workdir
 
 from refine_jax import train
-from refine_jax.decoding import decode_batch
+from refine_jax.decoding import last_layer_attention
 from refine_jax.evaluation.attention import (
     added_word_indices,
     added_words_attention,
     attention_overlay,
-    describe_with_attention,
-    last_layer_attention,
     token_word_indices,
     upsample_attention,
     word_diff,
@@ -38,7 +36,7 @@ from refine_jax.evaluation.report import (
     select_images,
     write_report,
 )
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model, decode_batch, describe_with_attention
 from refine_jax.special_tokens import PAD_ID
 from refine_jax.tokenizer import train_tokenizer
 

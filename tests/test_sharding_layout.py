@@ -6,7 +6,7 @@ from conftest import load_config
 from jax.sharding import PartitionSpec as P
 
 from refine_jax import sharding, train
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.train_state import create_state
 
 F, T = "fsdp", "tensor"

@@ -15,8 +15,7 @@ from conftest import load_config
 from refine_jax import sharding
 from refine_jax.checkpointing import Checkpointer
 from refine_jax.config import MODEL_KINDS
-from refine_jax.models import build_model
-from refine_jax.models.kinds import model_kind, registered_model_kinds
+from refine_jax.model_kinds import build_model, model_kind, registered_model_kinds
 from refine_jax.train_state import TrainState, abstract_state, create_state, restore_state
 
 

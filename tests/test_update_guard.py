@@ -16,7 +16,7 @@ from refine_jax.data import training_captions
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
 from refine_jax.data.shapes import ShapesSource
 from refine_jax.metric_writer import MetricWriter
-from refine_jax.models import build_model
+from refine_jax.model_kinds import build_model
 from refine_jax.tokenizer import train_tokenizer
 from refine_jax.train_state import initial_state
 

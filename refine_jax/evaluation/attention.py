@@ -4,99 +4,21 @@ The detailer (and the baseline's decoder) sow every cross-attention map into the
 collection as `attention_weights` [B, H, Q, N] per text layer; the refinement model's scan stacks
 them over the K steps. Query position j of step k is the position that writes token j of that
 step's canvas, so the attention of the tokens of the words step k added tells where the step
-looked when it added them. Here: the last text layer's map averaged over heads, the word-level
-diff between consecutive steps, the token -> word alignment, and the overlay on the image.
+looked when it added them. The maps (the last text layer's, averaged over heads) come from each
+model kind's `describe_with_attention` (`model_kinds`); here, on the host: the word-level diff
+between consecutive steps, the token -> word alignment, and the overlay on the image.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from refine_jax.decoding import greedy_decode
-from refine_jax.models.autoregressive import AutoregressiveCaptioner, shift_right, with_eos
-from refine_jax.models.refine import RefineCaptioner
 from refine_jax.special_tokens import NOT_TEXT_IDS
 from refine_jax.tokenizer import Tokenizer
-
-_LAYER = re.compile(r"layer_(\d+)$")
-
-
-def last_layer_attention(intermediates: Mapping[str, Any]) -> jax.Array:
-    """The sown cross-attention of the last text layer, [K, B, H, Q, N] (K = 1 when unstacked).
-
-    Accepts the 'intermediates' collection (or the dict holding it) of a scanned refinement
-    model ([K, B, H, Q, N] in a 1-tuple), of an unscanned one (K arrays [B, H, Q, N]) or of the
-    baseline's decoder (one [B, H, Q, N])."""
-    found: list[tuple[int, Any]] = []
-
-    def visit(node: Any, layer: int | None) -> None:
-        if not isinstance(node, Mapping):
-            return
-        for key, value in node.items():
-            match = _LAYER.match(str(key))
-            if (
-                key == "cross_attention"
-                and isinstance(value, Mapping)
-                and "attention_weights" in value
-            ):
-                found.append((-1 if layer is None else layer, value["attention_weights"]))
-            else:
-                visit(value, int(match.group(1)) if match else layer)
-
-    visit(intermediates, None)
-    if not found:
-        raise ValueError(
-            "no sown cross-attention weights: apply the model with mutable=['intermediates']"
-        )
-    weights = max(found, key=lambda item: item[0])[1]
-    arrays = list(weights) if isinstance(weights, tuple | list) else [weights]
-    if len(arrays) == 1:
-        array = arrays[0]
-        return array if array.ndim == 5 else array[None]
-    return jnp.stack(arrays)  # an unscanned loop sows once per step
-
-
-def describe_with_attention(
-    model, params, images: jax.Array, fractions: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Canvases [B, K, L] and the last layer's head-averaged cross-attention [B, K, L, N] of
-    every step (jit-able). For the baseline (K = 1) the attention comes from a teacher-forced
-    pass over its own greedy caption."""
-    if isinstance(model, RefineCaptioner):
-        out, state = model.apply(
-            {"params": params},
-            images,
-            fractions,
-            method=RefineCaptioner.describe,
-            mutable=["intermediates"],
-        )
-        weights = last_layer_attention(state["intermediates"])  # [K, B, H, L, N]
-        return jnp.swapaxes(out["canvas"], 0, 1), jnp.swapaxes(weights.mean(axis=2), 0, 1)
-    if isinstance(model, AutoregressiveCaptioner):
-        caption = greedy_decode(model, params, images)  # [B, L]
-        image_tokens = model.apply(
-            {"params": params}, images, method=AutoregressiveCaptioner.encode
-        )
-        inputs = shift_right(with_eos(jnp.pad(caption, ((0, 0), (0, 1)))))
-        _, state = model.apply(
-            {"params": params},
-            image_tokens,
-            inputs,
-            method=AutoregressiveCaptioner.logits,
-            mutable=["intermediates"],
-        )
-        weights = last_layer_attention(state["intermediates"])[0]  # [B, H, L+1, N]
-        attention = weights.mean(axis=1)[:, : caption.shape[1]]
-        return caption[:, None], attention[:, None]
-    raise TypeError(f"no attention extraction for {type(model).__name__}")
 
 
 def token_word_indices(tokenizer: Tokenizer, tokens: Sequence[int]) -> list[int]:
@@ -192,8 +114,6 @@ __all__ = [
     "added_word_indices",
     "added_words_attention",
     "attention_overlay",
-    "describe_with_attention",
-    "last_layer_attention",
     "to_uint8",
     "token_word_indices",
     "upsample_attention",

@@ -25,8 +25,8 @@ from etils import epath
 
 from refine_jax.data.pipeline import preprocess_image
 from refine_jax.data.records import CorruptImageError, decode_image
-from refine_jax.decoding import decode_batch
 from refine_jax.evaluation.matching import MatchEmbedder, match_scores
+from refine_jax.model_kinds import decode_batch
 from refine_jax.model_loading import LoadedModel, load_model
 from refine_jax.models.refine import start_canvas
 from refine_jax.paths import folder_name, is_uri

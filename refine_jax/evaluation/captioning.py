@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
-from refine_jax.decoding import decode_batch
+from refine_jax.model_kinds import decode_batch
 from refine_jax.sharding import to_host
 from refine_jax.targets import normalize_caption
 from refine_jax.tokenizer import Tokenizer

@@ -33,7 +33,6 @@ from refine_jax.evaluation.attention import (
     added_word_indices,
     added_words_attention,
     attention_overlay,
-    describe_with_attention,
     to_uint8,
     token_word_indices,
 )
@@ -46,8 +45,8 @@ from refine_jax.evaluation.metrics import (
     step_schedule,
 )
 from refine_jax.evaluation.report import ReportImage, select_images, write_report
+from refine_jax.model_kinds import describe_with_attention, model_kind
 from refine_jax.model_loading import LoadedModel, load_model, restore_params
-from refine_jax.models.kinds import model_kind
 from refine_jax.paths import absolute, folder_name
 from refine_jax.sharding import to_host
 from refine_jax.workdir_config import config_for_workdir

@@ -11,12 +11,12 @@ import ml_collections
 import numpy as np
 
 from refine_jax.evaluation.refinement_metrics import chain_agreement, refinement_metrics
-from refine_jax.models.kinds import model_kind
+from refine_jax.model_kinds import model_kind
 
 
 def step_schedule(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
     """(s(k), w_k) of the config's refinement steps; ([1.0], [1.0]) for the autoregressive
-    baseline, which writes one description (each model kind says, models/kinds.py)."""
+    baseline, which writes one description (each model kind says, model_kinds.py)."""
     return model_kind(config.model.kind).step_schedule(config)
 
 

@@ -2,13 +2,16 @@
 
 A kind (`config.model.kind`) is one `ModelKind`: how to build its module, the dummy inputs that
 initialise its parameters, the step schedule its descriptions are scored against, its training
-loss and the text-stack passes its FLOPs are counted from. A new kind registers one entry (and
-adds its name to `config.MODEL_KINDS`) instead of adding `if kind == ...` branches to the
-trainer, the loader, evaluation and the benchmarks.
+loss, the text-stack passes its FLOPs are counted from and, for a captioner, how it writes its
+descriptions (with and without attention maps). A new kind registers one entry (and adds its
+name to `config.MODEL_KINDS`) instead of adding `if kind == ...` branches to the trainer, the
+loader, decoding, evaluation and the benchmarks. `build_model`, `decode_batch` and
+`describe_with_attention` are the entry points that dispatch on it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from refine_jax.decoding import (
+    autoregressive_attention,
+    autoregressive_canvases,
+    refine_attention,
+    refine_canvases,
+)
 from refine_jax.losses import (
     autoregressive_loss,
     contrastive_loss,
@@ -44,25 +53,39 @@ LossFn = Callable[
     ],
     tuple[jax.Array, dict[str, jax.Array]],
 ]
+# (model, params, images [B, H, W, 3], fractions [K], start [B, L] | None, method, beam,
+#  early_stop) -> token canvases of every step [B, K, L]
+Describe = Callable[..., jax.Array]
+# (model, params, images, fractions) -> (canvases [B, K, L], cross-attention [B, K, L, N])
+DescribeWithAttention = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 @dataclass(frozen=True)
 class ModelKind:
-    """One model kind. `build(config, vocab_size, scan)` gives the module (`scan=None`: the
-    config's choice); `init_inputs(config)` the dummy arrays after the rng of `module.init`;
+    """One model kind. `module_type`: the class `build` returns, by which a built module finds
+    its kind; `build(config, vocab_size, scan)` gives the module (`scan=None`: the config's
+    choice); `init_inputs(config)` the dummy arrays after the rng of `module.init`;
     `step_schedule(config)` the (s(k), w_k) its described steps are scored with; `loss` the
     training loss of a batch (a `LossFn`; `rng` is the step's key, dropout included);
     `text_passes(config)` the text passes of one image's forward pass (`TextPass`), which its
-    FLOPs are counted from; `describes`: whether it writes descriptions (a captioner, evaluated
-    on them) or not (the matching model, evaluated by retrieval)."""
+    FLOPs are counted from; `describe` and `describe_with_attention`: how a captioner writes
+    the descriptions of every step (jit-able `decoding` functions), None for a kind that
+    writes none (the matching model, evaluated by retrieval)."""
 
     name: str
+    module_type: type[nn.Module]
     build: Callable[[ml_collections.ConfigDict, int, bool | None], nn.Module]
     init_inputs: Callable[[ml_collections.ConfigDict], tuple[jax.Array, ...]]
     step_schedule: Callable[[ml_collections.ConfigDict], tuple[np.ndarray, np.ndarray]]
     loss: LossFn
     text_passes: Callable[[ml_collections.ConfigDict], tuple[TextPass, ...]]
-    describes: bool = True  # a captioner (evaluated on its descriptions), or the matching model
+    describe: Describe | None = None
+    describe_with_attention: DescribeWithAttention | None = None
+
+    @property
+    def describes(self) -> bool:
+        """A captioner, evaluated on its descriptions (else evaluated by retrieval)."""
+        return self.describe is not None
 
 
 @dataclass(frozen=True)
@@ -102,6 +125,60 @@ def model_kind(name: str) -> ModelKind:
 
 def registered_model_kinds() -> tuple[str, ...]:
     return tuple(_KINDS)
+
+
+def kind_of_model(model: nn.Module) -> ModelKind:
+    """The kind whose `module_type` is the class of `model`, or else its nearest base class (a
+    kind registered for a subclass of another kind's module wins for that subclass)."""
+    for cls in type(model).__mro__:
+        for kind in _KINDS.values():
+            if kind.module_type is cls:
+                return kind
+    raise TypeError(f"{type(model).__name__} is not the module of any registered model kind")
+
+
+def build_model(
+    config: ml_collections.ConfigDict, vocab_size: int, scan: bool | None = None
+) -> nn.Module:
+    """The model `config.model.kind` names; `scan=False` gives the unscanned refinement oracle."""
+    return model_kind(config.model.kind).build(config, vocab_size, scan)
+
+
+def _describing_kind(model: nn.Module) -> ModelKind:
+    kind = kind_of_model(model)
+    if not kind.describes:
+        raise ValueError(f"a model of kind {kind.name!r} writes no descriptions to decode")
+    return kind
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "beam", "early_stop"))
+def decode_batch(
+    model: nn.Module,
+    params,
+    images: jax.Array,
+    fractions,
+    method: str = "greedy",
+    beam: int = 1,
+    start: jax.Array | None = None,
+    early_stop: bool = True,
+) -> jax.Array:
+    """Token canvases of every step, [B, K, L] (K = 1 for the baseline), by the model's kind's
+    `describe` hook. `start` [B, L]: descriptions a refinement model continues instead of the
+    blank one. `method` ('greedy' or 'beam'), `beam` and `early_stop`: the baseline's search
+    (`decoding.autoregressive_canvases`).
+
+    Jitted once at import, with the model and settings static: every call with the same model
+    (equal modules hash alike), settings and array shapes reuses one compilation."""
+    describe = _describing_kind(model).describe
+    return describe(model, params, images, fractions, start, method, beam, early_stop)
+
+
+def describe_with_attention(
+    model: nn.Module, params, images: jax.Array, fractions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Canvases [B, K, L] and the last text layer's head-averaged cross-attention [B, K, L, N]
+    of every step (jit-able), by the model's kind's `describe_with_attention` hook."""
+    return _describing_kind(model).describe_with_attention(model, params, images, fractions)
 
 
 def _shared_module_args(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, Any]:
@@ -327,31 +404,37 @@ def _match_text_passes(config: ml_collections.ConfigDict) -> tuple[TextPass, ...
 register_model_kind(
     ModelKind(
         "refine",
+        module_type=RefineCaptioner,
         build=_build_refine,
         init_inputs=_refine_init_inputs,
         step_schedule=_refine_step_schedule,
         loss=_refine_loss,
         text_passes=_refine_text_passes,
+        describe=refine_canvases,
+        describe_with_attention=refine_attention,
     )
 )
 register_model_kind(
     ModelKind(
         "autoregressive",
+        module_type=AutoregressiveCaptioner,
         build=_build_autoregressive,
         init_inputs=_autoregressive_init_inputs,
         step_schedule=_single_step_schedule,
         loss=_autoregressive_loss,
         text_passes=_autoregressive_text_passes,
+        describe=autoregressive_canvases,
+        describe_with_attention=autoregressive_attention,
     )
 )
 register_model_kind(
     ModelKind(
         "match",
+        module_type=MatchModel,
         build=_build_match,
         init_inputs=_match_init_inputs,
         step_schedule=_single_step_schedule,
         loss=_match_loss,
         text_passes=_match_text_passes,
-        describes=False,
     )
 )
