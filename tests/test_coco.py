@@ -18,6 +18,7 @@ from PIL import Image
 from refine_jax.data import coco
 from refine_jax.data.records import decode_image
 from refine_jax.data.shards import TarShardSource, load_references
+from refine_jax.data.tfds_source import TfdsCaptionSource, tfds_example_to_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -233,18 +234,18 @@ def test_tfds_builder_and_record_adapter(coco_files: tuple[Path, Path], tmp_path
     assert [c.decode() for c in example["captions"]] == coco_captions(73)
 
     with pytest.raises(TypeError, match="SkipDecoding"):
-        coco.tfds_example_to_record(builder.as_data_source(split="val")[0])
+        tfds_example_to_record(builder.as_data_source(split="val")[0])
 
     # The record source gives the same records as the tar shards.
     shards = tmp_path / "shards"
     coco.convert(coco_dir, karpathy, shards)
     for split, keys in split_keys("train").items():
-        source = coco.TfdsCaptionSource(split, data_dir)
+        source = TfdsCaptionSource(split, data_dir)
         tar = TarShardSource(shards / split, cache_dir=tmp_path / "cache")
         assert len(source) == len(keys)
         for i in range(len(source)):
             assert source[i] == tar[i]
-    assert coco.TfdsCaptionSource("train", data_dir)[-1]["key"] == "42"
+    assert TfdsCaptionSource("train", data_dir)[-1]["key"] == "42"
 
 
 def test_tfds_restval_config_and_unprepared(coco_files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -252,14 +253,42 @@ def test_tfds_restval_config_and_unprepared(coco_files: tuple[Path, Path], tmp_p
     data_dir = tmp_path / "tfds"
     builder = coco.prepare_tfds(coco_dir, data_dir, config="restval_split")
     assert sorted(builder.info.splits) == ["restval", "test", "train", "val"]
-    source = coco.TfdsCaptionSource("restval", data_dir, config="restval_split")
+    source = TfdsCaptionSource("restval", data_dir, config="restval_split")
     assert [source[i]["key"] for i in range(len(source))] == ["30", "42"]
-    by_dir = coco.TfdsCaptionSource("restval", builder_dir=builder.data_dir)
+    by_dir = TfdsCaptionSource("restval", builder_dir=builder.data_dir)
     assert [by_dir[i] for i in range(2)] == [source[i] for i in range(2)]
     with pytest.raises(FileNotFoundError, match="no_builder_dir"):
-        coco.TfdsCaptionSource("train", builder_dir=tmp_path / "no_builder_dir")
+        TfdsCaptionSource("train", builder_dir=tmp_path / "no_builder_dir")
     with pytest.raises(FileNotFoundError, match="not prepared"):
-        coco.TfdsCaptionSource("train", tmp_path / "empty")
+        TfdsCaptionSource("train", tmp_path / "empty")
+
+
+def test_the_tfds_reader_needs_no_builder_code(coco_files: tuple[Path, Path], tmp_path: Path):
+    """Training reads the prepared dataset from its files alone: in a process that never imports
+    the builder (data.coco), the reader serves each config, and says what to do when the
+    dataset is not prepared."""
+    coco_dir, karpathy = coco_files
+    data_dir = tmp_path / "tfds"
+    coco.prepare_tfds(coco_dir, data_dir, karpathy_json=karpathy)
+    coco.prepare_tfds(coco_dir, data_dir, config="restval_split")
+    reader = f"""
+import sys
+from refine_jax.data.tfds_source import TfdsCaptionSource
+train = TfdsCaptionSource("train", {str(data_dir)!r})
+restval = TfdsCaptionSource("restval", {str(data_dir)!r}, config="restval_split")
+print([train[i]["key"] for i in range(len(train))], [restval[i]["key"] for i in range(2)])
+print("refine_jax.data.coco" in sys.modules)
+try:
+    TfdsCaptionSource("train", {str(tmp_path / "empty")!r})
+except FileNotFoundError as e:
+    print(e)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", reader], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0] == str(split_keys("train")["train"]) + " ['30', '42']"
+    assert out[1] == "False"
+    assert "is not prepared" in out[2] and "prepare_tfds" in out[2]
 
 
 def test_command(coco_files: tuple[Path, Path], tmp_path: Path) -> None:

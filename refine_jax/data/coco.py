@@ -1,4 +1,4 @@
-"""COCO captions (Karpathy split) from the raw COCO files: tar shards, and a TFDS builder.
+"""COCO captions (Karpathy split) from the raw COCO files, offline: tar shards, and a TFDS builder.
 
 Input: the files a user downloads from cocodataset.org plus Karpathy's split file:
 
@@ -26,8 +26,8 @@ split, ``restval=None`` leaves it out). KEY is the COCO image id as a decimal st
 ``array_record`` files with features ``image`` (the encoded JPEG), ``image_id``, ``file_name``
 and ``captions``, so ``tfds.data_source("coco_karpathy_captions", ...)`` serves it. Its
 ``manual_dir`` holds the raw files above (``dataset_coco.json`` in it, or passed as
-``karpathy_json``). :func:`tfds_example_to_record` / :class:`TfdsCaptionSource` turn its
-examples into the package's record format.
+``karpathy_json``). The prepared dataset is read at training time by
+:class:`refine_jax.data.tfds_source.TfdsCaptionSource`, which needs nothing from this module.
 """
 
 from __future__ import annotations
@@ -35,22 +35,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, SupportsIndex
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from refine_jax.data.records import (
-    Record,
-    Skipped,
-    SkipReason,
-    check_caption,
-    checked_index,
-    skipped,
-)
 from refine_jax.data.shard_writer import (
     ImageOptions,
     SourceSample,
@@ -408,81 +400,6 @@ def prepare_tfds(
     )
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=coco_dir))
     return builder
-
-
-def _text(value: Any) -> str | bytes:
-    return value if isinstance(value, str) else bytes(value)
-
-
-def tfds_example_to_record(example: Mapping[str, Any]) -> Record | Skipped:
-    """A :class:`CocoKarpathyCaptions` example (image not decoded) -> a record or skip marker.
-
-    KEY is ``str(image_id)``, as in the tar shards; captions are cleaned with
-    :func:`~refine_jax.data.records.check_caption` and a sample with none left is skipped.
-    """
-    key = str(int(example["image_id"]))
-    image = example["image"]
-    if isinstance(image, np.ndarray) and image.dtype != object:
-        raise TypeError(
-            "the example's image is decoded pixels; read the data source with "
-            "decoders={'image': tfds.decode.SkipDecoding()} to keep the JPEG bytes"
-        )
-    captions: list[str] = []
-    dropped: list[str] = []
-    for raw in list(example["captions"]):
-        text, reason = check_caption(_text(raw))
-        if reason is None:
-            captions.append(text)
-        else:
-            dropped.append(str(reason))
-    if not captions:
-        return skipped(key, dropped[0] if dropped else SkipReason.MISSING_CAPTION)
-    record: Record = {"key": key, "image_bytes": bytes(image), "captions": captions}
-    if dropped:
-        record["dropped"] = dropped
-    return record
-
-
-class TfdsCaptionSource:
-    """Grain random-access source of records from the prepared :class:`CocoKarpathyCaptions`.
-
-    ``source[i]`` is a record (or a skip marker for a sample without usable captions), with the
-    JPEG bytes undecoded (the pipeline decodes them). The dataset is found by ``data_dir`` and
-    ``config`` name, or by ``builder_dir`` (the version folder, for any config).
-    """
-
-    def __init__(
-        self,
-        split: str,
-        data_dir: str | os.PathLike | None = None,
-        config: str | None = None,
-        builder_dir: str | os.PathLike | None = None,
-    ) -> None:
-        if builder_dir is not None:  # e.g. a custom config: .../coco_karpathy_captions/CFG/1.0.0
-            path = require_path(builder_dir, "TFDS dataset folder", is_dir=True)
-            builder = tfds.builder_from_directory(path)
-        else:
-            name = "coco_karpathy_captions" + (f"/{config}" if config else "")
-            builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir else None)
-            if not builder.is_prepared():
-                raise FileNotFoundError(
-                    f"TFDS dataset {name!r} is not prepared in {os.fspath(builder.data_dir)!r}; "
-                    "build it with refine_jax.data.coco.prepare_tfds (or --format=tfds)"
-                )
-        self.split = split
-        self._source = builder.as_data_source(
-            split=split, decoders={"image": tfds.decode.SkipDecoding()}
-        )
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: SupportsIndex) -> Record | Skipped:
-        i = checked_index(index, len(self))
-        return tfds_example_to_record(self._source[i])
-
-    def __repr__(self) -> str:
-        return f"TfdsCaptionSource(coco_karpathy_captions, split={self.split!r}, {len(self)})"
 
 
 if __name__ == "__main__":  # the command lives in refine_jax/commands/convert_coco.py

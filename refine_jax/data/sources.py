@@ -27,7 +27,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from refine_jax.data.caption_source import FirstN
+from refine_jax.data.caption_source import CaptionSource, FirstN
 from refine_jax.data.shapes import ShapesSource
 
 DATASETS = ("shapes", "shards", "tfds_coco", "labels", "mixture")
@@ -85,7 +85,7 @@ def _split_location(root: str, split: str, key: str, required: bool = True) -> s
 # Source kinds
 
 
-def open_shards(location: str, cache_dir: str = "", key: str = "config.data.path") -> Any:
+def open_shards(location: str, cache_dir: str = "", key: str = "config.data.path") -> CaptionSource:
     """Tar or ArrayRecord caption shards at ``location`` (folder, glob, file, or comma-separated
     list), the format chosen by the files found; errors name ``key`` and the path."""
     from refine_jax.data.array_records import SUFFIX, ArrayRecordCaptionSource
@@ -121,16 +121,18 @@ def open_shards(location: str, cache_dir: str = "", key: str = "config.data.path
         raise type(e)(f"{key} = {location!r}: {e}") from e
 
 
-def open_tfds_coco(location: str, split: str, config_name: str = "") -> Any:
+def open_tfds_coco(location: str, split: str, config_name: str = "") -> CaptionSource:
     """The prepared COCO Karpathy TFDS dataset: a TFDS data_dir, or its version folder."""
-    from refine_jax.data.coco import TfdsCaptionSource
+    from refine_jax.data.tfds_source import TfdsCaptionSource
 
     if epath.Path(location, "dataset_info.json").exists():
         return TfdsCaptionSource(split, builder_dir=location)
     return TfdsCaptionSource(split, data_dir=location, config=config_name or None)
 
 
-def open_labels(data: ml_collections.ConfigDict, location: str, split: str, seed: int) -> Any:
+def open_labels(
+    data: ml_collections.ConfigDict, location: str, split: str, seed: int
+) -> CaptionSource:
     """Label-captioned images: a folder-per-class tree, or ``tfds:NAME`` (prepared TFDS)."""
     from refine_jax.data.labels import FolderLabelSource, TfdsLabelSource
 
@@ -149,7 +151,7 @@ def open_labels(data: ml_collections.ConfigDict, location: str, split: str, seed
 
 def open_source(
     kind: str, location: str, split: str, config: ml_collections.ConfigDict, key: str
-) -> Any:
+) -> CaptionSource:
     """One split of a source of ``kind`` at ``location`` (already the split's own location for
     shards and labels; the TFDS data_dir for ``tfds_coco``)."""
     data = config.data
@@ -171,7 +173,7 @@ def _kind_split(
     explicit: str = "",
     explicit_key: str = "",
     required: bool = True,
-) -> Any:
+) -> CaptionSource:
     """The source of one split: ``explicit`` when given, else the split under ``root``."""
     if explicit:
         return open_source(kind, os.path.expanduser(explicit), split, config, explicit_key)
@@ -202,7 +204,9 @@ def parse_mixture(spec: Sequence[Sequence[Any]]) -> list[tuple[str, float, str, 
     return out
 
 
-def _mixture_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def _mixture_sources(
+    config: ml_collections.ConfigDict,
+) -> tuple[CaptionSource, CaptionSource]:
     from refine_jax.data.mixture import MixtureSource
 
     data = config.data
@@ -243,7 +247,7 @@ def _mixture_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
 # Entry points
 
 
-def make_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def make_sources(config: ml_collections.ConfigDict) -> tuple[CaptionSource, CaptionSource]:
     """(train source, held-out source) for ``config.data.name``."""
     data = config.data
     if data.name == "shapes":
