@@ -4,6 +4,7 @@ loaded (skipped, with the reason, where Chromium is not installed)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -258,6 +259,11 @@ def test_browser_check_catches_broken_images_and_errors(tmp_path):
     outcome = check_in_browser(path)
     assert outcome["images"] == 1 and outcome["broken"] == 1
     assert any("notDefined" in p for p in outcome["problems"])
+    # The command prints the same check as JSON and fails on it.
+    command = [sys.executable, "-m", "refine_jax.commands.report_in_browser", f"--report={path}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert json.loads(result.stdout)["broken"] == 1
 
 
 @needs_chromium
@@ -286,9 +292,8 @@ def test_eval_report_renders_and_screenshots(tmp_path_factory, tmp_path):
             sys.executable,
             "-m",
             "refine_jax.evaluation.report",
-            "--screenshot",
-            str(report),
-            str(shot),
+            f"--report={report}",
+            f"--screenshot={shot}",
             "--height=900",
         ],
         cwd=REPO,

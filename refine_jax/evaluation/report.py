@@ -8,8 +8,8 @@ whose quality dropped at some step, and one card per shown image (at most `max_i
 
 Command line (needs Chromium, e.g. Debian's `chromium`; the command lives in
 refine_jax/commands/report_in_browser.py):
-    python -m refine_jax.evaluation.report --screenshot REPORT.html OUT.png [--width=1280]
-    python -m refine_jax.evaluation.report --check REPORT.html   # console errors, broken images
+    python -m refine_jax.evaluation.report --report=REPORT.html --screenshot=OUT.png [--width=1280]
+    python -m refine_jax.evaluation.report --report=REPORT.html  # console errors, broken images
 """
 
 from __future__ import annotations
