@@ -4,11 +4,12 @@ on the target's layout, polish passes, and scanned == unscanned for every object
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import load_config
 
 from refine_jax.model_kinds import build_model
-from refine_jax.models.refine import final_objective_terms, write_due
+from refine_jax.models.refine import final_objective_terms, word_distribution, write_due
 from refine_jax.special_tokens import BLANK_ID, BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from refine_jax.targets import schedule_fractions
 from refine_jax.train import init_variables
@@ -37,7 +38,7 @@ def test_write_due_writes_due_words_ends_at_the_first_pad_and_never_writes_speci
     )
     due = jnp.asarray([[1.0, 1.0, -1.0, 1.0, 1.0, 1.0], [-2.0, 3.0, 0.5, -1.0, 1.0, 2.0]])
     canvas = jnp.full((2, 6), BLANK_ID)
-    written = write_due(logits, due, canvas)
+    written = write_due(word_distribution(logits), due, canvas)
     # row 0 ends at position 3 (pad likely) although position 4 is due and a word follows
     assert written[0].tolist() == [A, B, BLANK_ID, PAD_ID, PAD_ID, PAD_ID]
     # row 1 has no likely pad: its length is the canvas; blank is never written as a word
@@ -48,14 +49,14 @@ def test_write_due_ends_where_the_length_probabilities_add_up_to_one_half():
     # No position is more likely pad than not (P(pad) ~ 0.46 at positions 1 and 2), but the
     # description is 1 or 2 tokens long with probability ~0.92: it ends at position 2.
     logits = one_hot_logits([[B, {PAD_ID: 4.0, A: 4.0}, {PAD_ID: 4.0, C: 4.0}, D, A, B]])
-    written = write_due(logits, jnp.ones((1, 6)), jnp.full((1, 6), BLANK_ID))
+    written = write_due(word_distribution(logits), jnp.ones((1, 6)), jnp.full((1, 6), BLANK_ID))
     assert written[0].tolist() == [B, A, PAD_ID, PAD_ID, PAD_ID, PAD_ID]
 
 
 def test_write_due_writes_the_most_due_position_when_none_is_due():
     logits = one_hot_logits([[A, B, C, D]])
     due = jnp.asarray([[-3.0, -0.5, -1.0, -2.0]])
-    written = write_due(logits, due, jnp.full((1, 4), BLANK_ID))
+    written = write_due(word_distribution(logits), due, jnp.full((1, 4), BLANK_ID))
     assert written[0].tolist() == [BLANK_ID, B, BLANK_ID, BLANK_ID]
 
 
@@ -63,8 +64,8 @@ def test_write_due_revises_written_words_only_when_asked():
     logits = one_hot_logits([[A, B, C]])
     due = jnp.ones((1, 3))
     canvas = jnp.asarray([[D, BLANK_ID, D]])
-    assert write_due(logits, due, canvas, revise=True)[0].tolist() == [A, B, C]
-    assert write_due(logits, due, canvas, revise=False)[0].tolist() == [D, B, D]
+    assert write_due(word_distribution(logits), due, canvas, revise=True)[0].tolist() == [A, B, C]
+    assert write_due(word_distribution(logits), due, canvas, revise=False)[0].tolist() == [D, B, D]
 
 
 def test_final_objective_terms_on_a_known_case():
@@ -72,7 +73,9 @@ def test_final_objective_terms_on_a_known_case():
     target = jnp.asarray([[A, BLANK_ID, PAD_ID, PAD_ID]])
     logits = jnp.zeros((1, 4, VOCAB))  # uniform: every position costs log V
     due_logits = jnp.asarray([[0.0, 0.0, 5.0, 5.0]])
-    word_ce, due_ce, expected_length = final_objective_terms(logits, due_logits, target, final)
+    word_ce, due_ce, expected_length = final_objective_terms(
+        logits, word_distribution(logits), due_logits, target, final
+    )
     # Scored: the two caption positions and the first pad, each log V; later pads are not.
     np.testing.assert_allclose(word_ce, [np.log(VOCAB)], rtol=1e-6)
     # Due over the caption's positions only: sigmoid(0) against 1 and 0, both log 2.
@@ -80,6 +83,30 @@ def test_final_objective_terms_on_a_known_case():
     # sigmoid(due) times P(not pad) = (1 - 1/V), summed over all positions.
     expected = (0.5 + 0.5 + 2 * jax.nn.sigmoid(5.0)) * (1 - 1 / VOCAB)
     np.testing.assert_allclose(expected_length, [expected], rtol=1e-6)
+
+
+def test_the_word_distribution_gives_the_softmax_quantities_and_their_gradients():
+    """One logsumexp per step stands in for the full softmax: the cross-entropy of a label,
+    P(pad) and the best word agree with the softmax's, and so do their gradients."""
+    logits = jax.random.normal(jax.random.key(0), (2, 5, VOCAB)) * 3.0
+    labels = jax.random.randint(jax.random.key(1), (2, 5), 0, VOCAB)
+    words = word_distribution(logits)
+    probabilities = jax.nn.softmax(logits, axis=-1)
+    np.testing.assert_allclose(words.pad_probability, probabilities[..., PAD_ID], rtol=1e-5)
+    masked = probabilities.at[..., jnp.asarray((PAD_ID, BLANK_ID, BOS_ID, EOS_ID, UNK_ID))]
+    np.testing.assert_array_equal(words.best_word, jnp.argmax(masked.set(0.0), axis=-1))
+
+    def shared(logits):
+        words = word_distribution(logits)
+        label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        return jnp.sum(words.log_normalizer - label_logit) + jnp.sum(words.pad_probability)
+
+    def full(logits):
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(ce) + jnp.sum(jax.nn.softmax(logits, axis=-1)[..., PAD_ID])
+
+    np.testing.assert_allclose(shared(logits), full(logits), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(shared)(logits), jax.grad(full)(logits), atol=1e-6)
 
 
 def tiny_config(objective="final", **targets):

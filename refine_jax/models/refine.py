@@ -13,7 +13,7 @@ scan body, so no [K, B, L, V] tensor is ever built.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -78,12 +78,31 @@ def best_words(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits.at[..., not_words].set(-jnp.inf), axis=-1)
 
 
+class WordDistribution(NamedTuple):
+    """What a step reads off its vocabulary logits [B, L, V], computed once and shared by the
+    loss, the length term and the canvas it writes: per position [B, L], the log normaliser
+    log Σ_v exp(logit_v), P(pad), and the most likely word piece (`best_words`)."""
+
+    log_normalizer: jax.Array
+    pad_probability: jax.Array
+    best_word: jax.Array
+
+
+def word_distribution(logits: jax.Array) -> WordDistribution:
+    """One pass over the vocabulary (a logsumexp and an argmax) for everything a step needs:
+    the cross-entropy of any label is `log_normalizer` minus its logit, and P(pad) is
+    exp(logit_pad − log_normalizer), without the full [B, L, V] softmax."""
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+    pad_probability = jnp.exp(logits[..., PAD_ID] - log_normalizer)
+    return WordDistribution(log_normalizer, pad_probability, best_words(logits))
+
+
 def write_due(
-    logits: jax.Array, due_logits: jax.Array, canvas: jax.Array, revise: bool = True
+    words: WordDistribution, due_logits: jax.Array, canvas: jax.Array, revise: bool = True
 ) -> jax.Array:
-    """The canvas a `final`-objective step writes. logits [B, L, V] (the final word of every
-    position), due_logits [B, L] (whether the position is written by this step), the canvas
-    read [B, L] -> token ids [B, L].
+    """The canvas a `final`-objective step writes. words: the `word_distribution` of its logits
+    (the final word of every position), due_logits [B, L] (whether the position is written by
+    this step), the canvas read [B, L] -> token ids [B, L].
 
     The description ends at its median predicted length. The objective trains pad only at the
     caption's first pad (`final_objective_terms`), so P(pad) at position i is the model's
@@ -96,37 +115,42 @@ def write_due(
     position is written. With `revise`, a word already on the canvas may be replaced by a
     likelier one; without, written words are copied.
     """
-    probabilities = jax.nn.softmax(logits, axis=-1)
-    ended = jnp.cumsum(probabilities[..., PAD_ID], axis=-1) >= 0.5  # [B, L]
-    words = best_words(logits)
+    ended = jnp.cumsum(jax.lax.stop_gradient(words.pad_probability), axis=-1) >= 0.5  # [B, L]
+    best = words.best_word
     if not revise:
-        words = jnp.where(is_word(canvas), canvas, words)
+        best = jnp.where(is_word(canvas), canvas, best)
     due = (due_logits > 0) & ~ended
     most_due = jnp.argmax(jnp.where(ended, -jnp.inf, due_logits), axis=-1)  # [B]
     fallback = (jnp.arange(canvas.shape[-1]) == most_due[:, None]) & ~ended
     due = jnp.where(jnp.any(due, axis=-1, keepdims=True), due, fallback)
-    return jnp.where(ended, PAD_ID, jnp.where(due, words, BLANK_ID))
+    return jnp.where(ended, PAD_ID, jnp.where(due, best, BLANK_ID))
 
 
 def final_objective_terms(
-    logits: jax.Array, due_logits: jax.Array, target: jax.Array, final: jax.Array
+    logits: jax.Array,
+    words: WordDistribution,
+    due_logits: jax.Array,
+    target: jax.Array,
+    final: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(word cross-entropy, due cross-entropy, expected written length), each [B], of a
     `final`-objective step: the final caption's token is predicted at every position up to
     its end (the first pad included, so the length is learned), averaged over those positions;
     the due decision (is the position written in this step's target?) over the caption's
-    positions. logits [B, L, V], due_logits, target, final [B, L]."""
+    positions. logits [B, L, V] and their `word_distribution`, due_logits, target, final
+    [B, L]."""
     first_pad = jnp.argmax(final == PAD_ID, axis=-1)  # [B]; 0 when the caption fills the canvas
     positions = jnp.arange(final.shape[-1])
     in_caption = final != PAD_ID
     scored = in_caption | (positions == first_pad[:, None])
     count = lambda m: jnp.maximum(jnp.sum(m, axis=-1), 1)
-    word_ce = optax.softmax_cross_entropy_with_integer_labels(logits, final)
+    final_logit = jnp.take_along_axis(logits, final[..., None], axis=-1)[..., 0]  # [B, L]
+    word_ce = words.log_normalizer - final_logit
     word_ce = jnp.sum(word_ce * scored, axis=-1) / count(scored)
     written = is_word(target)
     due_ce = optax.sigmoid_binary_cross_entropy(due_logits, written.astype(jnp.float32))
     due_ce = jnp.sum(due_ce * in_caption, axis=-1) / count(in_caption)
-    p_text = 1.0 - jax.nn.softmax(logits, axis=-1)[..., PAD_ID]
+    p_text = 1.0 - words.pad_probability
     expected_length = jnp.sum(jax.nn.sigmoid(due_logits) * p_text, axis=-1)
     return word_ce, due_ce, expected_length
 
@@ -201,12 +225,8 @@ class DetailerStep(nn.Module):
         logits = constrain(logits, ("batch", "length", "vocab"))  # [B, L, V]
         if self.objective == "final":
             due_logits = dense(1, ("embed", "decision"), jnp.float32, "due")(x)[..., 0]  # [B, L]
-            prediction = write_due(
-                jax.lax.stop_gradient(logits),
-                jax.lax.stop_gradient(due_logits),
-                canvas,
-                self.revise,
-            )
+            words = word_distribution(logits)  # the one pass over the vocabulary of this step
+            prediction = write_due(words, jax.lax.stop_gradient(due_logits), canvas, self.revise)
         elif self.layout == "aligned":
             prediction = write_scheduled(jax.lax.stop_gradient(logits), step["fraction"])
         else:
@@ -219,7 +239,7 @@ class DetailerStep(nn.Module):
         target = step["target"]  # [B, L]
         if self.objective == "final":
             word_ce, due_ce, expected_length = final_objective_terms(
-                logits, due_logits, target, final
+                logits, words, due_logits, target, final
             )
             cross_entropy = word_ce + self.due_loss_weight * due_ce
         else:
@@ -244,7 +264,8 @@ class DetailerStep(nn.Module):
         # learns to repair wrong words rather than to write them twice. "written": the canvas
         # this step wrote (its own due set, blanks and words, as decoding carries it) where its
         # length is the reference's, else as "target". "own": the written canvas as it is.
-        on_target = jnp.where(is_word(target), best_words(jax.lax.stop_gradient(logits)), target)
+        best = words.best_word if self.objective == "final" else best_words(logits)
+        on_target = jnp.where(is_word(target), best, target)
         if self.self_condition_layout == "target":
             own = on_target
         elif self.self_condition_layout == "written":
