@@ -11,7 +11,10 @@ ArrayRecord files):
 Variants (combine with commas): `:tfds` reads the TFDS builder of `refine_jax.data.coco` instead
 (`data.path` is then its TFDS data_dir); `:tiny` is a small float32 model that runs on a CPU
 from any folder of `train/` + `val/` shards (e.g. the shared Flickr8k copy);
-`:autoregressive` selects the autoregressive baseline.
+`:autoregressive` selects the autoregressive baseline; `:match` the image-text matching model
+(DESIGN §11) at CLIP-B/16 size: the same ViT-B image tower, a 12-layer text tower, a 512-d
+embedding space, batch 4,096 for the contrastive loss's in-batch negatives (combines with
+`:tiny`).
 """
 
 import ml_collections
@@ -20,7 +23,7 @@ from refine_jax.config import base_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = parse_variants(arg, allowed=("tiny", "tfds", "autoregressive"))
+    variants = parse_variants(arg, allowed=("tiny", "tfds", "autoregressive", "match"))
     config = base_config()
     config.seed = 0
     config.batch_size = 1024  # global; each process reads batch_size / process_count
@@ -87,5 +90,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         m.dtype = "float32"
     if "autoregressive" in variants:
         m.kind = "autoregressive"
+    if "match" in variants:  # the image-text matching model, the captioners' yardstick
+        m.kind = "match"
+        config.best_checkpoint_metric = "eval/text_to_image_r@5"
+        if "tiny" not in variants:
+            config.batch_size = 4096  # the contrastive loss's negatives: the global batch
+            config.total_steps = 3000  # ~110 passes over the 113k training images
+            config.warmup_steps = 300
+            config.weight_decay = 0.2
+            config.eval_every_steps = 500
+            config.match.embed_dim = 512
+            config.match.text_depth = 12
+            config.match.match_depth = 2
     config.lock()
     return config

@@ -12,7 +12,9 @@ held-out split.
 
 Variants: `:tiny` is a small float32 model for a CPU with the same three-way mixture read from
 `data.path` = a folder with `coco/{train,val}/`, `laion/` shards and a `labels/` class-folder tree;
-`:autoregressive` selects the autoregressive baseline.
+`:autoregressive` selects the autoregressive baseline; `:match` the image-text matching model
+(DESIGN §11) at CLIP-B/16 size (12-layer text tower, 512-d embeddings) with batch 16,384 for the
+contrastive loss's in-batch negatives (combines with `:tiny`).
 """
 
 import ml_collections
@@ -21,7 +23,7 @@ from refine_jax.config import base_config, parse_variants
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = parse_variants(arg, allowed=("tiny", "autoregressive"))
+    variants = parse_variants(arg, allowed=("tiny", "autoregressive", "match"))
     config = base_config()
     config.seed = 0
     config.batch_size = 4096
@@ -95,5 +97,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.mesh.shape = (-1, 1, 1)
     if "autoregressive" in variants:
         m.kind = "autoregressive"
+    if "match" in variants:  # the image-text matching model, the captioners' yardstick
+        m.kind = "match"
+        config.best_checkpoint_metric = "eval/text_to_image_r@5"  # on COCO's held-out split
+        if "tiny" not in variants:
+            config.batch_size = 16_384  # the contrastive loss's negatives: the global batch
+            config.total_steps = 50_000
+            config.weight_decay = 0.2
+            config.match.embed_dim = 512
+            config.match.text_depth = 12
+            config.match.match_depth = 2
     config.lock()
     return config
