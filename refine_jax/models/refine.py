@@ -73,9 +73,12 @@ def is_word(tokens: jax.Array) -> jax.Array:
 
 
 def best_words(logits: jax.Array) -> jax.Array:
-    """Each position's most likely word piece (never pad, blank or another special id)."""
-    not_words = jnp.asarray((*NOT_TEXT_IDS, UNK_ID))
-    return jnp.argmax(logits.at[..., not_words].set(-jnp.inf), axis=-1)
+    """Each position's most likely word piece (never pad, blank or another special id).
+    The special ids are masked by a broadcast select, which XLA fuses into the argmax, rather
+    than a scatter into a copy of the [B, L, V] logits."""
+    vocabulary = jnp.arange(logits.shape[-1])
+    words = ~jnp.isin(vocabulary, jnp.asarray((*NOT_TEXT_IDS, UNK_ID)))  # [V]
+    return jnp.argmax(jnp.where(words, logits, -jnp.inf), axis=-1)
 
 
 class WordDistribution(NamedTuple):
