@@ -3,7 +3,6 @@ processes like any source, and the laion_coco_mix config builds its three-way mi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -12,11 +11,10 @@ import pytest
 from conftest import load_config
 from test_pipeline import concat, jpeg, take, write_good_split
 
-from refine_jax import train
-from refine_jax.checkpointing import Checkpointer
 from refine_jax.data import make_sources, parse_mixture, training_captions
 from refine_jax.data.mixture import MixtureSource
 from refine_jax.data.pipeline import CaptionFeatures, train_batches
+from refine_jax.evaluation.matching import retrieval_recall
 from refine_jax.model_kinds import build_model, model_kind
 from refine_jax.tokenizer import train_tokenizer
 
@@ -156,26 +154,6 @@ def test_laion_coco_mix_tiny_config_builds_its_mixture(tmp_path):
         make_sources(config)
 
 
-@pytest.mark.slow
-def test_the_mixtures_matching_model_trains_and_keeps_its_best_retrieval(tmp_path):
-    """`laion_coco_mix:tiny,match`: the matching model on the three-way mixture, evaluated by
-    retrieval on COCO's held-out split, its best checkpoint chosen by text -> image R@5."""
-    make_mixture_root(tmp_path / "data")
-    config = load_config("laion_coco_mix", "tiny,match")
-    config.data.path = str(tmp_path / "data")
-    rates = train.train_and_evaluate(config, str(tmp_path / "run"))
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    metric = config.best_checkpoint_metric
-    assert metric == "eval/text_to_image_r@5"
-    evals = [m for m in metrics if metric in m]
-    assert [m["step"] for m in evals] == [config.total_steps]
-    assert 0.0 <= evals[-1]["eval/text_to_image_r@5"] <= 1.0
-    assert rates["text_to_image_r@5"] == evals[-1]["eval/text_to_image_r@5"]
-    reader = Checkpointer(tmp_path / "run" / "checkpoints", 1, best_metric=metric)
-    assert reader.manager.metrics(config.total_steps)[metric] == rates["text_to_image_r@5"]
-    reader.close()
-
-
 @pytest.mark.parametrize("name", ["coco", "laion_coco_mix"])
 def test_the_pod_matching_configs_build_a_clip_b_sized_model(name):
     """The pod-sized `:match` variants: a ViT-B/16 image tower and a 12-layer text tower in a
@@ -187,4 +165,8 @@ def test_the_pod_matching_configs_build_a_clip_b_sized_model(name):
     count = sum(leaf.size for leaf in jax.tree.leaves(shapes))
     assert 150e6 < count < 250e6
     assert config.match.embed_dim == 512 and config.match.text_depth == 12
-    assert config.batch_size >= 4096 and config.best_checkpoint_metric.endswith("r@5")
+    assert config.batch_size >= 4096
+    # The best checkpoint is ranked by a metric the matching model's evaluation writes.
+    recall = retrieval_recall(np.eye(3), np.eye(3), np.arange(3))
+    assert config.best_checkpoint_metric.removeprefix("eval/") in recall
+    assert load_config(name, "tiny,match").best_checkpoint_metric == config.best_checkpoint_metric
