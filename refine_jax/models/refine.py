@@ -57,8 +57,7 @@ def write_scheduled(logits: jax.Array, fraction: jax.Array) -> jax.Array:
     probabilities = jax.nn.softmax(logits, axis=-1)
     ended = jnp.cumsum(probabilities[..., PAD_ID] >= 0.5, axis=-1) > 0  # [B, L]
     length = jnp.sum(~ended, axis=-1)  # [B]
-    not_words = jnp.asarray((*NOT_TEXT_IDS, UNK_ID))
-    word_probabilities = probabilities.at[..., not_words].set(0.0)
+    word_probabilities = jnp.where(is_word(jnp.arange(logits.shape[-1])), probabilities, 0.0)
     words = jnp.argmax(word_probabilities, axis=-1)  # [B, L]
     confidence = jnp.where(ended, -1.0, jnp.max(word_probabilities, axis=-1))
     rank = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)  # 0 = most confident
@@ -76,8 +75,7 @@ def best_words(logits: jax.Array) -> jax.Array:
     """Each position's most likely word piece (never pad, blank or another special id).
     The special ids are masked by a broadcast select, which XLA fuses into the argmax, rather
     than a scatter into a copy of the [B, L, V] logits."""
-    vocabulary = jnp.arange(logits.shape[-1])
-    words = ~jnp.isin(vocabulary, jnp.asarray((*NOT_TEXT_IDS, UNK_ID)))  # [V]
+    words = is_word(jnp.arange(logits.shape[-1]))  # [V]
     return jnp.argmax(jnp.where(words, logits, -jnp.inf), axis=-1)
 
 
