@@ -17,6 +17,7 @@ newest intact one is restored, and the damaged ones newer than it are moved to
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint._src.metadata import array_metadata_store  # no public path in 0.12
 
 from refine_jax.config import base_config
 from refine_jax.errors import CheckpointError, CheckpointMismatchError
@@ -41,13 +43,38 @@ from refine_jax.errors import CheckpointError, CheckpointMismatchError
 CHECKSUMS_FILE = "checksums.json"
 Restored = TypeVar("Restored")
 
-# Keys of config.model that change no parameter shape and may differ on restore.
-# Steps saved between evaluations carry no metrics by design; orbax warns about each one.
+# Orbax warnings about what this module does on purpose: steps saved between evaluations carry
+# no metrics, and the jax.Array handler is replaced (use_replica_parallel_saving_only_across_
+# processes).
+_INTENDED = ("did not provide metrics", "overriding jax.Array")
 logging.getLogger("absl").addFilter(
-    lambda record: "did not provide metrics" not in record.getMessage()
+    lambda record: not any(text in record.getMessage() for text in _INTENDED)
 )
 
+# Keys of config.model that change no parameter shape and may differ on restore.
 SHAPE_NEUTRAL_MODEL_KEYS = ("dropout_rate", "dtype", "remat", "scan_detailer", "pretrained_encoder")
+
+# Replica-parallel saving splits a replicated array into one slice per replica so that several
+# hosts write it together. In one process every replica is local, so the split only adds a
+# device slice per replica and array (a 3-step tiny run with three saves on 8 CPU devices:
+# 30 s with it, 23 s without); across processes it pays only for slices big enough to be
+# worth a write of their own.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+@functools.cache
+def use_replica_parallel_saving_only_across_processes() -> None:
+    """Sets orbax's jax.Array handler (a process-wide registry) to this project's policy."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=jax.process_count() > 1,
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+            # As orbax's default handler: the per-array metadata that typed PRNG keys need.
+            array_metadata_store=array_metadata_store.Store(),
+        ),
+        override=True,
+    )
 
 
 def model_signature(config: ml_collections.ConfigDict, params: Any) -> dict:
@@ -170,6 +197,7 @@ class Checkpointer:
         async_save: bool = True,
     ):
         self.directory = epath.Path(directory)
+        use_replica_parallel_saving_only_across_processes()
         # Steps saved and not yet given their checksum file, oldest first (saves run in order).
         self._awaiting_checksums: collections.deque[int] = collections.deque()
         self._checksums_lock = threading.Lock()
