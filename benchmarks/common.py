@@ -64,6 +64,7 @@ def model_summary(config) -> dict[str, Any]:
         "canvas_length",
         "dtype",
         "remat",
+        "unroll_scans",
     )
     return {
         **{k: m[k] for k in keys},

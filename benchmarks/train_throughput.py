@@ -63,6 +63,9 @@ def parse_args(argv):
     parser.add_argument(
         "--scan_detailer", default="", help="comma list of true/false; default: config's"
     )
+    parser.add_argument(
+        "--unroll_scans", default="", help="comma list of true/false; default: config's"
+    )
     parser.add_argument("--num_refine_steps", type=int, default=None, help="override K")
     parser.add_argument("--steps", type=int, default=3, help="consecutive steps per timing")
     parser.add_argument("--rounds", type=int, default=3, help="timings per variant (median)")
@@ -85,6 +88,10 @@ def parse_args(argv):
     return args
 
 
+def as_bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes")
+
+
 def csv(text: str, cast=str) -> list:
     return [cast(v) for v in text.split(",") if v.strip()] or [None]
 
@@ -101,6 +108,7 @@ class Variant:
             f"dropout={m.dropout_rate:g}"
             + (f" prng={prng}" if prng else "")
             + ("" if m.scan_detailer else " unscanned")
+            + (" unrolled" if m.unroll_scans else "")
         )
         self.vocab = config.tokenizer.vocab_size
         self.flops_per_step = training_flops_per_example(config, self.vocab) * config.batch_size
@@ -121,7 +129,7 @@ class Variant:
         return (time.perf_counter() - start) / steps
 
 
-def build_config(kind, batch_size, remat, dtype, dropout, scan, quick, num_refine_steps):
+def build_config(kind, batch_size, remat, dtype, dropout, scan, unroll, quick, num_refine_steps):
     return common.load_config(
         ",".join(filter(None, ["tiny" if quick else "", "autoregressive" * (kind != "refine")])),
         batch_size,
@@ -129,6 +137,7 @@ def build_config(kind, batch_size, remat, dtype, dropout, scan, quick, num_refin
         dtype=dtype,
         dropout_rate=dropout,
         scan_detailer=scan,
+        unroll_scans=unroll,
         num_refine_steps=num_refine_steps,
     )
 
@@ -240,19 +249,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()
     variants = []
-    for kind, batch_size, remat, dtype, dropout, scan, prng in itertools.product(
+    for kind, batch_size, remat, dtype, dropout, scan, unroll, prng in itertools.product(
         csv(args.kinds),
         csv(args.batch_sizes, int),
         csv(args.remat),
         csv(args.dtype),
         csv(args.dropout, float),
-        csv(args.scan_detailer, lambda v: v.strip().lower() in ("1", "true", "yes")),
+        csv(args.scan_detailer, as_bool),
+        csv(args.unroll_scans, as_bool),
         csv(args.prng),
     ):
         if kind != "refine" and scan is False:
             continue  # the baseline has no detailer scan
         config = build_config(
-            kind, batch_size, remat, dtype, dropout, scan, args.quick, args.num_refine_steps
+            kind, batch_size, remat, dtype, dropout, scan, unroll, args.quick, args.num_refine_steps
         )
         if prng:
             config.rng_impl = prng  # the step's dropout and self-conditioning keys (step_rng)
@@ -316,7 +326,8 @@ def main(argv=None) -> int:
                 m.remat,
                 m.dtype,
                 m.dropout_rate,
-                "scan" if m.scan_detailer or m.kind != "refine" else "loop",
+                ("unrolled " if m.unroll_scans else "")
+                + ("scan" if m.scan_detailer or m.kind != "refine" else "loop"),
                 v.prng or "default",
                 step_s,
                 record["examples_per_s"],

@@ -52,7 +52,14 @@ logging.getLogger("absl").addFilter(
 )
 
 # Keys of config.model that change no parameter shape and may differ on restore.
-SHAPE_NEUTRAL_MODEL_KEYS = ("dropout_rate", "dtype", "remat", "scan_detailer", "pretrained_encoder")
+SHAPE_NEUTRAL_MODEL_KEYS = (
+    "dropout_rate",
+    "dtype",
+    "remat",
+    "scan_detailer",
+    "unroll_scans",
+    "pretrained_encoder",
+)
 
 # Replica-parallel saving splits a replicated array into one slice per replica so that several
 # hosts write it together. In one process every replica is local, so the split only adds a

@@ -102,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
     # offset (models.vit), so a head can attend by relative place ("the next row, same column").
     config.model.position_bias = "none"
     config.model.scan_detailer = True
+    # Lay the scanned loops (encoder layers, detailer steps) out as straight-line code: the same
+    # parameters and results without the loop's copies of per-step values; faster steps on the
+    # CPU (BENCHMARKS.md), longer compiles as depth and K grow.
+    config.model.unroll_scans = False
     config.model.pretrained_encoder = ""  # a big_vision ViT .npz to start the encoder from
 
     config.targets = ml_collections.ConfigDict()

@@ -197,6 +197,7 @@ def _shared_module_args(config: ml_collections.ConfigDict, vocab_size: int) -> d
         dropout_rate=m.dropout_rate,
         remat=m.remat,
         position_bias=m.position_bias,
+        unroll_scans=m.unroll_scans,
     )
 
 

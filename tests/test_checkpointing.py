@@ -49,6 +49,18 @@ def test_signature_differences_name_config_keys_and_parameter_shapes():
     assert signature_differences(saved, saved) == []
 
 
+@pytest.mark.parametrize(
+    "key,value",
+    [("unroll_scans", True), ("scan_detailer", False), ("remat", "full"), ("dtype", "bfloat16")],
+)
+def test_keys_that_change_how_the_model_runs_but_no_parameter_do_not_block_a_restore(key, value):
+    config = load_config("shapes", "tiny")
+    params = {"dense": {"kernel": np.zeros((4, 8))}}
+    saved = model_signature(config, params)
+    config.model[key] = value
+    assert signature_differences(saved, model_signature(config, params)) == []
+
+
 def test_a_model_key_the_checkpoint_predates_counts_as_its_default():
     config = load_config("shapes", "tiny")
     config.model.position_bias = "none"  # the default of base_config

@@ -57,14 +57,20 @@ def test_detailer_parameters_are_shared_not_stacked_per_step():
     assert all(5 not in shape[:1] for shape in leaves if len(shape) > 1)
 
 
-def test_scanned_and_unscanned_give_same_logits_and_gradients():
-    config = tiny_config(3)
+def test_scanned_unscanned_and_unrolled_give_same_logits_and_gradients():
+    config = tiny_config(3, encoder_depth=2)
+    unrolled_config = tiny_config(3, encoder_depth=2, unroll_scans=True)
     scanned = build_model(config, VOCAB, scan=True).clone(keep_logits=True)
-    unscanned = build_model(config, VOCAB, scan=False).clone(keep_logits=True)
+    models = {
+        "unscanned": build_model(config, VOCAB, scan=False).clone(keep_logits=True),
+        # The encoder's layer scan and the detailer's step scan, both laid out as straight code.
+        "unrolled": build_model(unrolled_config, VOCAB, scan=True).clone(keep_logits=True),
+    }
     params = init_variables(scanned, config, VOCAB)
-    assert jax.tree.structure(params) == jax.tree.structure(
-        init_variables(unscanned, config, VOCAB)
-    )
+    for name, model in models.items():
+        other = init_variables(model, unrolled_config, VOCAB)
+        assert jax.tree.structure(params) == jax.tree.structure(other), name
+        assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, other), name
     args = inputs(config)
 
     def run(model):
@@ -75,13 +81,19 @@ def test_scanned_and_unscanned_give_same_logits_and_gradients():
         (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return out, grads
 
+    def has_loop(model) -> bool:
+        forward = jax.jit(lambda p: model.apply({"params": p}, *args)["cross_entropy"])
+        return "stablehlo.while" in forward.lower(params).as_text()
+
+    assert has_loop(scanned) and not has_loop(models["unrolled"])
     out_s, grads_s = run(scanned)
-    out_u, grads_u = run(unscanned)
     assert out_s["logits"].shape == (3, 3, config.model.canvas_length, VOCAB)
-    np.testing.assert_allclose(out_s["logits"], out_u["logits"], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(out_s["cross_entropy"], out_u["cross_entropy"], atol=1e-5)
-    for g_s, g_u in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u), strict=True):
-        np.testing.assert_allclose(g_s, g_u, atol=1e-5, rtol=1e-4)
+    for name, model in models.items():
+        out, grads = run(model)
+        np.testing.assert_allclose(out_s["logits"], out["logits"], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(out_s["cross_entropy"], out["cross_entropy"], atol=1e-5)
+        for g_s, g in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads), strict=True):
+            np.testing.assert_allclose(g_s, g, atol=1e-5, rtol=1e-4, err_msg=name)
 
 
 def test_detailer_parameters_keep_the_layout_of_existing_checkpoints():

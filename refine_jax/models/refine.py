@@ -295,6 +295,7 @@ class RefineCaptioner(nn.Module):
     dropout_rate: float = 0.0
     remat: str = "none"
     position_bias: str = "none"  # of the encoder's self-attention (models.vit)
+    unroll_scans: bool = False  # the encoder's (and detailer's) scans as straight-line code
     scan: bool = True
     layout: str = "aligned"  # of the targets: how a step writes its canvas (see DetailerStep)
     objective: str = "final"  # "final" or "step" (see DetailerStep)
@@ -337,6 +338,7 @@ class RefineCaptioner(nn.Module):
                 variable_axes={"intermediates": 0},
                 split_rngs={"params": False, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                unroll=True if self.unroll_scans else 1,
             )  # its length is that of the steps given: K in training, more with polish passes
         self.detailer = step_cls(**kwargs)
 

@@ -78,6 +78,7 @@ class ViTEncoder(nn.Module):
     remat: bool = False
     position_init: str = "sincos2d"  # of the learned position table: "sincos2d" or "normal"
     position_bias: str = "none"  # "relative": a learned 2-D relative bias in each self-attention
+    unroll: bool = False  # the layer scan as straight-line code (same parameters and results)
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -110,6 +111,7 @@ class ViTEncoder(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=nn.broadcast,
             length=self.depth,
+            unroll=True if self.unroll else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
             self.num_heads,
@@ -124,8 +126,8 @@ class ViTEncoder(nn.Module):
 
 def encoder_for(model: nn.Module) -> ViTEncoder:
     """The ViT encoder of a model with the shared image-tower fields (patch_size, width,
-    encoder_depth, num_heads, mlp_dim, dtype, dropout_rate, remat, position_bias): every model
-    kind's."""
+    encoder_depth, num_heads, mlp_dim, dtype, dropout_rate, remat, position_bias,
+    unroll_scans): every model kind's."""
     return ViTEncoder(
         model.patch_size,
         model.width,
@@ -136,4 +138,5 @@ def encoder_for(model: nn.Module) -> ViTEncoder:
         model.dropout_rate,
         remat=model.remat != "none",
         position_bias=model.position_bias,
+        unroll=model.unroll_scans,
     )
