@@ -1,4 +1,4 @@
-"""Default demo: the embedded shapes data (no downloads), trained on a CPU in about 10 minutes.
+"""Default demo: the embedded shapes data (no downloads), trained on a 2-core CPU in ~12 minutes.
 
 Variants (combine with commas): `configs/shapes.py:tiny` trains in under a minute;
 `:autoregressive` selects the autoregressive baseline with the same encoder and width;
@@ -17,7 +17,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.seed = 0
     config.batch_size = 64
-    config.total_steps = 2500
+    # Seeds 0-2 all reach >= 95% exact by step 3000; seed 1 does not by step 2500 (BENCHMARKS.md).
+    config.total_steps = 3000
     config.log_every_steps = 100
     config.checkpoint_every_steps = 500
     config.eval_every_steps = 500
@@ -45,6 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     m.detailer_depth = 2
     m.num_refine_steps = 4
     m.canvas_length = 16
+    m.unroll_scans = True  # a third faster per step on the CPU than the scanned loops
 
     config.targets.self_condition_rate = 0.25
 
@@ -63,6 +65,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         m.encoder_depth = 1
         m.detailer_depth = 1
         m.patch_size = 12
+        m.unroll_scans = False  # base_config's scanned loops: what the tests mostly exercise
     if "autoregressive" in variants:
         m.kind = "autoregressive"
     if "match" in variants:  # the image-text matching model (DESIGN §11), the yardstick

@@ -58,7 +58,7 @@ def test_detailer_parameters_are_shared_not_stacked_per_step():
 
 
 def test_scanned_unscanned_and_unrolled_give_same_logits_and_gradients():
-    config = tiny_config(3, encoder_depth=2)
+    config = tiny_config(3, encoder_depth=2, unroll_scans=False)
     unrolled_config = tiny_config(3, encoder_depth=2, unroll_scans=True)
     scanned = build_model(config, VOCAB, scan=True).clone(keep_logits=True)
     models = {
