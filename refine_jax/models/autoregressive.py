@@ -104,7 +104,7 @@ class AutoregressiveCaptioner(nn.Module):
     dropout_rate: float = 0.0
     remat: str = "none"
     position_bias: str = "none"  # of the encoder's self-attention (models.vit)
-    unroll_scans: bool = False  # the encoder's (and detailer's) scans as straight-line code
+    unroll_scans: bool = False  # the encoder's layer scan as straight-line code
     decode: bool = False
 
     def setup(self):

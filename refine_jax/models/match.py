@@ -76,7 +76,7 @@ class MatchModel(nn.Module):
     dropout_rate: float = 0.0
     remat: str = "none"
     position_bias: str = "none"  # of the encoder's self-attention (models.vit)
-    unroll_scans: bool = False  # the encoder's (and detailer's) scans as straight-line code
+    unroll_scans: bool = False  # the encoder's layer scan as straight-line code
 
     def setup(self):
         self.encoder = encoder_for(self)
