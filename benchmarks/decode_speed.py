@@ -62,6 +62,11 @@ def parse_args(argv):
         default=13.0,
         help="mean greedy caption length the baseline's eos bias is set for (0: no bias)",
     )
+    parser.add_argument(
+        "--unroll_scans",
+        action="store_true",
+        help="every model with config.model.unroll_scans (the scans as straight-line code)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timings per row (median)")
     parser.add_argument(
         "--profile_dir",
@@ -244,14 +249,16 @@ def make_rows(args, pool) -> tuple[list[Row], Models]:
         )
 
     greedy, fixed, beam, beam_fixed = baseline_names(args.beam)
+    unroll = args.unroll_scans or None  # None: the config's own value
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for k in [int(k) for k in args.ks.split(",")]:
-            config = common.load_config(base, num_refine_steps=k)
+            config = common.load_config(base, num_refine_steps=k, unroll_scans=unroll)
             add(f"refine K={k}", config, "greedy", 1, batch, True)
-        add(greedy, common.load_config(ar), "greedy", 1, batch, True)
-        add(fixed, common.load_config(ar), "greedy", 1, batch, False)
-        add(beam, common.load_config(ar), "beam", args.beam, batch, True)
-        add(beam_fixed, common.load_config(ar), "beam", args.beam, batch, False)
+        baseline = common.load_config(ar, unroll_scans=unroll)
+        add(greedy, baseline, "greedy", 1, batch, True)
+        add(fixed, baseline, "greedy", 1, batch, False)
+        add(beam, baseline, "beam", args.beam, batch, True)
+        add(beam_fixed, baseline, "beam", args.beam, batch, False)
     return rows, models
 
 
