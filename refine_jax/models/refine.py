@@ -338,7 +338,7 @@ class RefineCaptioner(nn.Module):
                 variable_axes={"intermediates": 0},
                 split_rngs={"params": False, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                unroll=True if self.unroll_scans else 1,
+                unroll=self.unroll_scans,
             )  # its length is that of the steps given: K in training, more with polish passes
         self.detailer = step_cls(**kwargs)
 

@@ -111,7 +111,7 @@ class ViTEncoder(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=nn.broadcast,
             length=self.depth,
-            unroll=True if self.unroll else 1,
+            unroll=self.unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
             self.num_heads,
