@@ -54,12 +54,13 @@ def write_scheduled(logits: jax.Array, fraction: jax.Array) -> jax.Array:
     the argmax per position instead would leave an early step all blank, since there every
     position is more likely blank than any single word.
     """
-    probabilities = jax.nn.softmax(logits, axis=-1)
-    ended = jnp.cumsum(probabilities[..., PAD_ID] >= 0.5, axis=-1) > 0  # [B, L]
+    distribution = word_distribution(logits)
+    ended = jnp.cumsum(distribution.pad_probability >= 0.5, axis=-1) > 0  # [B, L]
     length = jnp.sum(~ended, axis=-1)  # [B]
-    word_probabilities = jnp.where(is_word(jnp.arange(logits.shape[-1])), probabilities, 0.0)
-    words = jnp.argmax(word_probabilities, axis=-1)  # [B, L]
-    confidence = jnp.where(ended, -1.0, jnp.max(word_probabilities, axis=-1))
+    words = distribution.best_word  # [B, L]
+    best_logit = jnp.take_along_axis(logits, words[..., None], axis=-1)[..., 0]
+    word_probability = jnp.exp(best_logit - distribution.log_normalizer)
+    confidence = jnp.where(ended, -1.0, word_probability)
     rank = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)  # 0 = most confident
     due = jnp.maximum(jnp.floor(length * fraction + 0.5), 1)  # [B], rounded as the targets are
     written = (rank < due[:, None]) & ~ended
