@@ -65,6 +65,7 @@ def model_summary(config) -> dict[str, Any]:
         "dtype",
         "remat",
         "unroll_scans",
+        "freeze_encoder",
     )
     return {
         **{k: m[k] for k in keys},

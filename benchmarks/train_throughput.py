@@ -14,15 +14,18 @@ load falls on all alike.
     python benchmarks/train_throughput.py --quick              # seconds: tiny config
     python benchmarks/train_throughput.py --kinds=refine --batch_sizes=64,128,256
     python benchmarks/train_throughput.py --remat=none,dots --dropout=0.1,0 --dtype=bfloat16
+    python benchmarks/train_throughput.py --freeze_encoder=false,true  # cheaper experiments
     python benchmarks/train_throughput.py --breakdown          # forward / backward / parts
     python benchmarks/train_throughput.py --profile_dir=/tmp/p # trace + op time by model part
     python benchmarks/train_throughput.py --hlo_cost           # XLA's cost analysis
 
-Comma-separated --batch_sizes, --remat, --dtype, --dropout, --scan_detailer and --prng give
-one variant per combination. --profile_dir traces --profile_steps steps of every variant with
-jax.profiler (open with TensorBoard / XProf) and sums the time of each compiled op (XLA:CPU
-records one event per op, with the op's source path in the model) by model part, layer kind
-and forward/backward. Writes JSON to --output (default benchmarks/results/train_throughput.json).
+Comma-separated --batch_sizes, --remat, --dtype, --dropout, --scan_detailer, --unroll_scans,
+--freeze_encoder and --prng give one variant per combination (a frozen encoder is timed with its
+random weights: only its speed is measured). --profile_dir traces --profile_steps steps of every
+variant with jax.profiler (open with TensorBoard / XProf) and sums the time of each compiled op
+(XLA:CPU records one event per op, with the op's source path in the model) by model part, layer
+kind and forward/backward. Writes JSON to --output (default
+benchmarks/results/train_throughput.json).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--unroll_scans", default="", help="comma list of true/false; default: config's"
+    )
+    parser.add_argument(
+        "--freeze_encoder", default="", help="comma list of true/false; default: config's"
     )
     parser.add_argument("--num_refine_steps", type=int, default=None, help="override K")
     parser.add_argument("--steps", type=int, default=3, help="consecutive steps per timing")
@@ -109,6 +115,7 @@ class Variant:
             + (f" prng={prng}" if prng else "")
             + ("" if m.scan_detailer else " unscanned")
             + (" unrolled" if m.unroll_scans else "")
+            + (" frozen-encoder" if m.freeze_encoder else "")
         )
         self.vocab = config.tokenizer.vocab_size
         self.flops_per_step = training_flops_per_example(config, self.vocab) * config.batch_size
@@ -129,7 +136,9 @@ class Variant:
         return (time.perf_counter() - start) / steps
 
 
-def build_config(kind, batch_size, remat, dtype, dropout, scan, unroll, quick, num_refine_steps):
+def build_config(
+    kind, batch_size, remat, dtype, dropout, scan, unroll, freeze, quick, num_refine_steps
+):
     return common.load_config(
         ",".join(filter(None, ["tiny" if quick else "", "autoregressive" * (kind != "refine")])),
         batch_size,
@@ -138,6 +147,9 @@ def build_config(kind, batch_size, remat, dtype, dropout, scan, unroll, quick, n
         dropout_rate=dropout,
         scan_detailer=scan,
         unroll_scans=unroll,
+        freeze_encoder=freeze,
+        # the trainer would load a frozen encoder from here; timing keeps the random weights
+        pretrained_encoder="(random weights, timing only)" if freeze else None,
         num_refine_steps=num_refine_steps,
     )
 
@@ -249,7 +261,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()
     variants = []
-    for kind, batch_size, remat, dtype, dropout, scan, unroll, prng in itertools.product(
+    for kind, batch_size, remat, dtype, dropout, scan, unroll, freeze, prng in itertools.product(
         csv(args.kinds),
         csv(args.batch_sizes, int),
         csv(args.remat),
@@ -257,12 +269,22 @@ def main(argv=None) -> int:
         csv(args.dropout, float),
         csv(args.scan_detailer, as_bool),
         csv(args.unroll_scans, as_bool),
+        csv(args.freeze_encoder, as_bool),
         csv(args.prng),
     ):
         if kind != "refine" and scan is False:
             continue  # the baseline has no detailer scan
         config = build_config(
-            kind, batch_size, remat, dtype, dropout, scan, unroll, args.quick, args.num_refine_steps
+            kind,
+            batch_size,
+            remat,
+            dtype,
+            dropout,
+            scan,
+            unroll,
+            freeze,
+            args.quick,
+            args.num_refine_steps,
         )
         if prng:
             config.rng_impl = prng  # the step's dropout and self-conditioning keys (step_rng)
@@ -327,7 +349,8 @@ def main(argv=None) -> int:
                 m.dtype,
                 m.dropout_rate,
                 ("unrolled " if m.unroll_scans else "")
-                + ("scan" if m.scan_detailer or m.kind != "refine" else "loop"),
+                + ("scan" if m.scan_detailer or m.kind != "refine" else "loop")
+                + (", frozen encoder" if m.freeze_encoder else ""),
                 v.prng or "default",
                 step_s,
                 record["examples_per_s"],

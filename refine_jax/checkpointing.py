@@ -59,6 +59,7 @@ SHAPE_NEUTRAL_MODEL_KEYS = (
     "scan_detailer",
     "unroll_scans",
     "pretrained_encoder",
+    "freeze_encoder",
 )
 
 # Replica-parallel saving splits a replicated array into one slice per replica so that several

@@ -106,7 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
     # parameters and results without the loop's copies of per-step values; faster steps on the
     # CPU (BENCHMARKS.md), longer compiles as depth and K grow.
     config.model.unroll_scans = False
-    config.model.pretrained_encoder = ""  # a big_vision ViT .npz to start the encoder from
+    # Where a fresh run's image encoder starts: "" (random), a big_vision ViT .npz, or the workdir
+    # of a trained refine_jax run of any kind with the same encoder shape (its newest intact
+    # checkpoint). With freeze_encoder the encoder stays as loaded (no dropout, no gradient, no
+    # update): cheaper steps and one shared image representation across ablations.
+    config.model.pretrained_encoder = ""
+    config.model.freeze_encoder = False
 
     config.targets = ml_collections.ConfigDict()
     config.targets.kind = "salience"
@@ -273,6 +278,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if m.width % m.num_heads:
         raise ConfigError(
             f"config.model.width {m.width} is not divisible by num_heads {m.num_heads}"
+        )
+    if m.freeze_encoder and not m.pretrained_encoder:
+        raise ConfigError(
+            "config.model.freeze_encoder keeps the encoder as it starts, which would be random: "
+            "set config.model.pretrained_encoder (a big_vision .npz or a trained run's workdir)"
         )
     if not 0.0 <= config.data.teacher_caption_rate <= 1.0:
         raise ConfigError(

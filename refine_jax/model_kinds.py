@@ -198,6 +198,7 @@ def _shared_module_args(config: ml_collections.ConfigDict, vocab_size: int) -> d
         remat=m.remat,
         position_bias=m.position_bias,
         unroll_scans=m.unroll_scans,
+        freeze_encoder=m.freeze_encoder,
     )
 
 

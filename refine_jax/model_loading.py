@@ -24,6 +24,7 @@ from refine_jax.checkpointing import Checkpointer, model_signature
 from refine_jax.config import validate_config
 from refine_jax.data.pipeline import CaptionFeatures
 from refine_jax.model_kinds import build_model
+from refine_jax.models.pretrained import load_pretrained_encoder, replace_encoder
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import Tokenizer
 from refine_jax.train_state import abstract_state, create_params, restore_state
@@ -144,4 +145,16 @@ def load_model(
     return LoadedModel(config, model, params, tokenizer, features, fractions, mesh, rules, step)
 
 
-__all__ = ["LoadedModel", "load_model", "load_tokenizer", "restore_params"]
+def load_encoder(params: Any, source: str) -> Any:
+    """`params` with the image encoder of `source` (config.model.pretrained_encoder): a
+    refine_jax workdir, whose newest intact checkpoint (of any model kind with this encoder
+    shape) gives it, or a big_vision ViT .npz."""
+    if not epath.Path(source).is_dir():
+        return load_pretrained_encoder(params, source)
+    trained = load_model(None, source)
+    return replace_encoder(
+        params, jax.device_get(trained.params["encoder"]), f"the run in {source}"
+    )
+
+
+__all__ = ["LoadedModel", "load_encoder", "load_model", "load_tokenizer", "restore_params"]

@@ -38,7 +38,7 @@ from refine_jax.evaluation.metrics import evaluate_samples
 from refine_jax.flops import training_flops_per_example
 from refine_jax.metric_writer import MetricWriter
 from refine_jax.model_kinds import build_model, model_kind
-from refine_jax.models.pretrained import load_pretrained_encoder
+from refine_jax.model_loading import load_encoder
 from refine_jax.stop_signals import StopSignals
 from refine_jax.targets import schedule_fractions
 from refine_jax.tokenizer import Tokenizer, train_tokenizer
@@ -280,9 +280,7 @@ def _train_and_evaluate(
             if is_logger:
                 print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
         elif m.pretrained_encoder:
-            state = state.replace(
-                params=load_pretrained_encoder(state.params, m.pretrained_encoder)
-            )
+            state = state.replace(params=load_encoder(state.params, m.pretrained_encoder))
             if is_logger:
                 print(f"encoder initialised from {m.pretrained_encoder}")
 

@@ -34,7 +34,9 @@ def make_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping; the learning rate of the n-th applied update (n from 0)
-    warms up linearly to its peak, reached at update `warmup_steps`, then decays as a cosine."""
+    warms up linearly to its peak, reached at update `warmup_steps`, then decays as a cosine.
+    Weight decay applies to matrices only, and not to a frozen encoder, whose gradient is zero
+    (models.vit), so its update is exactly zero and the state keeps one layout either way."""
     warmup_cosine = optax.warmup_cosine_decay_schedule(
         0.0,
         config.learning_rate,
@@ -42,7 +44,14 @@ def make_optimizer(
         max(config.total_steps, config.warmup_steps + 1),
     )
     schedule = lambda count: warmup_cosine(count + 1)  # the first update is not wasted at 0
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    frozen = ("encoder",) if config.model.freeze_encoder else ()
+
+    def decay_mask(params):
+        return {
+            name: jax.tree.map(lambda p, decay=name not in frozen: decay and p.ndim > 1, tree)
+            for name, tree in params.items()
+        }
+
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip_norm),
         optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),

@@ -51,7 +51,13 @@ def test_signature_differences_name_config_keys_and_parameter_shapes():
 
 @pytest.mark.parametrize(
     "key,value",
-    [("unroll_scans", True), ("scan_detailer", False), ("remat", "full"), ("dtype", "bfloat16")],
+    [
+        ("unroll_scans", True),
+        ("scan_detailer", False),
+        ("remat", "full"),
+        ("dtype", "bfloat16"),
+        ("freeze_encoder", True),
+    ],
 )
 def test_keys_that_change_how_the_model_runs_but_no_parameter_do_not_block_a_restore(key, value):
     config = load_config("shapes", "tiny")

@@ -105,6 +105,7 @@ class AutoregressiveCaptioner(nn.Module):
     remat: str = "none"
     position_bias: str = "none"  # of the encoder's self-attention (models.vit)
     unroll_scans: bool = False  # the encoder's layer scan as straight-line code
+    freeze_encoder: bool = False  # a fixed, pretrained image encoder (models.vit)
     decode: bool = False
 
     def setup(self):

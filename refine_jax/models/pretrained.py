@@ -9,6 +9,8 @@ big_vision names (keys joined by '/', optionally under 'params/'):
   LayerNorm_2, MlpBlock_3/Dense_0 and Dense_1.
 Our encoder uses 2-D kernels, so head axes are merged; a position table of another grid
 size is resized bilinearly. Any other mismatch is an error naming the parameter.
+`replace_encoder` puts encoder parameters in place, from here or from a trained run's
+checkpoint (`model_loading.load_encoder`).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def convert_big_vision_encoder(arrays: Mapping[str, np.ndarray], encoder: Mappin
         flat["encoderblock/relative_position_bias"] = np.zeros(np.shape(relative), np.float32)
     converted = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(encoder):
-        key = "/".join(str(k.key) for k in path)
+        key = _path_key(path)
         if key not in flat:
             raise KeyError(f"no pretrained value for encoder parameter {key}")
         if tuple(flat[key].shape) != tuple(np.shape(leaf)):
@@ -105,14 +107,43 @@ def convert_big_vision_encoder(arrays: Mapping[str, np.ndarray], encoder: Mappin
             )
         converted[key] = flat[key].astype(np.asarray(leaf).dtype)
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: converted["/".join(str(k.key) for k in path)], dict(encoder)
+        lambda path, _: converted[_path_key(path)], dict(encoder)
     )
+
+
+def _path_key(path) -> str:
+    """A parameter's name from its tree path: 'encoderblock/mlp/wi/kernel'."""
+    return "/".join(str(k.key) for k in path)
+
+
+def replace_encoder(params: dict, encoder: Mapping, source: str) -> dict:
+    """`params` with its 'encoder' subtree replaced by `encoder` (host arrays of the same
+    parameters and shapes, else an error naming the first that differs), placed with the
+    shardings of the parameters it replaces."""
+    ours = {_path_key(path): leaf for path, leaf in jax.tree.leaves_with_path(params["encoder"])}
+    theirs = {
+        _path_key(path): np.asarray(leaf) for path, leaf in jax.tree.leaves_with_path(encoder)
+    }
+    hint = "(check width, encoder_depth, num_heads, mlp_dim, patch_size, image_size, position_bias)"
+    if unknown := sorted(set(theirs) - set(ours)):
+        raise ValueError(f"{source} has encoder parameter {unknown[0]}, the model has not {hint}")
+    for key, leaf in ours.items():
+        if key not in theirs:
+            raise ValueError(f"{source} has no encoder parameter {key} {hint}")
+        if theirs[key].shape != tuple(np.shape(leaf)):
+            raise ValueError(
+                f"encoder parameter {key} of {source} has shape {theirs[key].shape}, the model "
+                f"expects {tuple(np.shape(leaf))} {hint}"
+            )
+    placed = jax.tree.map_with_path(
+        lambda path, old: jax.device_put(theirs[_path_key(path)].astype(old.dtype), old.sharding),
+        params["encoder"],
+    )
+    return {**params, "encoder": placed}
 
 
 def load_pretrained_encoder(params: dict, path: str) -> dict:
-    """`params` with its 'encoder' subtree replaced by the ViT at `path` (same shardings)."""
-    encoder = convert_big_vision_encoder(_read_npz(path), params["encoder"])
-    placed = jax.tree.map(
-        lambda new, old: jax.device_put(new, old.sharding), encoder, params["encoder"]
+    """`params` with its 'encoder' subtree replaced by the big_vision ViT at `path`."""
+    return replace_encoder(
+        params, convert_big_vision_encoder(_read_npz(path), params["encoder"]), path
     )
-    return {**params, "encoder": placed}

@@ -297,6 +297,7 @@ class RefineCaptioner(nn.Module):
     remat: str = "none"
     position_bias: str = "none"  # of the encoder's self-attention (models.vit)
     unroll_scans: bool = False  # the encoder's (and detailer's) scans as straight-line code
+    freeze_encoder: bool = False  # a fixed, pretrained image encoder (models.vit)
     scan: bool = True
     layout: str = "aligned"  # of the targets: how a step writes its canvas (see DetailerStep)
     objective: str = "final"  # "final" or "step" (see DetailerStep)

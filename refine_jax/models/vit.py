@@ -79,9 +79,13 @@ class ViTEncoder(nn.Module):
     position_init: str = "sincos2d"  # of the learned position table: "sincos2d" or "normal"
     position_bias: str = "none"  # "relative": a learned 2-D relative bias in each self-attention
     unroll: bool = False  # the layer scan as straight-line code (same parameters and results)
+    # A fixed feature extractor: no dropout, and no gradient reaches its parameters, so the
+    # backward pass skips it (the optimizer leaves it alone: train_state.make_optimizer).
+    frozen: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        deterministic = deterministic or self.frozen
         b, h, w, c = images.shape
         p = self.patch_size
         if h % p or w % p:
@@ -121,13 +125,14 @@ class ViTEncoder(nn.Module):
             block_grid,
             name="encoderblock",
         )(x, None, deterministic)
-        return layer_norm(self.dtype, "encoder_norm")(x)
+        x = layer_norm(self.dtype, "encoder_norm")(x)
+        return jax.lax.stop_gradient(x) if self.frozen else x
 
 
 def encoder_for(model: nn.Module) -> ViTEncoder:
     """The ViT encoder of a model with the shared image-tower fields (patch_size, width,
     encoder_depth, num_heads, mlp_dim, dtype, dropout_rate, remat, position_bias,
-    unroll_scans): every model kind's."""
+    unroll_scans, freeze_encoder): every model kind's."""
     return ViTEncoder(
         model.patch_size,
         model.width,
@@ -139,4 +144,5 @@ def encoder_for(model: nn.Module) -> ViTEncoder:
         remat=model.remat != "none",
         position_bias=model.position_bias,
         unroll=model.unroll_scans,
+        frozen=model.freeze_encoder,
     )
