@@ -44,13 +44,12 @@ def make_optimizer(
         max(config.total_steps, config.warmup_steps + 1),
     )
     schedule = lambda count: warmup_cosine(count + 1)  # the first update is not wasted at 0
-    frozen = ("encoder",) if config.model.freeze_encoder else ()
 
     def decay_mask(params):
-        return {
-            name: jax.tree.map(lambda p, decay=name not in frozen: decay and p.ndim > 1, tree)
-            for name, tree in params.items()
-        }
+        mask = jax.tree.map(lambda p: p.ndim > 1, params)  # matrices only
+        if config.model.freeze_encoder:
+            mask = {**mask, "encoder": jax.tree.map(lambda _: False, mask["encoder"])}
+        return mask
 
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip_norm),
