@@ -20,7 +20,9 @@ from refine_jax.errors import ConfigError
 MODEL_KINDS = ("refine", "autoregressive", "match")  # registered in model_kinds.py
 REMAT_POLICIES = ("none", "full", "dots")  # models.refine
 POSITION_BIASES = ("none", "relative")  # models.vit
-TARGET_KINDS = ("salience", "full")  # targets
+# targets.kind: "salience" (DESIGN §3), "frequency" (the same order without the subject first: an
+# ablation), "full" (every step's target is the whole caption).
+TARGET_KINDS = ("salience", "frequency", "full")
 LAYOUTS = ("aligned", "left")  # targets.canvas_targets
 SCHEDULES = ("linear", "log")  # targets.schedule_fractions
 WEIGHTINGS = ("linear", "geometric", "final_only", "uniform")  # losses.step_weights
@@ -252,10 +254,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(t.loss_weighting, "targets.loss_weighting", WEIGHTINGS)
     _check_choice(t.objective, "targets.objective", OBJECTIVES)
     _check_choice(t.self_condition_layout, "targets.self_condition_layout", SELF_CONDITION_LAYOUTS)
-    if t.objective == "final" and (t.layout != "aligned" or t.kind != "salience"):
+    if t.objective == "final" and (t.layout != "aligned" or t.kind == "full"):
         raise ConfigError(
-            "config.targets.objective = 'final' needs targets.layout = 'aligned' and "
-            f"targets.kind = 'salience' (got {t.layout!r}, {t.kind!r}); or use objective 'step'"
+            "config.targets.objective = 'final' needs targets.layout = 'aligned' and a "
+            f"coarse-to-fine targets.kind (got {t.layout!r}, {t.kind!r}); or use objective 'step'"
         )
     if config.decode.beam_size < 1:
         raise ConfigError(f"config.decode.beam_size must be >= 1, got {config.decode.beam_size}")

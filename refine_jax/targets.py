@@ -223,13 +223,16 @@ def subject_position(words: Sequence[str], stats: SalienceStats) -> int | None:
     return max(heads, key=lambda h: (stats.nounness(words[h]), -h))
 
 
-def salience_order(words: Sequence[str], stats: SalienceStats) -> list[int]:
-    """Word positions in the order they enter the description (see the module docstring)."""
+def salience_order(
+    words: Sequence[str], stats: SalienceStats, subject_first: bool = True
+) -> list[int]:
+    """Word positions in the order they enter the description (see the module docstring);
+    `subject_first` False drops rule 1 (the subject ranks as any other head)."""
     content = [i for i, w in enumerate(words) if w not in FUNCTION_WORDS]
     if not content:  # nothing but function words: keep them in caption order
         return list(range(len(words)))
     head_of = phrase_heads(words, stats)
-    subject = subject_position(words, stats)
+    subject = subject_position(words, stats) if subject_first else None
     ranked = sorted(
         content, key=lambda i: (i != subject, head_of[i] != i, -stats.frequency(words[i]), i)
     )
@@ -269,10 +272,10 @@ def step_word_indices(
     everything = list(range(len(words)))
     if kind == "full":
         return [everything] * num_steps
-    if kind != "salience":
+    if kind not in TARGET_KINDS:
         raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
     counts = scheduled_word_counts(len(words), schedule_fractions(num_steps, schedule, log_a))
-    order = salience_order(words, stats)
+    order = salience_order(words, stats, subject_first=kind == "salience")
     return [sorted(order[:count]) for count in counts]
 
 

@@ -83,6 +83,7 @@ def test_canvas_shorter_than_longest_target_is_rejected_before_compilation(
         ("match.embed_dim", 0, "match.embed_dim must be >= 1"),
         ("match.subset_rate", -0.1, "match.subset_rate must be in"),
         ("model.freeze_encoder", True, "freeze_encoder .* set config.model.pretrained_encoder"),
+        ("targets.kind", "full", "objective = 'final' needs .* coarse-to-fine targets.kind"),
     ],
 )
 def test_invalid_values_name_the_key(key, value, message):

@@ -33,11 +33,16 @@ def is_subsequence(short: list[str], long: list[str]) -> bool:
 
 
 @settings(max_examples=300, deadline=None)
-@given(caption=CAPTIONS, num_steps=st.integers(1, 8), schedule=st.sampled_from(["linear", "log"]))
+@given(
+    caption=CAPTIONS,
+    num_steps=st.integers(1, 8),
+    schedule=st.sampled_from(["linear", "log"]),
+    kind=st.sampled_from(["salience", "frequency"]),
+)
 def test_targets_are_nested_follow_the_schedule_and_end_at_the_caption(
-    caption, num_steps, schedule
+    caption, num_steps, schedule, kind
 ):
-    steps = coarse_to_fine(caption, num_steps, STATS, "salience", schedule)
+    steps = coarse_to_fine(caption, num_steps, STATS, kind, schedule)
     words = caption_words(caption)
     assert len(steps) == num_steps
     assert steps[-1] == " ".join(words)
@@ -147,6 +152,18 @@ def test_step_one_names_the_subject_not_the_verb(caption, subject):
     assert subject in steps[0].split(), steps
     words = caption_words(caption)
     assert words[subject_position(words, PHOTO_STATS)] == subject
+
+
+def test_frequency_kind_ranks_the_subject_as_any_other_head():
+    # The ablation of rule 1: "running" (3 of the 10 captions) outranks the rarer subject.
+    caption = "a girl in a red dress running ."
+    assert coarse_to_fine(caption, 4, PHOTO_STATS)[0] == "a girl"
+    assert coarse_to_fine(caption, 4, PHOTO_STATS, kind="frequency")[0] == "running ."
+    # Where the subject is also the most frequent head, the two orders agree.
+    caption = "a dog jumping over a log ."
+    assert coarse_to_fine(caption, 4, PHOTO_STATS, kind="frequency") == coarse_to_fine(
+        caption, 4, PHOTO_STATS
+    )
 
 
 def test_a_run_of_content_words_splits_after_its_noun():
