@@ -35,6 +35,14 @@ def load_config(name: str, arg: str = ""):
     return load_config_file(f"{REPO / 'configs' / name}.py:{arg}")
 
 
+def init_params(model, config, vocab_size: int):
+    """`train_state.init_variables` compiled into one program: the eager op-by-op init takes
+    seconds per model on the CPU. The same boxed parameters, deterministic in config.seed."""
+    from refine_jax.train_state import init_variables
+
+    return jax.jit(lambda: init_variables(model, config, vocab_size))()
+
+
 @pytest.fixture
 def flickr8k_dir() -> Path:
     path = SHARED_DATA / "flickr8k"

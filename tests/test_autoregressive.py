@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import init_params, load_config
 
 from refine_jax import decoding
 from refine_jax.decoding import (
@@ -33,7 +33,7 @@ def model_and_params():
     config = load_config("shapes", "tiny,autoregressive")
     config.model.canvas_length = 8
     model = build_model(config, VOCAB)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     # Sharpen the random model so its greedy outputs have varied lengths and tokens.
     params = jax.tree.map(lambda p: p * 4.0 if p.ndim == 2 else p, params)
     images = jax.random.uniform(jax.random.key(1), (5, 48, 48, 3), minval=-1, maxval=1)
@@ -75,7 +75,7 @@ def tiny_search_problem():
     config.model.canvas_length = 2
     vocab = 7
     model = build_model(config, vocab)
-    params = init_variables(model, config, vocab)
+    params = init_params(model, config, vocab)
     params = jax.tree.map(lambda p: p * 4.0 if p.ndim == 2 else p, params)
     # A less likely eos gives captions of 0, 1 and 2 words among the best.
     bias = params["decoder"]["logits"]["bias"]
@@ -255,8 +255,11 @@ def test_teacher_forcing_scores_tokens_through_eos_only():
 
 def test_baseline_has_about_the_refinement_models_parameter_count():
     config = load_config("shapes", "")
-    count = lambda c: sum(
-        x.size for x in jax.tree.leaves(init_variables(build_model(c, 320), c, 320))
+    count = lambda c: sum(  # shapes only: traced, never computed
+        x.size
+        for x in jax.tree.leaves(
+            jax.eval_shape(lambda: init_variables(build_model(c, 320), c, 320))
+        )
     )
     refine = count(config)
     config.model.kind = "autoregressive"

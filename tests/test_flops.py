@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import init_params, load_config
 from jax.extend import core as jax_core
 
 from refine_jax.flops import (
@@ -16,7 +16,6 @@ from refine_jax.flops import (
 )
 from refine_jax.model_kinds import build_model, model_kind
 from refine_jax.targets import schedule_fractions
-from refine_jax.train import init_variables
 
 VOCAB = 400
 
@@ -78,7 +77,7 @@ def test_analytic_count_equals_the_traced_programs_matmuls(variant, num_steps, o
     if objective:
         config.targets.objective = objective
     model = build_model(config, VOCAB, scan=False)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     inputs = model_kind(config.model.kind).init_inputs(config)
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, *inputs))(params)
     traced = traced_matmul_flops(jaxpr.jaxpr)
@@ -94,7 +93,7 @@ def test_scanned_detailer_projects_the_image_keys_values_once_outside_the_scan()
     config = load_config("shapes", "")
     config.model.num_refine_steps = 4
     model = build_model(config, VOCAB, scan=True)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     inputs = model_kind("refine").init_inputs(config)
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, *inputs))(params)
     traced = traced_matmul_flops(jaxpr.jaxpr)
@@ -108,7 +107,7 @@ def test_analytic_count_is_close_to_the_compilers_count():
     config.model.encoder_depth = 1
     config.model.num_refine_steps = 1
     model = build_model(config, VOCAB, scan=False)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     m = config.model
     images = jnp.zeros((1, m.image_size, m.image_size, 3))
     fractions = jnp.asarray(schedule_fractions(m.num_refine_steps), jnp.float32)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import init_params, load_config
 from test_evaluate import run_main, trained_workdir
 
 from refine_jax import train
@@ -20,7 +20,7 @@ from refine_jax.model_kinds import build_model
 from refine_jax.model_loading import load_model
 from refine_jax.models.pretrained import replace_encoder
 from refine_jax.tokenizer import train_tokenizer
-from refine_jax.train_state import init_variables, initial_state
+from refine_jax.train_state import initial_state
 
 
 def leaves_by_name(tree) -> dict[str, np.ndarray]:
@@ -58,7 +58,7 @@ def test_a_frozen_encoder_stays_bit_identical_through_training_while_the_rest_le
 
 def test_freezing_keeps_the_optimizer_state_layout_so_checkpoints_move_between_the_modes():
     config = load_config("shapes", "tiny")
-    params = nn.unbox(init_variables(build_model(config, 50), config, 50))
+    params = nn.unbox(init_params(build_model(config, 50), config, 50))
     trained_state = train.make_optimizer(config)[0].init(params)
     config.model.freeze_encoder = True
     frozen_state = train.make_optimizer(config)[0].init(params)
@@ -69,10 +69,10 @@ def test_freezing_keeps_the_optimizer_state_layout_so_checkpoints_move_between_t
 
 def test_an_encoder_of_another_shape_is_an_error_naming_the_parameter():
     config = load_config("shapes", "tiny")
-    params = nn.unbox(init_variables(build_model(config, 50), config, 50))
+    params = nn.unbox(init_params(build_model(config, 50), config, 50))
     wider = config.copy_and_resolve_references()
     wider.model.mlp_dim = config.model.mlp_dim * 2
-    other = nn.unbox(init_variables(build_model(wider, 50), wider, 50))
+    other = nn.unbox(init_params(build_model(wider, 50), wider, 50))
     expected = r"mlp/wi/bias of the run in X has shape \(1, 128\), the model expects \(1, 64\)"
     with pytest.raises(ValueError, match=expected):
         replace_encoder(params, other["encoder"], "the run in X")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import init_params, load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 from refine_jax import sharding
@@ -19,7 +19,6 @@ from refine_jax.losses import contrastive_loss, match_head_loss
 from refine_jax.model_kinds import build_model, model_kind
 from refine_jax.models.match import same_text, sample_hard_negatives
 from refine_jax.tokenizer import train_tokenizer
-from refine_jax.train_state import init_variables
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -107,7 +106,7 @@ def test_negatives_come_from_the_whole_global_batch_on_a_sharded_mesh(match_setu
     # similarities span the global batch, not each device's 2 examples.
     tokenizer, config, batch = match_setup
     model = build_model(config, tokenizer.vocab_size)
-    params = init_variables(model, config, tokenizer.vocab_size)
+    params = init_params(model, config, tokenizer.vocab_size)
     loss_fn = model_kind("match").loss
     rng = jax.random.key(3)
     compute = jax.jit(lambda p, b: loss_fn(model, p, b, rng, config, None, None))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import init_params, load_config
 
 from refine_jax import model_kinds as kinds
 from refine_jax import train
@@ -96,7 +96,7 @@ def test_each_kinds_loss_scores_its_models_outputs(tokenizer_and_batch, variant)
     config.targets.self_condition_rate = 0.0
     config.targets.length_loss_weight = 0.5  # the length term counts too
     model = kinds.build_model(config, tokenizer.vocab_size)
-    params = train.init_variables(model, config, tokenizer.vocab_size)
+    params = init_params(model, config, tokenizer.vocab_size)
     fractions, weights = (
         jnp.asarray(a, jnp.float32)
         for a in kinds.model_kind(config.model.kind).step_schedule(config)
@@ -171,7 +171,7 @@ def test_decoding_dispatches_on_the_kind_registered_for_the_models_class(monkeyp
     )
     assert kinds.kind_of_model(echo_model).name == "echo"  # its own class wins over the base's
     assert kinds.kind_of_model(model) is refine
-    params = train.init_variables(model, config, 50)
+    params = init_params(model, config, 50)
     start = jnp.arange(2 * config.model.canvas_length, dtype=jnp.int32).reshape(2, -1) % 50
     np.testing.assert_array_equal(
         kinds.decode_batch(echo_model, params, images, fractions, start=start),

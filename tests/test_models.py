@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import init_params, load_config
 
 from refine_jax.model_kinds import build_model
 from refine_jax.models.refine import STEP_FEATURES, clean_canvas, write_scheduled
@@ -40,17 +40,19 @@ def count(params):
     return sum(x.size for x in jax.tree.leaves(params))
 
 
+def abstract_params(config):
+    """The parameters' shapes and dtypes, unboxed (traced, never computed)."""
+    model = build_model(config, VOCAB)
+    return jax.eval_shape(lambda: nn.unbox(init_variables(model, config, VOCAB)))
+
+
 def test_parameter_count_does_not_depend_on_k():
-    counts = {
-        k: count(init_variables(build_model(tiny_config(k), VOCAB), tiny_config(k), VOCAB))
-        for k in (1, 2, 4, 8)
-    }
+    counts = {k: count(abstract_params(tiny_config(k))) for k in (1, 2, 4, 8)}
     assert len(set(counts.values())) == 1, counts
 
 
 def test_detailer_parameters_are_shared_not_stacked_per_step():
-    config = tiny_config(5)
-    params = init_variables(build_model(config, VOCAB), config, VOCAB)
+    params = abstract_params(tiny_config(5))
     leaves = jax.tree.leaves(
         jax.tree.map(jnp.shape, params["detailer"]), is_leaf=lambda x: isinstance(x, tuple)
     )
@@ -66,9 +68,9 @@ def test_scanned_unscanned_and_unrolled_give_same_logits_and_gradients():
         # The encoder's layer scan and the detailer's step scan, both laid out as straight code.
         "unrolled": build_model(unrolled_config, VOCAB, scan=True).clone(keep_logits=True),
     }
-    params = init_variables(scanned, config, VOCAB)
+    params = init_params(scanned, config, VOCAB)
     for name, model in models.items():
-        other = init_variables(model, unrolled_config, VOCAB)
+        other = init_params(model, unrolled_config, VOCAB)
         assert jax.tree.structure(params) == jax.tree.structure(other), name
         assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, other), name
     args = inputs(config)
@@ -101,7 +103,7 @@ def test_detailer_parameters_keep_the_layout_of_existing_checkpoints():
     # parameters: every parameter keeps the path and shape checkpoints written before have.
     config = tiny_config(3)
     m = config.model
-    params = nn.unbox(init_variables(build_model(config, VOCAB), config, VOCAB))
+    params = abstract_params(config)
     d = m.width
     attention = {
         f"{projection}/{w}": (d, d) if w == "kernel" else (d,)
@@ -176,7 +178,7 @@ def test_keys_values_projected_once_give_the_outputs_of_projecting_them_every_st
     config = tiny_config(3)
     model = build_model(config, VOCAB, scan=scan).clone(keep_logits=True)
     reference = build_model(config, VOCAB, scan=False).clone(keep_logits=True)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     images, targets, fractions, self_condition = inputs(config)
 
     # Training: the per-step loss terms and logits (own predictions read after some steps).
@@ -213,7 +215,7 @@ def test_remat_changes_memory_not_results(remat):
     plain = build_model(config, VOCAB)
     config.model.remat = remat
     rematted = build_model(config, VOCAB)
-    params = init_variables(plain, config, VOCAB)
+    params = init_params(plain, config, VOCAB)
     args = inputs(config)
     grad = lambda model: jax.grad(
         lambda p: jnp.sum(model.apply({"params": p}, *args)["cross_entropy"])
@@ -225,7 +227,7 @@ def test_remat_changes_memory_not_results(remat):
 def test_training_outputs_are_per_step_scalars_without_logits():
     config = tiny_config(4)
     model = build_model(config, VOCAB)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     out = model.apply({"params": params}, *inputs(config))
     assert "logits" not in out
     assert out["cross_entropy"].shape == (4, 3)
@@ -238,7 +240,7 @@ def test_self_conditioning_feeds_the_step_1_written_canvas_to_step_2(layout):
     config.targets.self_condition_layout = layout
     config.targets.objective = "step"  # step 1 writes half the description, leaving blanks
     model = build_model(config, VOCAB)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     images, targets, fractions, _ = inputs(config, batch=2)
     # Step 1 starts from the blank canvas in training as in decoding: describe's step-1
     # canvas is what step 1 writes.
@@ -279,7 +281,7 @@ def test_describe_writes_each_steps_scheduled_share_and_no_blank_at_the_last_ste
     config = tiny_config(3)
     config.targets.objective = "step"  # aligned steps write their scheduled share
     model = build_model(config, VOCAB)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     images, _, fractions, _ = inputs(config)
     canvas = np.asarray(
         model.apply({"params": params}, images, fractions, method=model.describe)["canvas"]
@@ -369,7 +371,7 @@ def test_relative_position_bias_starts_at_zero_and_then_changes_what_the_encoder
     plain = build_model(config, VOCAB)
     config.model.position_bias = "relative"
     biased = build_model(config, VOCAB)
-    params = nn.unbox(init_variables(biased, config, VOCAB))
+    params = nn.unbox(init_params(biased, config, VOCAB))
     table = params["encoder"]["encoderblock"]["relative_position_bias"]
     grid = config.model.image_size // config.model.patch_size
     # One table per encoder layer (stacked by the scan), one column per head.

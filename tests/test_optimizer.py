@@ -4,10 +4,10 @@ that exempts 1-D parameters (biases, norm scales)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import load_config
+from conftest import init_params, load_config
 
 from refine_jax.model_kinds import build_model
-from refine_jax.train_state import init_variables, make_optimizer
+from refine_jax.train_state import make_optimizer
 
 
 def test_the_first_update_has_a_nonzero_rate_and_the_peak_comes_at_update_warmup_steps():
@@ -23,7 +23,7 @@ def test_the_first_update_has_a_nonzero_rate_and_the_peak_comes_at_update_warmup
 def test_weight_decay_shrinks_matrices_and_spares_one_dimensional_parameters():
     config = load_config("shapes", "tiny")
     model = build_model(config, 40)
-    params = init_variables(model, config, 40)
+    params = init_params(model, config, 40)
     optimizer, schedule = make_optimizer(config)
     # With a zero gradient Adam's step is zero, so the update is the decoupled decay alone.
     updates, _ = optimizer.update(

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import init_params, load_config
 
 from refine_jax.model_kinds import build_model
 from refine_jax.models.pretrained import load_pretrained_encoder
 from refine_jax.models.vit import ViTEncoder
-from refine_jax.train import init_variables
 
 WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE = 32, 2, 2, 64, 12, 48
 
@@ -79,7 +78,7 @@ def test_loaded_encoder_computes_what_the_big_vision_vit_computes(tmp_path):
     np.savez(tmp_path / "vit.npz", **{f"params/{k}": v for k, v in arrays.items()})
 
     config = encoder_config()
-    params = nn.unbox(init_variables(build_model(config, 50), config, 50))
+    params = nn.unbox(init_params(build_model(config, 50), config, 50))
     loaded = load_pretrained_encoder(params, str(tmp_path / "vit.npz"))
     encoder = ViTEncoder(PATCH, WIDTH, DEPTH, HEADS, MLP, position_bias=config.model.position_bias)
     assert config.model.position_bias == "relative"  # loaded as zeros: the ViT has no bias
@@ -91,7 +90,7 @@ def test_loaded_encoder_computes_what_the_big_vision_vit_computes(tmp_path):
 
 def test_stacked_layout_and_resized_positions(tmp_path):
     config = encoder_config()
-    params = nn.unbox(init_variables(build_model(config, 50), config, 50))
+    params = nn.unbox(init_params(build_model(config, 50), config, 50))
     arrays = {
         "embedding/kernel": np.ones((PATCH, PATCH, 3, WIDTH), np.float32),
         "embedding/bias": np.zeros(WIDTH, np.float32),
@@ -133,7 +132,7 @@ def test_a_vit_of_another_width_is_a_clear_error(tmp_path):
     np.savez(tmp_path / "vit.npz", **big_vision_arrays(reference_params))
     config = encoder_config()
     config.model.width, config.model.num_heads = 64, 2
-    params = nn.unbox(init_variables(build_model(config, 50), config, 50))
+    params = nn.unbox(init_params(build_model(config, 50), config, 50))
     with pytest.raises(
         ValueError, match=r"embedding/bias has shape \(32,\), the model expects \(64,\)"
     ):

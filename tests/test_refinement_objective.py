@@ -6,13 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import load_config
+from conftest import init_params, load_config
 
 from refine_jax.model_kinds import build_model
 from refine_jax.models.refine import final_objective_terms, word_distribution, write_due
 from refine_jax.special_tokens import BLANK_ID, BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from refine_jax.targets import schedule_fractions
-from refine_jax.train import init_variables
 
 VOCAB = 12
 A, B, C, D = 6, 7, 8, 9  # word ids
@@ -139,7 +138,7 @@ def test_scanned_and_unscanned_agree_for_each_objective(objective):
     config = tiny_config(objective)
     scanned = build_model(config, VOCAB, scan=True).clone(keep_logits=True)
     unscanned = build_model(config, VOCAB, scan=False).clone(keep_logits=True)
-    params = init_variables(scanned, config, VOCAB)
+    params = init_params(scanned, config, VOCAB)
     images, targets, fractions = inputs(config)
     self_condition = jnp.asarray(np.random.default_rng(1).random((3, 4)) < 0.5)
 
@@ -160,7 +159,7 @@ def test_self_conditioning_reads_own_words_on_the_targets_layout():
     1's target writes, and the target elsewhere: the same logits as feeding that canvas."""
     config = tiny_config("final", self_condition_layout="target")
     model = build_model(config, VOCAB, scan=False).clone(keep_logits=True)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     images, targets, fractions = inputs(config)
     on = jnp.ones((3, 4), bool).at[:, 1:].set(False)  # only after step 1
     out = model.apply({"params": params}, images, targets, fractions, on)
@@ -181,7 +180,7 @@ def test_self_conditioning_reads_own_words_on_the_targets_layout():
 def test_polish_passes_apply_the_final_step_again_and_keep_k_canvases():
     config = tiny_config("final")
     model = build_model(config, VOCAB)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     images, _, fractions = inputs(config)
     plain = model.apply({"params": params}, images, fractions, method=model.describe)
     polished_model = model.clone(polish_steps=2)
@@ -197,7 +196,7 @@ def test_polish_passes_apply_the_final_step_again_and_keep_k_canvases():
 def test_a_given_start_stays_at_every_step_though_the_model_would_rewrite_it():
     config = tiny_config("final")
     model = build_model(config, VOCAB)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     images, _, fractions = inputs(config)
     start = jnp.full((3, config.model.canvas_length), BLANK_ID).at[:, :3].set(jnp.array([5, 6, 7]))
     out = model.apply({"params": params}, images, fractions, start, method=model.describe)
@@ -215,7 +214,7 @@ def test_written_self_conditioning_reads_what_the_step_wrote_when_its_length_is_
     pads are the target's, else step 1's words on the target's positions."""
     config = tiny_config("final", self_condition_layout="written")
     model = build_model(config, VOCAB, scan=False).clone(keep_logits=True)
-    params = init_variables(model, config, VOCAB)
+    params = init_params(model, config, VOCAB)
     images, targets, fractions = inputs(config)
     on = jnp.ones((3, 4), bool).at[:, 1:].set(False)
     out = model.apply({"params": params}, images, targets, fractions, on)
