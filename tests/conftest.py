@@ -43,6 +43,17 @@ def init_params(model, config, vocab_size: int):
     return jax.jit(lambda: init_variables(model, config, vocab_size))()
 
 
+def param_shapes(config, vocab_size: int):
+    """The parameters' shapes and dtypes, unboxed: the init traced, never computed."""
+    from flax import linen as nn
+
+    from refine_jax.model_kinds import build_model
+    from refine_jax.train_state import init_variables
+
+    model = build_model(config, vocab_size)
+    return jax.eval_shape(lambda: nn.unbox(init_variables(model, config, vocab_size)))
+
+
 @pytest.fixture
 def flickr8k_dir() -> Path:
     path = SHARED_DATA / "flickr8k"

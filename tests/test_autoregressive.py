@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_params, load_config
+from conftest import init_params, load_config, param_shapes
 
 from refine_jax import decoding
 from refine_jax.decoding import (
@@ -23,7 +23,6 @@ from refine_jax.models.autoregressive import (
     with_eos,
 )
 from refine_jax.special_tokens import BOS_ID, EOS_ID, PAD_ID
-from refine_jax.train import init_variables
 
 VOCAB = 30
 
@@ -255,12 +254,7 @@ def test_teacher_forcing_scores_tokens_through_eos_only():
 
 def test_baseline_has_about_the_refinement_models_parameter_count():
     config = load_config("shapes", "")
-    count = lambda c: sum(  # shapes only: traced, never computed
-        x.size
-        for x in jax.tree.leaves(
-            jax.eval_shape(lambda: init_variables(build_model(c, 320), c, 320))
-        )
-    )
+    count = lambda c: sum(x.size for x in jax.tree.leaves(param_shapes(c, 320)))
     refine = count(config)
     config.model.kind = "autoregressive"
     baseline = count(config)

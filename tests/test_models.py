@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_params, load_config
+from conftest import init_params, load_config, param_shapes
 
 from refine_jax.model_kinds import build_model
 from refine_jax.models.refine import STEP_FEATURES, clean_canvas, write_scheduled
 from refine_jax.models.vit import relative_offsets
 from refine_jax.special_tokens import BLANK_ID, EOS_ID, PAD_ID, UNK_ID
 from refine_jax.targets import schedule_fractions
-from refine_jax.train import init_variables
 
 VOCAB = 40
 
@@ -40,19 +39,13 @@ def count(params):
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def abstract_params(config):
-    """The parameters' shapes and dtypes, unboxed (traced, never computed)."""
-    model = build_model(config, VOCAB)
-    return jax.eval_shape(lambda: nn.unbox(init_variables(model, config, VOCAB)))
-
-
 def test_parameter_count_does_not_depend_on_k():
-    counts = {k: count(abstract_params(tiny_config(k))) for k in (1, 2, 4, 8)}
+    counts = {k: count(param_shapes(tiny_config(k), VOCAB)) for k in (1, 2, 4, 8)}
     assert len(set(counts.values())) == 1, counts
 
 
 def test_detailer_parameters_are_shared_not_stacked_per_step():
-    params = abstract_params(tiny_config(5))
+    params = param_shapes(tiny_config(5), VOCAB)
     leaves = jax.tree.leaves(
         jax.tree.map(jnp.shape, params["detailer"]), is_leaf=lambda x: isinstance(x, tuple)
     )
@@ -103,7 +96,7 @@ def test_detailer_parameters_keep_the_layout_of_existing_checkpoints():
     # parameters: every parameter keeps the path and shape checkpoints written before have.
     config = tiny_config(3)
     m = config.model
-    params = abstract_params(config)
+    params = param_shapes(config, VOCAB)
     d = m.width
     attention = {
         f"{projection}/{w}": (d, d) if w == "kernel" else (d,)
