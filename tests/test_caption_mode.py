@@ -215,6 +215,11 @@ def test_drop_repeats_leaves_out_repeated_words_in_eval_and_caption_mode(tmp_pat
     kept, dropped = described(False), described(True)
     assert any(collapsed(text) != text for steps in kept for text in steps)
     assert dropped == [[collapsed(text) for text in steps] for steps in kept]
+    # What the model wrote stays on the samples it changed, for repetition as written.
+    samples = describe_loaded_split(loaded, source, drop_repeats=True)
+    assert [s.get("steps_as_written", s["steps"]) for s in samples] == kept
+    for sample, as_written in zip(samples, kept, strict=True):
+        assert ("steps_as_written" in sample) == (sample["steps"] != as_written)
     images = np.stack([loaded.features.map(source[i])["image"] for i in range(3)])
     config.decode.drop_repeats = True  # caption mode reads the loaded config
     assert describe_images(loaded, images) == dropped[:3]

@@ -235,6 +235,19 @@ def test_repetition_and_consensus_shares_per_step() -> None:
     assert out["final_repetition"] == 1.0
     # a's majority word is "dog" (3 of 5; "snow" 2 of 5); b's are all four of its words.
     assert out["consensus_per_step"] == [0.5, 0.5, 1.0, 1.0]
+    assert out["repetition_as_written_per_step"] == out["repetition_per_step"]  # none given
+
+
+def test_repetition_as_written_is_measured_on_the_captions_before_de_duplication() -> None:
+    refs = {"a": ["a dog runs"], "b": [CAPTION_B]}
+    shown = {"a": ["dog", "a dog", "a dog runs"], "b": ["dogs", "two dogs", "two dogs play"]}
+    written = {
+        "a": ["dog dog", "a dog", "a dog runs"],
+        "b": ["dogs", "two dogs", "Two two dogs play"],
+    }
+    out = refinement_metrics(shown, refs, [0.3, 0.6, 1.0], [0.2, 0.3, 0.5], written=written)
+    assert out["repetition_per_step"] == [0.0, 0.0, 0.0]
+    assert out["repetition_as_written_per_step"] == [0.5, 0.0, 0.5]
 
 
 def test_consensus_words_need_a_majority_of_references_and_skip_function_words() -> None:

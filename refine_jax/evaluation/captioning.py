@@ -28,7 +28,8 @@ def describe_split(
     knows the true one. `put_batch` places a host batch, which every process holds whole, on
     the devices. `beam_size` > 1: the baseline decodes by beam search (else greedily).
     `drop_repeats`: a word repeating the one before it is blanked
-    (`Tokenizer.drop_repeated_words`)."""
+    (`Tokenizer.drop_repeated_words`); a sample whose words it changed keeps the model's own
+    descriptions as `steps_as_written`, so repetition can still be measured on them."""
     samples = []
     for arrays, records in eval_batches(source, features, batch_size):
         canvases = decode_batch(
@@ -39,9 +40,8 @@ def describe_split(
             "beam" if beam_size > 1 else "greedy",
             beam_size,
         )
-        canvases = to_host(canvases)  # [B, K, L]
-        if drop_repeats:
-            canvases = tokenizer.drop_repeated_words(canvases)
+        written = to_host(canvases)  # [B, K, L]
+        canvases = tokenizer.drop_repeated_words(written) if drop_repeats else written
         for i, record in enumerate(records):
             sample = {
                 "image_id": record["key"],
@@ -49,6 +49,8 @@ def describe_split(
                 "steps": [tokenizer.decode(c) for c in canvases[i]],
                 "targets": [tokenizer.decode(t) for t in arrays["targets"][i]],
             }
+            if not np.array_equal(canvases[i], written[i]):
+                sample["steps_as_written"] = [tokenizer.decode(c) for c in written[i]]
             if "chain" in record:
                 sample["chain"] = list(record["chain"])
             samples.append(sample)

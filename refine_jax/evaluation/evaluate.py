@@ -251,6 +251,8 @@ def evaluate_checkpoint(
                     "steps": sample["steps"],
                     "cider_per_step": scores["cider"],
                 }
+                if "steps_as_written" in sample:  # before decode.drop_repeats
+                    row["steps_as_written"] = sample["steps_as_written"]
                 if "match_score" in scores:
                     row["match_score_per_step"] = scores["match_score"]
                 if "chain" in sample:

@@ -52,6 +52,7 @@ def split_metrics(
         per_image=per_image,
         step_vectors=None if match is None else match["step_embeddings"],
         blank_vector=None if match is None else match["blank_embedding"],
+        written={n: list(s.get("steps_as_written", s["steps"])) for n, s in enumerate(samples)},
     )
     metrics["gradualness_encoding"] = "tfidf" if match is None else "match"
     if match is not None:
@@ -86,6 +87,7 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         "match_score_per_step": "match_score",
         "ref_match_score_per_step": "ref_match_score",
         "repetition_per_step": "repetition",
+        "repetition_as_written_per_step": "repetition_as_written",
         "consensus_per_step": "consensus",
     }
     flat: dict[str, float] = {}

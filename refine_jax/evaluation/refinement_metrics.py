@@ -215,6 +215,21 @@ def _adherence(
     return np.where(blank, 0.0, normalised), raw
 
 
+def _tokenised_steps(
+    trajectories: Mapping[Hashable, Sequence[str]],
+    ids: Sequence[Hashable],
+    num_steps: int,
+    tokenize: bool,
+) -> list[list[str]]:
+    """[K][N] captions of `ids`, each step tokenised as one batch (as coco-caption would score
+    each step's results file)."""
+    steps = []
+    for k in range(num_steps):
+        captions = [trajectories[i][k] for i in ids]
+        steps.append(tokenize_many(captions) if tokenize else captions)
+    return steps
+
+
 def refinement_metrics(
     trajectories: Mapping[Hashable, Sequence[str]],
     references: Mapping[Hashable, Sequence[str]],
@@ -224,6 +239,7 @@ def refinement_metrics(
     step_vectors: np.ndarray | Mapping[Hashable, Any] | None = None,
     per_image: bool = False,
     blank_vector: np.ndarray | None = None,
+    written: Mapping[Hashable, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """DESIGN §4 refinement metrics of K-step caption trajectories (JSON-serialisable).
 
@@ -235,7 +251,9 @@ def refinement_metrics(
     image id -> [K, D] (e.g. the matching model's text embeddings). blank_vector: the encoding
     [D] of the blank description c_0 (the matching model's empty description); then
     p_k = 1 - d(c_k, c_K) / d(c_0, c_K), and a final with d(c_0, c_K) ~ 0 counts as blank.
-    Without it c_0 is the zero vector (d(c_0, c_K) = 1).
+    Without it c_0 is the zero vector (d(c_0, c_K) = 1). written: optional image id -> K
+    captions as the model wrote them, before decode-time de-duplication; repetition is also
+    measured on them (`repetition_as_written_per_step`; the trajectories themselves without).
 
     A single step (K = 1: the autoregressive baseline) has no path to be gradual along: G, A
     and R (and their raw forms) are None, "not applicable".
@@ -246,7 +264,8 @@ def refinement_metrics(
     unsuffixed ones when no step vectors are given.
 
     Returns num_images, num_steps, cider_per_step, bleu4_per_step, final_cider, final_bleu4,
-    final_cider_interval, repetition_per_step, final_repetition, consensus_per_step,
+    final_cider_interval, repetition_per_step, final_repetition,
+    repetition_as_written_per_step, consensus_per_step,
     weighted_quality (Q_w), gradualness (normalised G), gradualness_raw (DESIGN's 1 - mean
     deviation), progress_per_step (mean p_k over images with a non-zero final encoding, None if
     none), length_adherence (normalised A), length_adherence_raw, length_ratio_per_step (mean
@@ -270,13 +289,9 @@ def refinement_metrics(
         )
     vectors = None if step_vectors is None else _step_vectors(step_vectors, ids, num_steps)
 
-    # Tokenise every step as one batch (as coco-caption would score each step's results file).
     ordered_refs = {i: references[i] for i in ids}
     _, ref_groups, _ = prepare_captions(ordered_refs, {i: "" for i in ids}, tokenize=tokenize)
-    steps: list[list[str]] = []  # [K][N]
-    for k in range(num_steps):
-        captions = [trajectories[i][k] for i in ids]
-        steps.append(tokenize_many(captions) if tokenize else captions)
+    steps = _tokenised_steps(trajectories, ids, num_steps, tokenize)  # [K][N]
 
     cider = CiderD(ref_groups)
     cider_per_step, bleu4_per_step, per_image_cider = [], [], []
@@ -294,6 +309,13 @@ def refinement_metrics(
     repetition_per_step = [
         float(np.mean([has_repeated_word(c) for c in steps[k]])) for k in range(num_steps)
     ]
+    if written is None:
+        repetition_as_written = repetition_per_step
+    else:
+        repetition_as_written = [
+            float(np.mean([has_repeated_word(c) for c in captions]))
+            for captions in _tokenised_steps(written, ids, num_steps, tokenize)
+        ]
     consensus_per_step = [
         float(np.mean([bool(agreed[n] & set(c.split())) for n, c in enumerate(steps[k])]))
         for k in range(num_steps)
@@ -363,6 +385,7 @@ def refinement_metrics(
         "final_cider_interval": bootstrap_interval(per_image_cider_arr[:, -1]),
         "repetition_per_step": repetition_per_step,
         "final_repetition": repetition_per_step[-1],
+        "repetition_as_written_per_step": repetition_as_written,
         "consensus_per_step": consensus_per_step,
         "weighted_quality": weighted_quality,
         **main,
