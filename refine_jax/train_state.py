@@ -34,16 +34,25 @@ def make_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping; the learning rate of the n-th applied update (n from 0)
-    warms up linearly to its peak, reached at update `warmup_steps`, then decays as a cosine.
-    Weight decay applies to matrices only, and not to a frozen encoder, whose gradient is zero
-    (models.vit), so its update is exactly zero and the state keeps one layout either way."""
-    warmup_cosine = optax.warmup_cosine_decay_schedule(
-        0.0,
-        config.learning_rate,
-        config.warmup_steps,
-        max(config.total_steps, config.warmup_steps + 1),
-    )
-    schedule = lambda count: warmup_cosine(count + 1)  # the first update is not wasted at 0
+    warms up linearly to its peak, reached at update `warmup_steps`, then decays as a cosine:
+    over the rest of training, or with `lr_decay_steps` > 0 over the last that many updates
+    only, after a constant stretch at the peak. Weight decay applies to matrices only, and not
+    to a frozen encoder, whose gradient is zero (models.vit), so its update is exactly zero
+    and the state keeps one layout either way."""
+    peak, warmup, total = config.learning_rate, config.warmup_steps, config.total_steps
+    if config.lr_decay_steps:
+        stable_end = total - config.lr_decay_steps
+        rate = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, peak, warmup),
+                optax.constant_schedule(peak),
+                optax.cosine_decay_schedule(peak, config.lr_decay_steps),
+            ],
+            [warmup, stable_end],
+        )
+    else:
+        rate = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1))
+    schedule = lambda count: rate(count + 1)  # the first update is not wasted at 0
 
     def decay_mask(params):
         mask = jax.tree.map(lambda p: p.ndim > 1, params)  # matrices only

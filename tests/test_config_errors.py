@@ -94,6 +94,14 @@ def test_invalid_values_name_the_key(key, value, message):
         validate_config(config)
 
 
+@pytest.mark.parametrize("decay_steps", [-1, 51])  # tiny: 60 steps, 10 of warm-up
+def test_lr_decay_steps_beyond_the_steps_after_warm_up_are_rejected(decay_steps):
+    config = load_config("shapes", "tiny")
+    config.lr_decay_steps = decay_steps
+    with pytest.raises(ConfigError, match=r"lr_decay_steps must be in \[0, .* = 50\], got"):
+        validate_config(config)
+
+
 def test_unknown_prng_implementation_is_rejected():
     config = load_config("shapes", "tiny")
     config.rng_impl = "philox"

@@ -20,6 +20,20 @@ def test_the_first_update_has_a_nonzero_rate_and_the_peak_comes_at_update_warmup
     assert np.all(np.diff(rates[warmup - 1 :]) < 0)  # then decays
 
 
+def test_lr_decay_steps_hold_the_peak_until_the_last_updates_then_decay_to_zero():
+    config = load_config("shapes", "tiny")  # 60 steps, 10 of warm-up
+    config.lr_decay_steps = 20
+    _, schedule = make_optimizer(config)
+    peak, warmup = config.learning_rate, config.warmup_steps
+    rates = np.asarray([float(schedule(n)) for n in range(config.total_steps)])
+    np.testing.assert_allclose(rates[:warmup], peak * np.arange(1, warmup + 1) / warmup, rtol=1e-6)
+    np.testing.assert_allclose(rates[warmup - 1 : 40], peak, rtol=1e-6)  # updates 9..39
+    # Updates 40..59 follow a cosine over the last 20: update n at 0.5 (1 + cos(pi (n-39)/20)).
+    expected = peak * 0.5 * (1 + np.cos(np.pi * np.arange(1, 21) / 20))
+    np.testing.assert_allclose(rates[40:], expected, rtol=1e-5, atol=1e-9)
+    assert rates[-1] == 0.0
+
+
 def test_weight_decay_shrinks_matrices_and_spares_one_dimensional_parameters():
     config = load_config("shapes", "tiny")
     model = build_model(config, 40)
