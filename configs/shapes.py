@@ -1,4 +1,4 @@
-"""Default demo: the embedded shapes data (no downloads), trained on a 2-core CPU in ~12 minutes.
+"""Default demo: the embedded shapes data (no downloads), trained on a 2-core CPU in ~10 minutes.
 
 Variants (combine with commas): `configs/shapes.py:tiny` trains in under a minute;
 `:autoregressive` selects the autoregressive baseline with the same encoder and width;
@@ -17,8 +17,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.seed = 0
     config.batch_size = 64
-    # Seeds 0-2 all reach >= 95% exact by step 3000; seed 1 does not by step 2500 (BENCHMARKS.md).
-    config.total_steps = 3000
+    # The learning rate stays at its peak until the last 1000 steps: seed 1 learns "above" in
+    # 2500 steps that way, and not with a cosine over all 2500 (BENCHMARKS.md).
+    config.total_steps = 2500
+    config.lr_decay_steps = 1000
     config.log_every_steps = 100
     config.checkpoint_every_steps = 500
     config.eval_every_steps = 500
@@ -53,6 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "tiny" in variants:
         config.batch_size = 16
         config.total_steps = 60
+        config.lr_decay_steps = 0
         config.log_every_steps = 20
         config.checkpoint_every_steps = 30
         config.eval_every_steps = 60
@@ -72,5 +75,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         m.kind = "match"
         config.batch_size = 128 if "tiny" not in variants else 16  # more in-batch negatives
         config.total_steps = 1500 if "tiny" not in variants else 60
+        config.lr_decay_steps = 0  # the cosine over the whole run it was measured with
     config.lock()
     return config
