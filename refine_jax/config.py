@@ -83,10 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.learning_rate = 1e-3
     config.warmup_steps = 100
-    # 0: after the warm-up the rate decays as a cosine over the rest of training. N > 0: it
-    # stays at its peak until the last N updates and decays as a cosine over those (warm-up,
-    # stable, decay), so a run keeps a high rate longer for the same number of steps.
-    config.lr_decay_steps = 0
+    # 1: after the warm-up the rate decays as a cosine over the rest of training. f < 1: it
+    # stays at its peak until the last f * total_steps updates and decays as a cosine over
+    # those (warm-up, stable, decay), so a run keeps a high rate longer for the same number of
+    # steps; 0 never decays. A fraction, so overriding total_steps keeps the shape.
+    config.lr_decay_fraction = 1.0
     config.weight_decay = 1e-4
     config.grad_clip_norm = 1.0
 
@@ -249,10 +250,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"non-finite config value: {', '.join(non_finite)}; use a finite number")
     if not config.learning_rate >= 0:
         raise ConfigError(f"config.learning_rate must be >= 0, got {config.learning_rate}")
-    if not 0 <= config.lr_decay_steps <= config.total_steps - config.warmup_steps:
+    if not 0.0 <= config.lr_decay_fraction <= 1.0:
         raise ConfigError(
-            f"config.lr_decay_steps must be in [0, total_steps - warmup_steps = "
-            f"{config.total_steps - config.warmup_steps}], got {config.lr_decay_steps}"
+            f"config.lr_decay_fraction must be in [0, 1], got {config.lr_decay_fraction}"
         )
     m, t = config.model, config.targets
     _check_choice(config.rng_impl, "rng_impl", RNG_IMPLS)

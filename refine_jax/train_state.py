@@ -35,20 +35,21 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping; the learning rate of the n-th applied update (n from 0)
     warms up linearly to its peak, reached at update `warmup_steps`, then decays as a cosine:
-    over the rest of training, or with `lr_decay_steps` > 0 over the last that many updates
-    only, after a constant stretch at the peak. Weight decay applies to matrices only, and not
+    over the rest of training, or with `lr_decay_fraction` f < 1 over the last f of the
+    updates only (never more than follow the warm-up), after a constant stretch at the peak.
+    Weight decay applies to matrices only, and not
     to a frozen encoder, whose gradient is zero (models.vit), so its update is exactly zero
     and the state keeps one layout either way."""
     peak, warmup, total = config.learning_rate, config.warmup_steps, config.total_steps
-    if config.lr_decay_steps:
-        stable_end = total - config.lr_decay_steps
+    if config.lr_decay_fraction < 1.0:
+        decay_steps = min(round(config.lr_decay_fraction * total), max(total - warmup, 0))
         rate = optax.join_schedules(
             [
                 optax.linear_schedule(0.0, peak, warmup),
                 optax.constant_schedule(peak),
-                optax.cosine_decay_schedule(peak, config.lr_decay_steps),
+                optax.cosine_decay_schedule(peak, max(decay_steps, 1)),
             ],
-            [warmup, stable_end],
+            [warmup, total - decay_steps if decay_steps else total + 1],
         )
     else:
         rate = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1))

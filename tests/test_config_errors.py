@@ -94,11 +94,11 @@ def test_invalid_values_name_the_key(key, value, message):
         validate_config(config)
 
 
-@pytest.mark.parametrize("decay_steps", [-1, 51])  # tiny: 60 steps, 10 of warm-up
-def test_lr_decay_steps_beyond_the_steps_after_warm_up_are_rejected(decay_steps):
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_lr_decay_fraction_outside_zero_to_one_is_rejected(fraction):
     config = load_config("shapes", "tiny")
-    config.lr_decay_steps = decay_steps
-    with pytest.raises(ConfigError, match=r"lr_decay_steps must be in \[0, .* = 50\], got"):
+    config.lr_decay_fraction = fraction
+    with pytest.raises(ConfigError, match=r"lr_decay_fraction must be in \[0, 1\], got"):
         validate_config(config)
 
 

@@ -20,9 +20,9 @@ def test_the_first_update_has_a_nonzero_rate_and_the_peak_comes_at_update_warmup
     assert np.all(np.diff(rates[warmup - 1 :]) < 0)  # then decays
 
 
-def test_lr_decay_steps_hold_the_peak_until_the_last_updates_then_decay_to_zero():
+def test_lr_decay_fraction_holds_the_peak_until_the_last_updates_then_decays_to_zero():
     config = load_config("shapes", "tiny")  # 60 steps, 10 of warm-up
-    config.lr_decay_steps = 20
+    config.lr_decay_fraction = 1 / 3  # the last 20 updates
     _, schedule = make_optimizer(config)
     peak, warmup = config.learning_rate, config.warmup_steps
     rates = np.asarray([float(schedule(n)) for n in range(config.total_steps)])
@@ -32,6 +32,10 @@ def test_lr_decay_steps_hold_the_peak_until_the_last_updates_then_decay_to_zero(
     expected = peak * 0.5 * (1 + np.cos(np.pi * np.arange(1, 21) / 20))
     np.testing.assert_allclose(rates[40:], expected, rtol=1e-5, atol=1e-9)
     assert rates[-1] == 0.0
+    config.lr_decay_fraction = 0.0  # never decays
+    _, schedule = make_optimizer(config)
+    rates = np.asarray([float(schedule(n)) for n in range(config.total_steps)])
+    np.testing.assert_allclose(rates[warmup - 1 :], peak, rtol=1e-6)
 
 
 def test_weight_decay_shrinks_matrices_and_spares_one_dimensional_parameters():
