@@ -431,7 +431,9 @@ def test_run_detaches_passes_arguments_and_stop_sends_sigterm(tmp_path):
     venv_bin.mkdir(parents=True)
     # Stands in for the trainer: records its argv, checkpoints (says so) on SIGTERM.
     (venv_bin / "python").write_text(
-        '#!/bin/bash\nprintf "%s\\n" "$PWD" "$@" > "$HOME/argv.txt"\n'
+        # Written aside and renamed, so the test never reads a half-written file.
+        '#!/bin/bash\nprintf "%s\\n" "$PWD" "$@" > "$HOME/argv.tmp"\n'
+        'mv "$HOME/argv.tmp" "$HOME/argv.txt"\n'
         "trap 'echo saved on SIGTERM; exit 0' TERM\n"
         "echo training\nwhile true; do sleep 0.05; done\n"
     )
