@@ -37,20 +37,17 @@ def make_optimizer(
     warms up linearly to its peak, reached at update `warmup_steps`, then decays as a cosine:
     over the rest of training, or with `lr_decay_fraction` f < 1 over the last f of the
     updates only (never more than follow the warm-up), after a constant stretch at the peak.
-    Weight decay applies to matrices only, and not
-    to a frozen encoder, whose gradient is zero (models.vit), so its update is exactly zero
-    and the state keeps one layout either way."""
+    Weight decay applies to matrices only, and not to a frozen encoder, whose gradient is zero
+    (models.vit), so its update is exactly zero and the state keeps one layout either way."""
     peak, warmup, total = config.learning_rate, config.warmup_steps, config.total_steps
-    if config.lr_decay_fraction < 1.0:
+    if config.lr_decay_fraction < 1.0:  # warm-up, stable, then (if any) the cosine
         decay_steps = min(round(config.lr_decay_fraction * total), max(total - warmup, 0))
-        rate = optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, peak, warmup),
-                optax.constant_schedule(peak),
-                optax.cosine_decay_schedule(peak, max(decay_steps, 1)),
-            ],
-            [warmup, total - decay_steps if decay_steps else total + 1],
-        )
+        parts = [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)]
+        boundaries = [warmup]
+        if decay_steps:
+            parts.append(optax.cosine_decay_schedule(peak, decay_steps))
+            boundaries.append(total - decay_steps)
+        rate = optax.join_schedules(parts, boundaries)
     else:
         rate = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1))
     schedule = lambda count: rate(count + 1)  # the first update is not wasted at 0

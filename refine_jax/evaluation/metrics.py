@@ -52,7 +52,11 @@ def split_metrics(
         per_image=per_image,
         step_vectors=None if match is None else match["step_embeddings"],
         blank_vector=None if match is None else match["blank_embedding"],
-        written={n: list(s.get("steps_as_written", s["steps"])) for n, s in enumerate(samples)},
+        written=(  # tokenised again only when decode.drop_repeats changed some description
+            {n: list(s.get("steps_as_written", s["steps"])) for n, s in enumerate(samples)}
+            if any("steps_as_written" in s for s in samples)
+            else None
+        ),
     )
     metrics["gradualness_encoding"] = "tfidf" if match is None else "match"
     if match is not None:
