@@ -1,4 +1,4 @@
-"""Default demo: the embedded shapes data (no downloads), trained on a 2-core CPU in 10-12 minutes.
+"""Default demo: the embedded shapes data (no downloads), trained on a 2-core CPU in 9-12 minutes.
 
 Variants (combine with commas): `configs/shapes.py:tiny` trains in under a minute;
 `:autoregressive` selects the autoregressive baseline with the same encoder and width;
