@@ -12,8 +12,8 @@ checkpoint is only scored, so the tables can be rebuilt from trained runs:
         --name=flickr8k_left --set targets.layout=left              # an ablation of the refiner
     python benchmarks/flickr8k_quality.py --quick                   # seconds: tiny models
     python benchmarks/flickr8k_quality.py --root=/work/runs --beam=3 \
-        --match_workdir=/work/runs/flickr8k_match    # + the baseline's beam search; G in the
-                                                     # matching model's text space
+        --match_workdir=/work/runs/flickr8k_match    # + the baseline's beam search; G by the
+                                                     # matching model's image posteriors
 
 Workdirs: ROOT/flickr8k_tokenizer (shared), ROOT/NAME (refinement; NAME defaults to
 flickr8k_refine) and ROOT/flickr8k_ar. `--set KEY=VALUE` (repeatable) overrides a key of the

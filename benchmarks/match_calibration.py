@@ -1,5 +1,6 @@
 """The matching model as a yardstick (DESIGN §4, §11): its retrieval recall on the held-out split,
-and the calibration of gradualness in its text space against CIDEr's TF-IDF space.
+and the calibration of gradualness in its space (image posteriors) against the cosine between its
+text embeddings and CIDEr's TF-IDF space.
 
 Calibration: for each held-out image, three chains end in its first reference: the perfect one
 (the salience targets a captioner is trained to write), "blank until the last step" and
@@ -25,7 +26,6 @@ import common
 
 from refine_jax.config import load_config_file
 from refine_jax.data import make_sources
-from refine_jax.data.records import is_record
 from refine_jax.evaluation.matching import (
     CALIBRATION_CHAINS,
     MatchEmbedder,
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with loaded.context():
         retrieval = split_retrieval(embedder, eval_source)
-        records = (eval_source[i] for i in range(len(eval_source)))
-        references = [r["captions"] for r in records if is_record(r) and r["captions"]]
-        calibrated = calibration(embedder, references, loaded.tokenizer.salience, args.num_steps)
+        calibrated = calibration(embedder, eval_source, loaded.tokenizer.salience, args.num_steps)
     seconds = time.perf_counter() - start
 
     result = {
@@ -80,13 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     for way in ("image_to_text", "text_to_image"):
         row = " | ".join(f"{retrieval[f'{way}_r@{k}']:.3f}" for k in (1, 5, 10))
         print(f"| {way.replace('_', ' ')} | {row} |")
-    print(f"\n## Calibration of gradualness G ({len(references)} images, K={args.num_steps})\n")
-    print("| chain | G, matching model | G, TF-IDF | progress p_k, matching model |")
-    print("| --- | ---: | ---: | --- |")
+    images = retrieval["num_images"]
+    print(f"\n## Calibration of gradualness G ({images} images, K={args.num_steps})\n")
+    print(
+        "| chain | G, matching model (posteriors) | G, text-embedding cosine | G, TF-IDF "
+        "| progress p_k, matching model |"
+    )
+    print("| --- | ---: | ---: | ---: | --- |")
     for name in CALIBRATION_CHAINS:
         c = calibrated[name]
         progress = ", ".join(f"{p:.2f}" for p in c["progress_per_step"] or ())
-        print(f"| {name} | {c['gradualness']:.3f} | {c['gradualness_tfidf']:.3f} | {progress} |")
+        print(
+            f"| {name} | {c['gradualness']:.3f} | {c['gradualness_cosine']:.3f} "
+            f"| {c['gradualness_tfidf']:.3f} | {progress} |"
+        )
     common.save(
         result, args.output, "match_calibration_quick" if args.quick else "match_calibration"
     )

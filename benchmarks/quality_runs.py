@@ -70,7 +70,7 @@ def train_and_score(
     """Trains `config` in `workdir` up to config.total_steps (unless already there) and returns
     the scores of the final checkpoint on the held-out split (or `eval_data`), with
     `train_seconds` (None when the run was already trained) and the eval's output folder.
-    `match_workdir`: a matching model whose text space measures gradualness (DESIGN §11)."""
+    `match_workdir`: a matching model whose image posteriors measure gradualness (DESIGN §11)."""
     train_seconds = None
     if trained_step(workdir) < config.total_steps:
         start = time.perf_counter()

@@ -57,7 +57,7 @@ flags.DEFINE_string(
     "match_workdir",
     None,
     "eval/caption: a matching model's workdir (model.kind='match'): every step gets an "
-    "image-text score, and eval measures gradualness in its text space.",
+    "image-text score, and eval measures gradualness by its image posteriors.",
 )
 flags.DEFINE_string("images", None, "caption: a folder, glob or file of JPEG/PNG/WebP images.")
 flags.DEFINE_string(

@@ -1,5 +1,5 @@
 """The matching model end to end: its own eval (retrieval recall), and as the yardstick of a
-captioner's eval (gradualness in its text space, per-step scores) and caption mode."""
+captioner's eval (gradualness by its image posteriors, per-step scores) and caption mode."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from refine_jax.evaluation.matching import (
     MatchEmbedder,
     calibration,
     calibration_chains,
+    posterior_progress,
     retrieval_recall,
 )
 from refine_jax.evaluation.refinement_metrics import refinement_metrics
@@ -56,29 +57,33 @@ def test_captioner_eval_with_a_matching_model_measures_gradualness_in_its_text_s
         "--eval_name=matched",
         f"--match_workdir={match_workdir}",
     )
-    assert "match text space" in result.stdout and "image-text match score" in result.stdout
+    assert "(encoding: match)" in result.stdout and "image-text match score" in result.stdout
     plain = json.loads((workdir / "eval" / "tfidf" / "metrics.json").read_text())
     matched = json.loads((workdir / "eval" / "matched" / "metrics.json").read_text())
     assert plain["gradualness_encoding"] == "tfidf" and matched["gradualness_encoding"] == "match"
     assert matched["gradualness_tfidf"] == pytest.approx(plain["gradualness"])
     assert matched["refine_score_tfidf"] == pytest.approx(plain["refine_score"])
 
-    # G recomputed from the written captions, encoded by the matching model, the blank
-    # description as the empty one.
+    # G recomputed from the written captions: the matching model's posteriors over the split's
+    # images, the blank description as the empty one.
     rows = [json.loads(x) for x in (workdir / "eval" / "matched" / "captions.jsonl").open()]
     loaded = load_model(None, match_workdir)
     embedder = MatchEmbedder.from_loaded(loaded)
     num_steps = matched["num_steps"]
     with loaded.context():
+        records, images = embedder.embed_split(make_sources(loaded.config)[1])
         steps = embedder.embed_texts([t for r in rows for t in r["steps"]])
         blank = embedder.embed_texts([""])[0]
+    assert [r["key"] for r in records] == [r["image_id"] for r in rows]
+    progress = posterior_progress(
+        steps.reshape(len(rows), num_steps, -1), blank, images, embedder.logit_scale
+    )
     expected = refinement_metrics(
         {n: r["steps"] for n, r in enumerate(rows)},
         {n: r["references"] for n, r in enumerate(rows)},
         matched["schedule"],
         matched["weights"],
-        step_vectors=steps.reshape(len(rows), num_steps, -1),
-        blank_vector=blank,
+        step_progress=progress,
     )
     assert matched["gradualness"] == pytest.approx(expected["gradualness"], abs=1e-6)
     assert matched["refine_score"] == pytest.approx(expected["refine_score"], abs=1e-6)
@@ -120,10 +125,29 @@ def test_caption_mode_scores_every_step_with_a_matching_model(
     assert result.stdout.count("[match ") == 4 * len(rows)
 
 
+def test_progress_is_the_share_of_the_final_descriptions_information_about_the_image():
+    # Four images with orthogonal embeddings; the empty description is orthogonal to all of
+    # them (its posterior is uniform over 4), step 1 fits images 0 and 1 equally (uniform over
+    # 2), the final fits image 0 alone. At a large scale the posteriors are those uniform ones:
+    # p_1 = log(4/2) / log(4/1) = 1/2.
+    eye = np.eye(5)
+    bank, blank = eye[:4], eye[4]
+    both = (eye[0] + eye[1]) / np.sqrt(2)
+    steps = np.stack([[both, both, eye[0], eye[0]], [eye[3], both, eye[0], eye[0]]])
+    progress = posterior_progress(steps, blank, bank, logit_scale=100.0)
+    assert progress[0] == pytest.approx([0.5, 0.5, 1.0, 1.0], abs=1e-12)
+    # A step that points at another image than the final is further from it than the blank.
+    assert progress[1, 0] < 0 and progress[1, 1:] == pytest.approx([0.5, 1.0, 1.0], abs=1e-12)
+    # The same at a finite scale stays a fraction between the blank (0) and the final (1).
+    soft = posterior_progress(steps, blank, bank, logit_scale=5.0)
+    assert 0 < soft[0, 0] < 1 and soft[0, -1] == pytest.approx(1.0)
+    # A final description whose posterior is the blank's has no span: NaN (a blank final).
+    assert np.isnan(posterior_progress(np.stack([[blank, blank]]), blank, bank, 100.0)).all()
+
+
 def test_calibration_scores_the_perfect_chain_above_the_two_that_do_not_refine(match_workdir):
     loaded = load_model(None, match_workdir)
     _, source = make_sources(loaded.config)
-    references = [source[i]["captions"] for i in range(16)]
     salience = loaded.tokenizer.salience
     chains = calibration_chains("a large red circle above a small blue square", salience, 4)
     assert chains["blank_until_last"] == ["", "", "", chains["perfect"][-1]]
@@ -132,9 +156,9 @@ def test_calibration_scores_the_perfect_chain_above_the_two_that_do_not_refine(m
     for shorter, longer in zip(chains["perfect"], chains["perfect"][1:], strict=False):
         assert set(shorter.split()) <= set(longer.split()) and len(shorter) < len(longer)
     with loaded.context():
-        result = calibration(MatchEmbedder.from_loaded(loaded), references, salience)
-    for name in ("blank_until_last", "complete_at_first"):  # no path: at the bottom, both ways
-        assert result[name]["gradualness"] == pytest.approx(0.0, abs=1e-9)
-        assert result[name]["gradualness_tfidf"] == pytest.approx(0.0, abs=1e-9)
+        result = calibration(MatchEmbedder.from_loaded(loaded), source, salience)
+    for name in ("blank_until_last", "complete_at_first"):  # no path: at the bottom, every way
+        for suffix in ("", "_cosine", "_tfidf"):
+            assert result[name][f"gradualness{suffix}"] == pytest.approx(0.0, abs=1e-9)
     assert result["perfect"]["gradualness"] > 0.2  # even a 20-step model sees a path
     assert result["perfect"]["progress_per_step"][-1] == pytest.approx(1.0)

@@ -210,6 +210,27 @@ def test_progress_is_measured_from_the_blank_descriptions_encoding() -> None:
     assert same["gradualness"] == 0.0 and same["progress_per_step"] is None
 
 
+def test_given_progress_scores_as_the_same_progress_from_vectors_and_nan_marks_a_blank_final():
+    chains = {"a": GROWING_A, "b": GROWING_B}
+    frac = np.arange(1, 5) / 4
+    off = np.array([0.1, 0.7, 0.6, 1.0])  # b deviates from the schedule
+    vecs = np.stack([np.stack([p, np.sqrt(1 - p**2)], axis=1) for p in (frac, off)])
+    from_vectors = refinement_metrics(chains, REFS, LINEAR4, UNIFORM4, step_vectors=vecs)
+    given = refinement_metrics(
+        chains, REFS, LINEAR4, UNIFORM4, step_progress=np.stack([frac, off]), per_image=True
+    )
+    for key in ("gradualness", "gradualness_raw", "progress_per_step", "refine_score"):
+        assert given[key] == pytest.approx(from_vectors[key]), key
+    # dev_b = mean(0.15, 0.2, 0.15, 0) = 0.125 against D = 0.375: G_b = 2/3; G_a = 1.
+    assert [r["gradualness"] for r in given["per_image"]] == pytest.approx([1.0, 2 / 3])
+    # NaN: the final has no span from the blank description, so b scores as a blank final.
+    blank_b = refinement_metrics(
+        chains, REFS, LINEAR4, UNIFORM4, step_progress={"a": frac, "b": [np.nan] * 4}
+    )
+    assert blank_b["gradualness"] == pytest.approx(0.5)
+    assert blank_b["progress_per_step"] == pytest.approx(list(frac))
+
+
 def test_monotonicity_on_hand_made_trajectories() -> None:
     # a improves at every step; b gets worse at step 3 (a wrong word replaces a right one).
     chains = {"a": GROWING_A, "b": ["two", "two dogs", "two cats", CAPTION_B]}
@@ -376,6 +397,15 @@ def test_model_vectors_pointing_away_are_capped() -> None:
         ({"trajectories": {"a": CAPTION_A, "b": GROWING_B}}, "sequence of K step captions"),
         ({"step_vectors": np.zeros((2, 3, 5))}, "step_vectors must have shape"),
         ({"step_vectors": {"a": np.zeros((4, 2))}}, "step_vectors must have exactly"),
+        (
+            {"step_progress": np.zeros((2, 3))},
+            r"step_progress must have shape \[num_images=2, K=4\]",
+        ),
+        ({"step_progress": np.full((2, 4), np.inf)}, "step_progress must be finite"),
+        (
+            {"step_progress": np.zeros((2, 4)), "step_vectors": np.zeros((2, 4, 3))},
+            "not both",
+        ),
     ],
 )
 def test_bad_inputs_raise_value_error(kwargs: dict, message: str) -> None:

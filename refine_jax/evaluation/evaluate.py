@@ -179,7 +179,7 @@ def evaluate_checkpoint(
     metrics.json, captions.jsonl and report.html (process 0). Returns the metrics (with
     `output_dir` and `seconds`). `loaded` reuses an already loaded model; `config` None: the
     one recorded in the workdir at training. `match_workdir`: a matching model's workdir whose
-    text space measures gradualness and which scores every step against its image.
+    image posteriors measure gradualness and which scores every step against its image.
 
     A matching model's own checkpoint is evaluated by retrieval recall instead (metrics.json
     only)."""
@@ -344,7 +344,7 @@ def print_summary(summary: dict[str, Any], out=sys.stdout) -> None:
         if value is None:
             value = "n/a (one step: nothing to refine)"
         elif key == "gradualness":
-            value = f"{value:.4f} ({summary['gradualness_encoding']} text space)"
+            value = f"{value:.4f} (encoding: {summary['gradualness_encoding']})"
         elif key == "final_cider_interval":
             value = f"[{value[0]:.4f}, {value[1]:.4f}] (95% bootstrap over images)"
         print(

@@ -7,6 +7,16 @@ Scores:
   form with weight 1 (the cosine of this project's model, not CLIP's).
 - `ref_match_score`: the harmonic mean of `match_score` and max(max_r cos(e_txt(c), e_txt(r)), 0)
   over the image's references r (RefCLIPScore's form).
+- `posterior_progress`, gradualness in the matching model's space: each description c gets the
+  model's posterior over a bank of images (the evaluated split),
+  q_c(x) = softmax_x(scale * cos(e_img(x), e_txt(c))), with the model's learned contrastive
+  scale, and step k's progress is p_k = 1 - KL(q_K || q_k) / KL(q_K || q_0), q_0 the empty
+  description's. When the posteriors are uniform over nested sets of images M_0 ⊇ M_k ⊇ M_K,
+  KL(q_K || q_k) = log(|M_k| / |M_K|), so p_k = log(|M_0| / |M_k|) / log(|M_0| / |M_K|): the
+  share of what the final description says about which image it is that step k already says.
+  A step that points at other images than the final one has KL above the blank's: p_k < 0.
+  (The cosine between text embeddings, the first form, keeps every coarse description about as
+  far from the full one as another image's caption is: BENCHMARKS.md.)
 - Retrieval recall@k: image -> text, the share of images with one of their references among
   the k texts most similar to them; text -> image, the share of texts whose image is among the
   k images most similar to them.
@@ -28,6 +38,7 @@ from refine_jax.targets import SalienceStats, caption_words, schedule_fractions,
 from refine_jax.tokenizer import Tokenizer
 
 RECALL_AT = (1, 5, 10)
+SPAN_EPS = 1e-9  # nats: a final description whose posterior is the blank's has no path to it
 PAIRS_PER_IMAGE = 8  # matching-head batches hold this many (image, text) pairs per image
 
 
@@ -52,6 +63,7 @@ class MatchEmbedder:
         self._texts = jax.jit(
             lambda p, t: model.apply({"params": p}, t, method=model.encode_texts)[2]
         )
+        self.logit_scale = float(to_host(model.apply({"params": params}, method=model.logit_scale)))
         self._pairs = jax.jit(
             lambda p, x, t, o: jax.nn.sigmoid(
                 model.apply({"params": p}, x, t, o, method=model.pair_logits)
@@ -182,6 +194,42 @@ def match_scores(image_embeddings: np.ndarray, step_embeddings: np.ndarray) -> n
     return np.maximum(np.einsum("ne,nke->nk", image_embeddings, step_embeddings), 0.0)
 
 
+def log_posteriors(
+    text_embeddings: np.ndarray,  # [..., E] unit vectors
+    bank_embeddings: np.ndarray,  # [B, E] unit vectors
+    logit_scale: float,
+) -> np.ndarray:
+    """log q_c(x) [..., B]: the matching model's posterior over the bank's images for each text."""
+    logits = (
+        logit_scale
+        * np.asarray(text_embeddings, np.float64)
+        @ np.asarray(bank_embeddings, np.float64).T
+    )
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+
+
+def posterior_progress(
+    step_embeddings: np.ndarray,  # [N, K, E]
+    blank_embedding: np.ndarray,  # [E]: the empty description
+    bank_embeddings: np.ndarray,  # [B, E]
+    logit_scale: float,
+) -> np.ndarray:
+    """Progress p_k [N, K] of each image's steps toward its final one (module docstring); a row
+    is NaN where the final description's posterior is the empty description's (no span)."""
+    log_q = log_posteriors(step_embeddings, bank_embeddings, logit_scale)  # [N, K, B]
+    log_blank = log_posteriors(blank_embedding, bank_embeddings, logit_scale)  # [B]
+    log_final = log_q[:, -1:, :]  # [N, 1, B]
+    q_final = np.exp(log_final)
+
+    def divergence_from_final(log_other: np.ndarray) -> np.ndarray:  # KL(q_K || other)
+        return np.sum(q_final * (log_final - log_other), axis=-1)
+
+    span = divergence_from_final(log_blank)  # [N, 1]
+    progress = 1.0 - divergence_from_final(log_q) / np.where(span > SPAN_EPS, span, 1.0)
+    return np.where(span > SPAN_EPS, progress, np.nan)
+
+
 def step_scores(
     image_embeddings: np.ndarray,  # [N, E]
     step_embeddings: np.ndarray,  # [N, K, E]
@@ -202,8 +250,8 @@ def step_scores(
 
 def score_steps(embedder: MatchEmbedder, source, samples: Sequence[dict]) -> dict[str, Any]:
     """The matching model's view of described samples (`describe_split` output, same source
-    order): per image the step embeddings (for gradualness), the empty description's embedding,
-    and per-step match and ref-match scores."""
+    order): per image the steps' `posterior_progress` over the split's images (for
+    gradualness) and per-step match and ref-match scores."""
     records, images = embedder.embed_split(source)
     keys = [r["key"] for r in records]
     if keys != [s["image_id"] for s in samples]:
@@ -218,9 +266,9 @@ def score_steps(embedder: MatchEmbedder, source, samples: Sequence[dict]) -> dic
     embedded = embedder.embed_texts([r for s in samples for r in s["references"]])
     ends = np.cumsum([len(s["references"]) for s in samples])[:-1]
     match, ref_match = step_scores(images, steps, np.split(embedded, ends))
+    blank = embedder.embed_texts([""])[0]
     return {
-        "step_embeddings": steps,
-        "blank_embedding": embedder.embed_texts([""])[0],
+        "step_progress": posterior_progress(steps, blank, images, embedder.logit_scale),
         "match_score": match,
         "ref_match_score": ref_match,
     }
@@ -244,34 +292,36 @@ def calibration_chains(caption: str, salience: SalienceStats, num_steps: int) ->
 
 
 def calibration(
-    embedder: MatchEmbedder,
-    references: Sequence[Sequence[str]],
-    salience: SalienceStats,
-    num_steps: int = 4,
-) -> dict[str, dict[str, float]]:
-    """Gradualness G of the three `calibration_chains` of each image's first reference, in the
-    matching model's text space and in CIDEr's TF-IDF space (scored against all of the image's
-    references). A good encoding puts the perfect chain near 1 and the other two near 0."""
+    embedder: MatchEmbedder, source, salience: SalienceStats, num_steps: int = 4
+) -> dict[str, dict[str, Any]]:
+    """Gradualness G of the three `calibration_chains` of the first reference of every usable
+    image of `source`, scored against all of the image's references: in the matching model's
+    space (`posterior_progress` over the split's images), by the cosine between its text
+    embeddings (`*_cosine`, the first form) and in CIDEr's TF-IDF space (`*_tfidf`). A good
+    encoding puts the perfect chain near 1 and the other two near 0."""
+    records, images = embedder.embed_split(source)
     schedule = schedule_fractions(num_steps)
     weights = np.full(num_steps, 1.0 / num_steps)
-    refs = {i: list(r) for i, r in enumerate(references)}
+    refs = {i: list(r["captions"]) for i, r in enumerate(records) if r["captions"]}
     blank = embedder.embed_texts([""])[0]
     all_chains = {i: calibration_chains(r[0], salience, num_steps) for i, r in refs.items()}
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name in CALIBRATION_CHAINS:
         chains = {i: all_chains[i][name] for i in refs}
         flat = [text for i in refs for text in chains[i]]
         vectors = embedder.embed_texts(flat).reshape(len(refs), num_steps, -1)
-        in_match = refinement_metrics(
-            chains, refs, schedule, weights, step_vectors=vectors, blank_vector=blank
-        )
-        in_tfidf = refinement_metrics(chains, refs, schedule, weights)
-        out[name] = {
-            "gradualness": in_match["gradualness"],
-            "progress_per_step": in_match["progress_per_step"],
-            "gradualness_tfidf": in_tfidf["gradualness"],
-            "progress_per_step_tfidf": in_tfidf["progress_per_step"],
+        bank = images[list(refs)]
+        progress = posterior_progress(vectors, blank, bank, embedder.logit_scale)
+        scored = {
+            "": dict(step_progress=progress),
+            "_cosine": dict(step_vectors=vectors, blank_vector=blank),
+            "_tfidf": {},
         }
+        out[name] = {}
+        for suffix, encoding in scored.items():
+            metrics = refinement_metrics(chains, refs, schedule, weights, **encoding)
+            out[name][f"gradualness{suffix}"] = metrics["gradualness"]
+            out[name][f"progress_per_step{suffix}"] = metrics["progress_per_step"]
     return out
 
 
@@ -279,9 +329,11 @@ __all__ = [
     "CALIBRATION_CHAINS",
     "calibration",
     "calibration_chains",
+    "log_posteriors",
     "MatchEmbedder",
     "RECALL_AT",
     "match_scores",
+    "posterior_progress",
     "retrieval_recall",
     "score_steps",
     "split_retrieval",

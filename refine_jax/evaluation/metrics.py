@@ -30,7 +30,8 @@ def split_metrics(
     share an image id), with the schedule and weights used and, when every sample carries the
     true chain (shapes data), the per-step `chain_agreement`.
 
-    Gradualness G (and R = Q_w * G) is measured in the matching model's text space when `match`
+    Gradualness G (and R = Q_w * G) is measured in the matching model's space (its image
+    posteriors, `evaluation.matching.posterior_progress`) when `match`
     (`evaluation.matching.score_steps` of the samples) is given, else in CIDEr's TF-IDF space;
     `gradualness_encoding` says which. The TF-IDF values are always also reported, as
     `gradualness_tfidf`, `gradualness_raw_tfidf`, `progress_per_step_tfidf` and
@@ -50,8 +51,7 @@ def split_metrics(
         schedule,
         weights,
         per_image=per_image,
-        step_vectors=None if match is None else match["step_embeddings"],
-        blank_vector=None if match is None else match["blank_embedding"],
+        step_progress=None if match is None else match["step_progress"],
         written=(  # tokenised again only when decode.drop_repeats changed some description
             {n: list(s.get("steps_as_written", s["steps"])) for n, s in enumerate(samples)}
             if any("steps_as_written" in s for s in samples)

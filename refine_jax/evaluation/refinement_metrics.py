@@ -12,7 +12,10 @@ schedule s(k) and the loss weights w_k:
   cosine distance (1 whenever one side is the zero vector), progress
   p_k = 1 - d(c_k, c_K) / d(c_0, c_K) and the mean deviation dev_i = mean_k |p_k - s(k)|.
   Because d(c_0, c_K) = 1 for any non-blank final caption, p_k = cos(e(c_k), e(c_K)).
-  DESIGN §4's G_i = 1 - dev_i is reported as `gradualness_raw`.
+  DESIGN §4's G_i = 1 - dev_i is reported as `gradualness_raw`. A caller may bring its own
+  encoding instead: vectors (`step_vectors`, the same cosine distance) or the progress values
+  themselves (`step_progress`; the matching model's are divergences between image posteriors,
+  `evaluation.matching.posterior_progress`).
 - Length adherence: the same with the length ratios r_k = len_k / len_K (len: words after eval
   tokenisation) in place of p_k; DESIGN §4's A_i = 1 - mean_k |r_k - s(k)| is
   `length_adherence_raw`.
@@ -51,8 +54,9 @@ Conventions (stated because the formulas leave them open):
   are 0 (worst), raw and normalised; it still counts in every average, and `num_blank_final`
   counts such images.
   G_i is 0 whenever the final encoding is the zero vector: a blank caption, one made only of
-  n-grams that occur in every image's references (zero IDF), or, with `step_vectors`, an
-  all-zero final vector. With a single image every IDF is 0 (as CIDEr is), so G is 0 there.
+  n-grams that occur in every image's references (zero IDF), with `step_vectors` an all-zero
+  final vector, with `step_progress` a row holding NaN. With a single image every IDF is 0 (as
+  CIDEr is), so G is 0 there.
 - Each step's deviation |p_k - s(k)| or |len_k/len_K - s(k)| is capped at 1, which keeps the raw G
   and A in [0, 1] as DESIGN §4 states, also for model state vectors (cosine < 0) and intermediate
   captions longer than the final one. The normalised values are clipped to [0, 1].
@@ -168,23 +172,27 @@ def _check_trajectories(
     return ids, num_steps
 
 
-def _step_vectors(
-    step_vectors: np.ndarray | Mapping[Hashable, Any], ids: list[Hashable], num_steps: int
+def _per_image_steps(
+    values: np.ndarray | Mapping[Hashable, Any],
+    ids: list[Hashable],
+    num_steps: int,
+    name: str,
+    per_step_dims: int,
 ) -> np.ndarray:
-    """The caller's per-step encodings as an array [num_images, K, D] in `ids` order."""
-    if isinstance(step_vectors, Mapping):
-        if set(step_vectors) != set(ids):
-            raise ValueError("step_vectors must have exactly the image ids of trajectories")
-        arr = np.stack([np.asarray(step_vectors[i], dtype=np.float64) for i in ids])
+    """The caller's per-image, per-step values as an array [num_images, K, ...] in `ids` order
+    (`per_step_dims` trailing axes: 1 for vectors [N, K, D], 0 for scalars [N, K])."""
+    if isinstance(values, Mapping):
+        if set(values) != set(ids):
+            raise ValueError(f"{name} must have exactly the image ids of trajectories")
+        arr = np.stack([np.asarray(values[i], dtype=np.float64) for i in ids])
     else:
-        arr = np.asarray(step_vectors, dtype=np.float64)
-    if arr.ndim != 3 or arr.shape[:2] != (len(ids), num_steps):
+        arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 2 + per_step_dims or arr.shape[:2] != (len(ids), num_steps):
+        trailing = ", D" if per_step_dims else ""
         raise ValueError(
-            f"step_vectors must have shape [num_images={len(ids)}, K={num_steps}, D], "
+            f"{name} must have shape [num_images={len(ids)}, K={num_steps}{trailing}], "
             f"got {arr.shape}"
         )
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("step_vectors must be finite")
     return arr
 
 
@@ -240,6 +248,7 @@ def refinement_metrics(
     per_image: bool = False,
     blank_vector: np.ndarray | None = None,
     written: Mapping[Hashable, Sequence[str]] | None = None,
+    step_progress: np.ndarray | Mapping[Hashable, Any] | None = None,
 ) -> dict[str, Any]:
     """DESIGN §4 refinement metrics of K-step caption trajectories (JSON-serialisable).
 
@@ -251,7 +260,11 @@ def refinement_metrics(
     image id -> [K, D] (e.g. the matching model's text embeddings). blank_vector: the encoding
     [D] of the blank description c_0 (the matching model's empty description); then
     p_k = 1 - d(c_k, c_K) / d(c_0, c_K), and a final with d(c_0, c_K) ~ 0 counts as blank.
-    Without it c_0 is the zero vector (d(c_0, c_K) = 1). written: optional image id -> K
+    Without it c_0 is the zero vector (d(c_0, c_K) = 1). step_progress: instead of vectors,
+    the progress p_k itself, [num_images, K] or image id -> [K], measured by the caller in its
+    own encoding (the matching model's image posteriors, `evaluation.matching`); NaN in a row
+    marks an image whose final is indistinguishable from the blank description (counted as a
+    blank final). written: optional image id -> K
     captions as the model wrote them, before decode-time de-duplication; repetition is also
     measured on them (`repetition_as_written_per_step`; the trajectories themselves without).
 
@@ -287,7 +300,17 @@ def refinement_metrics(
         raise ValueError(
             f"weights must be non-negative and sum to 1, got {w.tolist()} (sum {w.sum()})"
         )
-    vectors = None if step_vectors is None else _step_vectors(step_vectors, ids, num_steps)
+    if step_vectors is not None and step_progress is not None:
+        raise ValueError("give step_vectors or step_progress, not both: they are two encodings")
+    vectors = progress_given = None
+    if step_vectors is not None:
+        vectors = _per_image_steps(step_vectors, ids, num_steps, "step_vectors", 1)
+        if not np.all(np.isfinite(vectors)):
+            raise ValueError("step_vectors must be finite")
+    if step_progress is not None:
+        progress_given = _per_image_steps(step_progress, ids, num_steps, "step_progress", 0)
+        if np.any(np.isinf(progress_given)):
+            raise ValueError("step_progress must be finite (NaN marks a blank final)")
 
     ordered_refs = {i: references[i] for i in ids}
     _, ref_groups, _ = prepare_captions(ordered_refs, {i: "" for i in ids}, tokenize=tokenize)
@@ -349,6 +372,9 @@ def refinement_metrics(
             span = np.array([cosine_distance(blank, vectors[n, -1]) for n in range(len(ids))])
             final_blank = span <= 1e-6
             distances = distances / np.where(final_blank, 1.0, span)[:, None]
+    if progress_given is not None:
+        final_blank = np.isnan(progress_given).any(axis=1)
+        distances = 1.0 - np.where(final_blank[:, None], 0.0, progress_given)
     final = lengths[:, -1:]
     has_words = final[:, 0] > 0
     ratios = lengths / np.where(final == 0, 1, final)
