@@ -14,7 +14,8 @@ Scores:
   description's. When the posteriors are uniform over nested sets of images M_0 ⊇ M_k ⊇ M_K,
   KL(q_K || q_k) = log(|M_k| / |M_K|), so p_k = log(|M_0| / |M_k|) / log(|M_0| / |M_K|): the
   share of what the final description says about which image it is that step k already says.
-  A step that points at other images than the final one has KL above the blank's: p_k < 0.
+  A step that points at other images than the final one can be further from it than the
+  blank is: p_k < 0.
   (The cosine between text embeddings, the first form, keeps every coarse description about as
   far from the full one as another image's caption is: BENCHMARKS.md.)
 - Retrieval recall@k: image -> text, the share of images with one of their references among
