@@ -143,6 +143,11 @@ def test_progress_is_the_share_of_the_final_descriptions_information_about_the_i
     assert 0 < soft[0, 0] < 1 and soft[0, -1] == pytest.approx(1.0)
     # A final description whose posterior is the blank's has no span: NaN (a blank final).
     assert np.isnan(posterior_progress(np.stack([[blank, blank]]), blank, bank, 100.0)).all()
+    # Scored a chunk of images at a time (bounded memory), the same numbers.
+    many = np.random.default_rng(0).normal(size=(7, 3, 5))
+    many /= np.linalg.norm(many, axis=-1, keepdims=True)
+    whole = posterior_progress(many, blank, bank, 5.0, images_per_chunk=7)
+    np.testing.assert_array_equal(posterior_progress(many, blank, bank, 5.0, 2), whole)
 
 
 def test_calibration_scores_the_perfect_chain_above_the_two_that_do_not_refine(match_workdir):

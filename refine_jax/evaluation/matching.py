@@ -215,20 +215,29 @@ def posterior_progress(
     blank_embedding: np.ndarray,  # [E]: the empty description
     bank_embeddings: np.ndarray,  # [B, E]
     logit_scale: float,
+    images_per_chunk: int = 256,
 ) -> np.ndarray:
     """Progress p_k [N, K] of each image's steps toward its final one (module docstring); a row
-    is NaN where the final description's posterior is the empty description's (no span)."""
-    log_q = log_posteriors(step_embeddings, bank_embeddings, logit_scale)  # [N, K, B]
+    is NaN where the final description's posterior is the empty description's (no span).
+    Images are scored `images_per_chunk` at a time, so memory stays ~chunk x K x B floats
+    (a 5,000-image split would otherwise hold 5,000 x K x 5,000)."""
     log_blank = log_posteriors(blank_embedding, bank_embeddings, logit_scale)  # [B]
-    log_final = log_q[:, -1:, :]  # [N, 1, B]
-    q_final = np.exp(log_final)
+    out = []
+    for start in range(0, len(step_embeddings), images_per_chunk):
+        chunk = step_embeddings[start : start + images_per_chunk]
+        log_q = log_posteriors(chunk, bank_embeddings, logit_scale)  # [n, K, B]
+        span = _divergence_from_final(log_q, log_blank)  # [n, 1]
+        progress = 1.0 - _divergence_from_final(log_q, log_q) / np.where(span > SPAN_EPS, span, 1.0)
+        out.append(np.where(span > SPAN_EPS, progress, np.nan))
+    num_steps = np.shape(step_embeddings)[1]
+    return np.concatenate(out) if out else np.zeros((0, num_steps))
 
-    def divergence_from_final(log_other: np.ndarray) -> np.ndarray:  # KL(q_K || other)
-        return np.sum(q_final * (log_final - log_other), axis=-1)
 
-    span = divergence_from_final(log_blank)  # [N, 1]
-    progress = 1.0 - divergence_from_final(log_q) / np.where(span > SPAN_EPS, span, 1.0)
-    return np.where(span > SPAN_EPS, progress, np.nan)
+def _divergence_from_final(log_q: np.ndarray, log_other: np.ndarray) -> np.ndarray:
+    """KL(q_K || other) [n, K'] with q_K each image's last step of log_q [n, K, B]; log_other
+    [n, K', B] or [B] broadcasts against it."""
+    log_final = log_q[:, -1:, :]  # [n, 1, B]
+    return np.sum(np.exp(log_final) * (log_final - log_other), axis=-1)
 
 
 def step_scores(
