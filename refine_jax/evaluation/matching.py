@@ -64,11 +64,17 @@ class MatchEmbedder:
         self._texts = jax.jit(
             lambda p, t: model.apply({"params": p}, t, method=model.encode_texts)[2]
         )
-        self.logit_scale = float(to_host(model.apply({"params": params}, method=model.logit_scale)))
         self._pairs = jax.jit(
             lambda p, x, t, o: jax.nn.sigmoid(
                 model.apply({"params": p}, x, t, o, method=model.pair_logits)
             )
+        )
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's learned contrastive scale, read from the current `params`."""
+        return float(
+            to_host(self.model.apply({"params": self.params}, method=self.model.logit_scale))
         )
 
     @classmethod
@@ -315,23 +321,26 @@ def calibration(
     refs = {i: list(r["captions"]) for i, r in enumerate(records) if r["captions"]}
     blank = embedder.embed_texts([""])[0]
     all_chains = {i: calibration_chains(r[0], salience, num_steps) for i, r in refs.items()}
+    bank, scale = images[list(refs)], embedder.logit_scale
     out: dict[str, dict[str, Any]] = {}
     for name in CALIBRATION_CHAINS:
         chains = {i: all_chains[i][name] for i in refs}
         flat = [text for i in refs for text in chains[i]]
         vectors = embedder.embed_texts(flat).reshape(len(refs), num_steps, -1)
-        bank = images[list(refs)]
-        progress = posterior_progress(vectors, blank, bank, embedder.logit_scale)
-        scored = {
-            "": dict(step_progress=progress),
-            "_cosine": dict(step_vectors=vectors, blank_vector=blank),
-            "_tfidf": {},
+        progress = posterior_progress(vectors, blank, bank, scale)
+        # Each call also reports the TF-IDF form (*_tfidf), so the cosine call adds only that.
+        posterior = refinement_metrics(chains, refs, schedule, weights, step_progress=progress)
+        cosine = refinement_metrics(
+            chains, refs, schedule, weights, step_vectors=vectors, blank_vector=blank
+        )
+        out[name] = {
+            "gradualness": posterior["gradualness"],
+            "progress_per_step": posterior["progress_per_step"],
+            "gradualness_cosine": cosine["gradualness"],
+            "progress_per_step_cosine": cosine["progress_per_step"],
+            "gradualness_tfidf": posterior["gradualness_tfidf"],
+            "progress_per_step_tfidf": posterior["progress_per_step_tfidf"],
         }
-        out[name] = {}
-        for suffix, encoding in scored.items():
-            metrics = refinement_metrics(chains, refs, schedule, weights, **encoding)
-            out[name][f"gradualness{suffix}"] = metrics["gradualness"]
-            out[name][f"progress_per_step{suffix}"] = metrics["progress_per_step"]
     return out
 
 
