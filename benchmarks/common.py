@@ -66,6 +66,8 @@ def model_summary(config) -> dict[str, Any]:
         "remat",
         "unroll_scans",
         "freeze_encoder",
+        "dropout_rate",
+        "dropout_bits",
     )
     return {
         **{k: m[k] for k in keys},

@@ -14,17 +14,18 @@ load falls on all alike.
     python benchmarks/train_throughput.py --quick              # seconds: tiny config
     python benchmarks/train_throughput.py --kinds=refine --batch_sizes=64,128,256
     python benchmarks/train_throughput.py --remat=none,dots --dropout=0.1,0 --dtype=bfloat16
+    python benchmarks/train_throughput.py --kinds=refine --dropout_bits=32,16,8
     python benchmarks/train_throughput.py --freeze_encoder=false,true  # cheaper experiments
     python benchmarks/train_throughput.py --breakdown          # forward / backward / parts
     python benchmarks/train_throughput.py --profile_dir=/tmp/p # trace + op time by model part
     python benchmarks/train_throughput.py --hlo_cost           # XLA's cost analysis
 
-Comma-separated --batch_sizes, --remat, --dtype, --dropout, --scan_detailer, --unroll_scans,
---freeze_encoder and --prng give one variant per combination (a frozen encoder is timed with its
-random weights: only its speed is measured). --profile_dir traces --profile_steps steps of every
-variant with jax.profiler (open with TensorBoard / XProf) and sums the time of each compiled op
-(XLA:CPU records one event per op, with the op's source path in the model) by model part, layer
-kind and forward/backward. Writes JSON to --output (default
+Comma-separated --batch_sizes, --remat, --dtype, --dropout, --dropout_bits, --scan_detailer,
+--unroll_scans, --freeze_encoder and --prng give one variant per combination (a frozen encoder is
+timed with its random weights: only its speed is measured). --profile_dir traces
+--profile_steps steps of every variant with jax.profiler (open with TensorBoard / XProf) and sums
+the time of each compiled op (XLA:CPU records one event per op, with the op's source path in the
+model) by model part, layer kind and forward/backward. Writes JSON to --output (default
 benchmarks/results/train_throughput.json).
 """
 
@@ -60,6 +61,9 @@ def parse_args(argv):
     parser.add_argument("--remat", default="none", help="comma list of none | full | dots")
     parser.add_argument("--dtype", default="float32", help="comma list: float32, bfloat16")
     parser.add_argument("--dropout", default="", help="comma list of rates; default: config's")
+    parser.add_argument(
+        "--dropout_bits", default="", help="comma list of 32, 16, 8 (model.dropout_bits)"
+    )
     parser.add_argument(
         "--prng", default="", help="comma list of config.rng_impl (threefry2x32, rbg, unsafe_rbg)"
     )
@@ -112,6 +116,7 @@ class Variant:
         self.name = (
             f"{m.kind} B={config.batch_size} remat={m.remat} {m.dtype} "
             f"dropout={m.dropout_rate:g}"
+            + (f"/{m.dropout_bits}bit" if m.dropout_bits != 32 else "")
             + (f" prng={prng}" if prng else "")
             + ("" if m.scan_detailer else " unscanned")
             + (" unrolled" if m.unroll_scans else "")
@@ -137,7 +142,7 @@ class Variant:
 
 
 def build_config(
-    kind, batch_size, remat, dtype, dropout, scan, unroll, freeze, quick, num_refine_steps
+    kind, batch_size, remat, dtype, dropout, bits, scan, unroll, freeze, quick, num_refine_steps
 ):
     return common.load_config(
         ",".join(filter(None, ["tiny" if quick else "", "autoregressive" * (kind != "refine")])),
@@ -145,6 +150,7 @@ def build_config(
         remat=remat,
         dtype=dtype,
         dropout_rate=dropout,
+        dropout_bits=bits,
         scan_detailer=scan,
         unroll_scans=unroll,
         freeze_encoder=freeze,
@@ -261,12 +267,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()
     variants = []
-    for kind, batch_size, remat, dtype, dropout, scan, unroll, freeze, prng in itertools.product(
+    for (
+        kind,
+        batch_size,
+        remat,
+        dtype,
+        dropout,
+        bits,
+        scan,
+        unroll,
+        freeze,
+        prng,
+    ) in itertools.product(
         csv(args.kinds),
         csv(args.batch_sizes, int),
         csv(args.remat),
         csv(args.dtype),
         csv(args.dropout, float),
+        csv(args.dropout_bits, int),
         csv(args.scan_detailer, as_bool),
         csv(args.unroll_scans, as_bool),
         csv(args.freeze_encoder, as_bool),
@@ -280,6 +298,7 @@ def main(argv=None) -> int:
             remat,
             dtype,
             dropout,
+            bits,
             scan,
             unroll,
             freeze,
@@ -347,7 +366,8 @@ def main(argv=None) -> int:
                 v.config.batch_size,
                 m.remat,
                 m.dtype,
-                m.dropout_rate,
+                f"{m.dropout_rate:g}"
+                + (f" ({m.dropout_bits} bits)" if m.dropout_bits != 32 else ""),
                 ("unrolled " if m.unroll_scans else "")
                 + ("scan" if m.scan_detailer or m.kind != "refine" else "loop")
                 + (", frozen encoder" if m.freeze_encoder else ""),

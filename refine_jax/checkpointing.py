@@ -54,6 +54,7 @@ logging.getLogger("absl").addFilter(
 # Keys of config.model that change no parameter shape and may differ on restore.
 SHAPE_NEUTRAL_MODEL_KEYS = (
     "dropout_rate",
+    "dropout_bits",
     "dtype",
     "remat",
     "scan_detailer",

@@ -27,6 +27,7 @@ LAYOUTS = ("aligned", "left")  # targets.canvas_targets
 SCHEDULES = ("linear", "log")  # targets.schedule_fractions
 WEIGHTINGS = ("linear", "geometric", "final_only", "uniform")  # losses.step_weights
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random.key(seed, impl=...) in training
+DROPOUT_BITS = (32, 16, 8)  # models.layers.Dropout
 DEFAULT_TEMPLATES = (  # data.labels: how a class label becomes a caption
     "a photo of a {label}",
     "a picture of a {label}",
@@ -103,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.encoder_depth = 4
     config.model.detailer_depth = 2  # the baseline's decoder gets the same depth
     config.model.dropout_rate = 0.0
+    # Random bits per dropout decision: 32 draws as flax's nn.Dropout (the recorded runs); 16 or 8
+    # pack 2 or 4 decisions into each 32-bit draw, the rate rounded to a multiple of 2**-bits:
+    # cheaper training steps where random bits are dear, as on the CPU (BENCHMARKS.md).
+    config.model.dropout_bits = 32
     config.model.dtype = "float32"
     config.model.remat = "none"
     # "relative": every encoder self-attention adds a learned bias per head and 2-D patch
@@ -258,6 +263,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(config.rng_impl, "rng_impl", RNG_IMPLS)
     _check_choice(m.kind, "model.kind", MODEL_KINDS)
     _check_choice(m.remat, "model.remat", REMAT_POLICIES)
+    _check_choice(m.dropout_bits, "model.dropout_bits", DROPOUT_BITS)
     _check_choice(m.position_bias, "model.position_bias", POSITION_BIASES)
     _check_choice(t.kind, "targets.kind", TARGET_KINDS)
     _check_choice(t.schedule, "targets.schedule", SCHEDULES)

@@ -195,6 +195,7 @@ def _shared_module_args(config: ml_collections.ConfigDict, vocab_size: int) -> d
         mlp_dim=m.mlp_dim,
         dtype=jnp.dtype(m.dtype),
         dropout_rate=m.dropout_rate,
+        dropout_bits=m.dropout_bits,
         remat=m.remat,
         position_bias=m.position_bias,
         unroll_scans=m.unroll_scans,

@@ -1,5 +1,6 @@
 """Bad configs fail with a message naming the problem, before anything is compiled."""
 
+import re
 import subprocess
 import sys
 
@@ -106,6 +107,15 @@ def test_unknown_prng_implementation_is_rejected():
     config = load_config("shapes", "tiny")
     config.rng_impl = "philox"
     with pytest.raises(ValueError, match="rng_impl = 'philox' is not one of"):
+        validate_config(config)
+
+
+def test_dropout_bits_other_than_32_16_or_8_are_rejected():
+    config = load_config("shapes", "tiny")
+    config.model.dropout_bits = 4
+    with pytest.raises(
+        ConfigError, match=re.escape("model.dropout_bits = 4 is not one of [32, 16, 8]")
+    ):
         validate_config(config)
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from refine_jax.models.layers import (
+    Dropout,
     Dtype,
     TextLayer,
     constrain,
@@ -36,6 +37,7 @@ class CausalDecoder(nn.Module):
     max_length: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
     decode: bool = False
 
     @nn.compact
@@ -54,7 +56,7 @@ class CausalDecoder(nn.Module):
         else:
             x = x + positions[:, : tokens.shape[1]]
         x = constrain(x, ("batch", "length", "embed"))
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(self.dropout_rate, self.dropout_bits)(x, deterministic)
         for i in range(self.depth):
             x = TextLayer(
                 self.num_heads,
@@ -62,6 +64,7 @@ class CausalDecoder(nn.Module):
                 self.dtype,
                 self.dropout_rate,
                 causal=True,
+                dropout_bits=self.dropout_bits,
                 decode=self.decode,
                 name=f"layer_{i}",
             )(x, image_tokens, deterministic)
@@ -102,6 +105,7 @@ class AutoregressiveCaptioner(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
     remat: str = "none"
     position_bias: str = "none"  # of the encoder's self-attention (models.vit)
     unroll_scans: bool = False  # the encoder's layer scan as straight-line code
@@ -119,6 +123,7 @@ class AutoregressiveCaptioner(nn.Module):
             self.canvas_length + 1,
             self.dtype,
             self.dropout_rate,
+            self.dropout_bits,
             decode=self.decode,
         )
 

@@ -8,12 +8,15 @@ heads (all heads' features, merged), mlp, vocab, pixels (flattened patch pixels)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from refine_jax.config import DROPOUT_BITS
 
 Dtype = jnp.dtype | str
 KeysValues = tuple[jax.Array, jax.Array]  # an attention's projected memory: [B, M, H, Dh] each
@@ -45,6 +48,52 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, axes)
 
 
+_UINT = {8: jnp.uint8, 16: jnp.uint16}
+
+
+class Dropout(nn.Module):
+    """Dropout whose keep-or-drop decisions cost `bits` random bits each.
+
+    32 draws exactly what flax's `nn.Dropout` draws (same key, same mask), so recorded runs
+    reproduce. 16 or 8 cut each 32-bit draw into 2 or 4 decisions: the rate is rounded to a
+    multiple of 2**-bits (0.1 becomes 26/256 at 8 bits) and the kept values are scaled by the
+    rounded keep probability, so the expectation is kept exactly. On a CPU, threefry's bits are
+    most of dropout's cost (BENCHMARKS.md), and packing makes them 2-6x cheaper.
+    """
+
+    rate: float
+    bits: int = 32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if self.bits not in DROPOUT_BITS:
+            raise ValueError(f"model.dropout_bits = {self.bits} is not one of {list(DROPOUT_BITS)}")
+        if self.rate == 0.0 or deterministic:
+            return x
+        if self.rate == 1.0:  # as nn.Dropout: no division by a zero keep probability
+            return jnp.zeros_like(x)
+        if self.bits == 32:  # nn.Dropout's own draw
+            keep_prob = 1.0 - self.rate
+            keep = jax.random.bernoulli(self.make_rng("dropout"), p=keep_prob, shape=x.shape)
+        else:
+            levels = 2**self.bits
+            threshold = round(self.rate * levels)
+            if not 0 < threshold < levels:
+                raise ValueError(
+                    f"model.dropout_rate {self.rate} rounds to {threshold}/{levels} at "
+                    f"model.dropout_bits={self.bits}: use more bits or a rate in "
+                    f"[{0.5 / levels:.2g}, {1 - 0.5 / levels:.6g}]"
+                )
+            keep_prob = 1.0 - threshold / levels
+            per_word = 32 // self.bits
+            size = math.prod(x.shape)
+            words = jax.random.bits(self.make_rng("dropout"), (-(-size // per_word),), jnp.uint32)
+            draws = jax.lax.bitcast_convert_type(words, _UINT[self.bits])  # [W, per_word]
+            draws = draws.reshape(-1)[:size].reshape(x.shape)
+            keep = draws >= threshold
+        return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
 class Attention(nn.Module):
     """Multi-head attention; with `decode=True` it keeps a key/value cache for one-token steps.
 
@@ -61,6 +110,7 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     decode: bool = False
     sow_weights: bool = False
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
 
     @nn.compact
     def __call__(
@@ -97,7 +147,7 @@ class Attention(nn.Module):
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         if self.sow_weights:
             self.sow("intermediates", "attention_weights", weights)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+        weights = Dropout(self.dropout_rate, self.dropout_bits)(weights, deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         out = out.reshape(*out.shape[:2], features)  # [B, Q, D]
         return dense(features, ("heads", "embed"), self.dtype, "out")(out)
@@ -128,13 +178,14 @@ class Mlp(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         features = x.shape[-1]
         h = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "wi")(x))
         h = constrain(h, ("batch", "length", "mlp"))
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(self.dropout_rate, self.dropout_bits)(h, deterministic)
         return dense(features, ("mlp", "embed"), self.dtype, "wo")(h)
 
 
@@ -153,10 +204,15 @@ class TextLayer(nn.Module):
     dropout_rate: float = 0.0
     causal: bool = False
     decode: bool = False
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
 
     def setup(self):
         self.cross_attention = Attention(
-            self.num_heads, self.dtype, self.dropout_rate, sow_weights=True
+            self.num_heads,
+            self.dtype,
+            self.dropout_rate,
+            sow_weights=True,
+            dropout_bits=self.dropout_bits,
         )
 
     def image_keys_values(self, image_tokens: jax.Array) -> KeysValues:
@@ -171,7 +227,7 @@ class TextLayer(nn.Module):
         deterministic: bool = True,
         key_mask: jax.Array | None = None,
     ) -> jax.Array:
-        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        drop = lambda y: Dropout(self.dropout_rate, self.dropout_bits)(y, deterministic)
         mask = None
         if self.causal and not self.decode:
             mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32), dtype=jnp.bool_)
@@ -180,7 +236,12 @@ class TextLayer(nn.Module):
             mask = keys if mask is None else mask & keys
         h = layer_norm(self.dtype, "pre_self_attention_norm")(x)
         h = Attention(
-            self.num_heads, self.dtype, self.dropout_rate, decode=self.decode, name="self_attention"
+            self.num_heads,
+            self.dtype,
+            self.dropout_rate,
+            decode=self.decode,
+            dropout_bits=self.dropout_bits,
+            name="self_attention",
         )(h, h, mask, deterministic)
         x = constrain(x + drop(h), ("batch", "length", "embed"))
         if image_tokens is not None:
@@ -188,7 +249,9 @@ class TextLayer(nn.Module):
             h = self.cross_attention(h, image_tokens, None, deterministic)
             x = constrain(x + drop(h), ("batch", "length", "embed"))
         h = layer_norm(self.dtype, "pre_mlp_norm")(x)
-        h = Mlp(self.mlp_dim, self.dtype, self.dropout_rate, name="mlp")(h, deterministic)
+        h = Mlp(self.mlp_dim, self.dtype, self.dropout_rate, self.dropout_bits, name="mlp")(
+            h, deterministic
+        )
         return constrain(x + drop(h), ("batch", "length", "embed"))
 
 

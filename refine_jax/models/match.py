@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from refine_jax.models.layers import (
+    Dropout,
     Dtype,
     TextLayer,
     dense,
@@ -74,6 +75,7 @@ class MatchModel(nn.Module):
     embed_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
     remat: str = "none"
     position_bias: str = "none"  # of the encoder's self-attention (models.vit)
     unroll_scans: bool = False  # the encoder's layer scan as straight-line code
@@ -82,7 +84,7 @@ class MatchModel(nn.Module):
     def setup(self):
         self.encoder = encoder_for(self)
         self.image_projection = dense(self.embed_dim, ("embed", "joint"), jnp.float32, "image_proj")
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate, self.dropout_bits)
         self.token_embedding = token_embedding(
             self.vocab_size, self.width, self.dtype, "token_embedding"
         )
@@ -90,7 +92,12 @@ class MatchModel(nn.Module):
             self, "text_positions", self.canvas_length + 1, self.width, "length"
         )
         layer = lambda name: TextLayer(
-            self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name=name
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.dropout_rate,
+            dropout_bits=self.dropout_bits,
+            name=name,
         )
         self.text_layers = [layer(f"text_layer_{i}") for i in range(self.text_depth)]
         self.text_norm = layer_norm(self.dtype, "text_norm")
@@ -118,7 +125,7 @@ class MatchModel(nn.Module):
         ids = jnp.concatenate([jnp.full((texts.shape[0], 1), BOS_ID, texts.dtype), texts], 1)
         key_mask = ids != PAD_ID  # [B, L+1]; the BOS is always attended to
         x = self.token_embedding(ids) + self.text_positions.astype(self.dtype)
-        x = self.dropout(x, deterministic=deterministic)
+        x = self.dropout(x, deterministic)
         for text_layer in self.text_layers:
             x = text_layer(x, None, deterministic, key_mask)
         x = self.text_norm(x)

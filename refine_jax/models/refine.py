@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from refine_jax.models.layers import (
+    Dropout,
     Dtype,
     KeysValues,
     TextLayer,
@@ -185,6 +186,7 @@ class DetailerStep(nn.Module):
     canvas_length: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
     layout: str = "aligned"
     objective: str = "final"
     self_condition_layout: str = "written"
@@ -195,7 +197,12 @@ class DetailerStep(nn.Module):
     def setup(self):
         self.layers = [
             TextLayer(
-                self.num_heads, self.mlp_dim, self.dtype, self.dropout_rate, name=f"layer_{i}"
+                self.num_heads,
+                self.mlp_dim,
+                self.dtype,
+                self.dropout_rate,
+                dropout_bits=self.dropout_bits,
+                name=f"layer_{i}",
             )
             for i in range(self.depth)
         ]
@@ -219,7 +226,7 @@ class DetailerStep(nn.Module):
         step_features = sinusoid(step["fraction"], STEP_FEATURES).astype(self.dtype)
         x = x + dense(self.width, ("step", "embed"), self.dtype, "step_embedding")(step_features)
         x = constrain(x, ("batch", "length", "embed"))
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(self.dropout_rate, self.dropout_bits)(x, deterministic)
         for layer, keys_values in zip(self.layers, memory, strict=True):
             x = layer(x, keys_values, deterministic)
         x = layer_norm(self.dtype, "final_norm")(x)
@@ -294,6 +301,7 @@ class RefineCaptioner(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
     remat: str = "none"
     position_bias: str = "none"  # of the encoder's self-attention (models.vit)
     unroll_scans: bool = False  # the encoder's (and detailer's) scans as straight-line code
@@ -326,6 +334,7 @@ class RefineCaptioner(nn.Module):
             canvas_length=self.canvas_length,
             dtype=self.dtype,
             dropout_rate=self.dropout_rate,
+            dropout_bits=self.dropout_bits,
             layout=self.layout,
             objective=self.objective,
             self_condition_layout=self.self_condition_layout,

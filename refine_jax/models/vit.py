@@ -10,6 +10,7 @@ import numpy as np
 
 from refine_jax.models.layers import (
     Attention,
+    Dropout,
     Dtype,
     Mlp,
     constrain,
@@ -41,10 +42,11 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     grid: tuple[int, int] | None = None
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
 
     @nn.compact
     def __call__(self, x: jax.Array, _, deterministic: bool = True):
-        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        drop = lambda y: Dropout(self.dropout_rate, self.dropout_bits)(y, deterministic)
         bias = None
         if self.grid is not None:
             offsets = relative_offsets(*self.grid)
@@ -56,12 +58,18 @@ class EncoderBlock(nn.Module):
             )
             bias = jnp.transpose(table[offsets], (2, 0, 1))[None]  # [1, H, N, N]
         h = layer_norm(self.dtype, "pre_attention_norm")(x)
-        h = Attention(self.num_heads, self.dtype, self.dropout_rate, name="self_attention")(
-            h, h, None, deterministic, bias
-        )
+        h = Attention(
+            self.num_heads,
+            self.dtype,
+            self.dropout_rate,
+            dropout_bits=self.dropout_bits,
+            name="self_attention",
+        )(h, h, None, deterministic, bias)
         x = constrain(x + drop(h), ("batch", "patches", "embed"))
         h = layer_norm(self.dtype, "pre_mlp_norm")(x)
-        h = Mlp(self.mlp_dim, self.dtype, self.dropout_rate, name="mlp")(h, deterministic)
+        h = Mlp(self.mlp_dim, self.dtype, self.dropout_rate, self.dropout_bits, name="mlp")(
+            h, deterministic
+        )
         return constrain(x + drop(h), ("batch", "patches", "embed")), None
 
 
@@ -75,6 +83,7 @@ class ViTEncoder(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    dropout_bits: int = 32  # random bits per dropout decision (layers.Dropout)
     remat: bool = False
     position_init: str = "sincos2d"  # of the learned position table: "sincos2d" or "normal"
     position_bias: str = "none"  # "relative": a learned 2-D relative bias in each self-attention
@@ -106,7 +115,7 @@ class ViTEncoder(nn.Module):
             **({"init": init} if init else {}),
         )
         x = constrain(x, ("batch", "patches", "embed"))
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(self.dropout_rate, self.dropout_bits)(x, deterministic)
         block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
         block_grid = grid if self.position_bias == "relative" else None
         x, _ = nn.scan(
@@ -123,6 +132,7 @@ class ViTEncoder(nn.Module):
             self.dtype,
             self.dropout_rate,
             block_grid,
+            self.dropout_bits,
             name="encoderblock",
         )(x, None, deterministic)
         x = layer_norm(self.dtype, "encoder_norm")(x)
@@ -131,7 +141,7 @@ class ViTEncoder(nn.Module):
 
 def encoder_for(model: nn.Module) -> ViTEncoder:
     """The ViT encoder of a model with the shared image-tower fields (patch_size, width,
-    encoder_depth, num_heads, mlp_dim, dtype, dropout_rate, remat, position_bias,
+    encoder_depth, num_heads, mlp_dim, dtype, dropout_rate, dropout_bits, remat, position_bias,
     unroll_scans, freeze_encoder): every model kind's."""
     return ViTEncoder(
         model.patch_size,
@@ -141,6 +151,7 @@ def encoder_for(model: nn.Module) -> ViTEncoder:
         model.mlp_dim,
         model.dtype,
         model.dropout_rate,
+        model.dropout_bits,
         remat=model.remat != "none",
         position_bias=model.position_bias,
         unroll=model.unroll_scans,
