@@ -6,7 +6,9 @@ given; the tokenizer is trained on the training captions into the workdir. The d
 steps of 64 images (measured: ~2 s per step), ~19 epochs of the 6,000 photos; the pipeline
 delivers far more than training consumes (benchmarks/input_pipeline.py). Captions longer
 than the 28-token canvas (under 1% at this vocabulary) are cut and counted as
-`truncated_caption`.
+`truncated_caption`. For a ~1.4x faster step (BENCHMARKS.md) at the price of the recorded
+runs' bit-for-bit reproduction, add `--config.model.dropout_bits=8
+--config.model.unroll_scans=True`.
 
     python -m refine_jax.main --config=configs/flickr8k.py \\
         --config.data.path=../shared/data/flickr8k --workdir=/tmp/flickr8k
