@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO
+from conftest import REPO, TEST_XLA_FLAGS
 from nbclient import NotebookClient
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def kernel_environment(root: Path) -> dict[str, str]:
     tmp = root / "tmp"
     tmp.mkdir()
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # without a device-count flag of the caller's
     env.update(
         JUPYTER_PATH=str(root / "share"),
         JUPYTER_RUNTIME_DIR=str(root / "runtime"),

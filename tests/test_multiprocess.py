@@ -8,7 +8,7 @@ import sys
 
 import portpicker
 import pytest
-from conftest import REPO
+from conftest import REPO, TEST_XLA_FLAGS
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,8 @@ def environment(devices):
         JAX_PLATFORMS="cpu",
         JAX_NUM_CPU_DEVICES=str(devices),
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        XLA_FLAGS=TEST_XLA_FLAGS,  # without a device-count flag of the caller's
     )
-    env.pop("XLA_FLAGS", None)
     return env
 
 
