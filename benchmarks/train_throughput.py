@@ -141,21 +141,27 @@ class Variant:
         return (time.perf_counter() - start) / steps
 
 
-def build_config(
-    kind, batch_size, remat, dtype, dropout, bits, scan, unroll, freeze, quick, num_refine_steps
-):
+# Comma-list flags that override a config.model key: flag -> (key, value type). With --kinds,
+# --batch_sizes and --prng they give one variant per combination.
+MODEL_FLAGS = {
+    "remat": ("remat", str),
+    "dtype": ("dtype", str),
+    "dropout": ("dropout_rate", float),
+    "dropout_bits": ("dropout_bits", int),
+    "scan_detailer": ("scan_detailer", as_bool),
+    "unroll_scans": ("unroll_scans", as_bool),
+    "freeze_encoder": ("freeze_encoder", as_bool),
+}
+
+
+def build_config(kind, batch_size, quick, num_refine_steps, **model):
+    """The Flickr8k config of `kind` with `model` overrides (None: keep the config's)."""
     return common.load_config(
         ",".join(filter(None, ["tiny" if quick else "", "autoregressive" * (kind != "refine")])),
         batch_size,
-        remat=remat,
-        dtype=dtype,
-        dropout_rate=dropout,
-        dropout_bits=bits,
-        scan_detailer=scan,
-        unroll_scans=unroll,
-        freeze_encoder=freeze,
+        **model,
         # the trainer would load a frozen encoder from here; timing keeps the random weights
-        pretrained_encoder="(random weights, timing only)" if freeze else None,
+        pretrained_encoder="(random weights, timing only)" if model["freeze_encoder"] else None,
         num_refine_steps=num_refine_steps,
     )
 
@@ -267,44 +273,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()
     variants = []
-    for (
-        kind,
-        batch_size,
-        remat,
-        dtype,
-        dropout,
-        bits,
-        scan,
-        unroll,
-        freeze,
-        prng,
-    ) in itertools.product(
+    for kind, batch_size, *values, prng in itertools.product(
         csv(args.kinds),
         csv(args.batch_sizes, int),
-        csv(args.remat),
-        csv(args.dtype),
-        csv(args.dropout, float),
-        csv(args.dropout_bits, int),
-        csv(args.scan_detailer, as_bool),
-        csv(args.unroll_scans, as_bool),
-        csv(args.freeze_encoder, as_bool),
+        *(csv(getattr(args, flag), cast) for flag, (_, cast) in MODEL_FLAGS.items()),
         csv(args.prng),
     ):
-        if kind != "refine" and scan is False:
+        model = {key: value for (key, _), value in zip(MODEL_FLAGS.values(), values, strict=True)}
+        if kind != "refine" and model["scan_detailer"] is False:
             continue  # the baseline has no detailer scan
-        config = build_config(
-            kind,
-            batch_size,
-            remat,
-            dtype,
-            dropout,
-            bits,
-            scan,
-            unroll,
-            freeze,
-            args.quick,
-            args.num_refine_steps,
-        )
+        config = build_config(kind, batch_size, args.quick, args.num_refine_steps, **model)
         if prng:
             config.rng_impl = prng  # the step's dropout and self-conditioning keys (step_rng)
         variant = Variant(config, prng)
