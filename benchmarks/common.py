@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refine_jax.config import load_config_file, validate_config
+from refine_jax.data.shards import TarShardSource
 from refine_jax.model_kinds import build_model
 from refine_jax.special_tokens import PAD_ID
 from refine_jax.targets import schedule_fractions
@@ -300,6 +301,12 @@ def markdown_table(
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(show(v, i) for i, v in enumerate(row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def read_split(folder: str) -> list[list[str]]:
+    """Every image's captions of a shard split, without decoding its images."""
+    source = TarShardSource(folder)
+    return [source.read_captions(i)[0] for i in range(len(source))]
 
 
 def slug(name: str) -> str:

@@ -9,6 +9,7 @@ Calibration: for each held-out image, three chains end in its first reference: t
 
     python benchmarks/match_calibration.py --match_workdir=/work/runs/shapes_match
     python benchmarks/match_calibration.py --match_workdir=/work/runs/flickr8k_match
+    python benchmarks/match_calibration.py --match_workdir=DIR --bank_train_images=20000
     python benchmarks/match_calibration.py --quick    # trains a tiny shapes model first (~1 min)
 
 The workdir's recorded config names the data. Prints markdown tables and saves JSON (default
@@ -25,7 +26,7 @@ import time
 import common
 
 from refine_jax.config import load_config_file
-from refine_jax.data import make_sources
+from refine_jax.data import FirstN, make_sources
 from refine_jax.evaluation.matching import (
     CALIBRATION_CHAINS,
     MatchEmbedder,
@@ -43,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a tiny shapes model (trained first if none given)"
     )
     parser.add_argument("--num_steps", type=int, default=4, help="K of the calibration chains")
+    parser.add_argument(
+        "--bank_train_images",
+        type=int,
+        default=0,
+        help="add the first N training images to the posterior's bank (default: the split only)",
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     if not args.quick and not args.match_workdir:
@@ -55,12 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         train_and_evaluate(config, workdir)
 
     loaded = load_model(None, workdir)
-    _, eval_source = make_sources(loaded.config)
+    train_source, eval_source = make_sources(loaded.config)
     embedder = MatchEmbedder.from_loaded(loaded)
     start = time.perf_counter()
     with loaded.context():
         retrieval = split_retrieval(embedder, eval_source)
-        calibrated = calibration(embedder, eval_source, loaded.tokenizer.salience, args.num_steps)
+        extra = None
+        if args.bank_train_images:
+            extra = embedder.embed_split(FirstN(train_source, args.bank_train_images))[1]
+        calibrated = calibration(
+            embedder, eval_source, loaded.tokenizer.salience, args.num_steps, extra
+        )
     seconds = time.perf_counter() - start
 
     result = {
@@ -69,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "match_workdir": args.match_workdir,
         "checkpoint_step": loaded.step,
         "data": loaded.config.data.to_dict(),
+        "bank_train_images": args.bank_train_images,
         "retrieval": retrieval,
         "calibration": calibrated,
         "seconds": seconds,

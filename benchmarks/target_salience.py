@@ -26,7 +26,6 @@ from pathlib import Path
 import common
 
 from refine_jax.data.shapes import generate
-from refine_jax.data.shards import TarShardSource
 from refine_jax.evaluation.refinement_metrics import consensus_words
 from refine_jax.targets import (
     SalienceStats,
@@ -36,11 +35,6 @@ from refine_jax.targets import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def read_split(folder: str) -> list[list[str]]:
-    source = TarShardSource(folder)
-    return [source.read_captions(i)[0] for i in range(len(source))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         train = [generate(0, "train", i)["captions"] for i in range(500)]
         images = [generate(0, "eval", i)["captions"] for i in range(100)]
     else:
-        train = read_split(f"{args.data}/train")
-        images = read_split(f"{args.data}/val")
+        train = common.read_split(f"{args.data}/train")
+        images = common.read_split(f"{args.data}/val")
     stats = SalienceStats.from_captions(c for refs in train for c in refs)
     k = args.num_steps
     subject, consensus, total = [0] * k, [0] * k, 0

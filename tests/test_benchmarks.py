@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO
 from test_evaluate import trained_workdir
@@ -20,6 +21,7 @@ SYNTHETIC_SCRIPTS = [
     "scaling.py",
     "gradualness.py",  # trains on the generated shapes data
     "target_salience.py",  # shapes captions with --quick
+    "calibration_ceiling.py",  # shapes captions only
 ]
 # Scripts that read a trained matching model: given the tests' tiny one.
 MATCH_SCRIPTS = ["match_calibration.py", "caption_filter.py"]
@@ -80,3 +82,37 @@ def test_accelerator_suite_runs_its_parts_and_reports_their_headline(tmp_path):
         r["baseline"].startswith("AR greedy") and "fixed" not in r["baseline"] for r in ratios
     )
     assert "## Accelerator suite" in result.stdout
+
+
+def test_calibration_ceiling_counts_the_bank_images_each_description_fits(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import calibration_ceiling as ceiling
+
+    captions = ["a red circle", "a blue circle", "a red square beside a circle", "a blue square"]
+    bank = [[c] for c in captions]  # one caption per image
+    words = ceiling.fitting_images(["circle", "a circle", "circle a", "", "green"], bank, False)
+    assert words.tolist() == [
+        [True, True, True, False],
+        [True, True, True, False],
+        [True, True, True, False],
+        [True] * 4,  # the blank description fits every image
+        [False] * 4,
+    ]
+    ordered = ceiling.fitting_images(["circle a", "square circle", "red circle"], bank, True)
+    assert ordered.tolist() == [
+        [False] * 4,
+        [False, False, True, False],
+        [True, False, True, False],
+    ]
+    # "circle" fits 3 of 4 images and "square" 2; "a blue circle" and "a blue square" 1 each:
+    # each step carries that share of the final description's log(4 / 1) nats.
+    chains = [["circle", "a circle", "a blue circle"], ["square", "a square", "a blue square"]]
+    third = np.log(4 / 3) / np.log(4)
+    np.testing.assert_allclose(
+        ceiling.information_progress(chains, bank, True), [[third, third, 1.0], [0.5, 0.5, 1.0]]
+    )
+    # An image fits when one of its captions does.
+    two = ceiling.fitting_images(["blue circle"], [["a red circle", "a blue circle"]], True)
+    assert two.tolist() == [[True]]
+    with pytest.raises(ValueError, match="fits no bank image"):
+        ceiling.information_progress([["circle", "a green circle"]], bank, False)

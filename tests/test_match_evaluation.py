@@ -160,8 +160,21 @@ def test_calibration_scores_the_perfect_chain_above_the_two_that_do_not_refine(m
     assert chains["perfect"][-1] == "a large red circle above a small blue square"
     for shorter, longer in zip(chains["perfect"], chains["perfect"][1:], strict=False):
         assert set(shorter.split()) <= set(longer.split()) and len(shorter) < len(longer)
+    embedder = MatchEmbedder.from_loaded(loaded)
     with loaded.context():
-        result = calibration(MatchEmbedder.from_loaded(loaded), source, salience)
+        result = calibration(embedder, source, salience)
+        split_images = embedder.embed_split(source)[1]
+        doubled = calibration(embedder, source, salience, extra_bank=split_images)
+        other = np.random.default_rng(0).normal(size=split_images.shape).astype(np.float32)
+        widened = calibration(
+            embedder, source, salience, extra_bank=other / np.linalg.norm(other, axis=1)[:, None]
+        )
+    # Every bank image twice is the same posterior; other images in the bank change it.
+    for name, scores in result.items():
+        assert doubled[name]["gradualness"] == pytest.approx(scores["gradualness"], abs=1e-9)
+    assert widened["perfect"]["progress_per_step"] != pytest.approx(
+        result["perfect"]["progress_per_step"], abs=1e-6
+    )
     for name in ("blank_until_last", "complete_at_first"):  # no path: at the bottom, every way
         for suffix in ("", "_cosine", "_tfidf"):
             assert result[name][f"gradualness{suffix}"] == pytest.approx(0.0, abs=1e-9)

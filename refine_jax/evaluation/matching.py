@@ -308,13 +308,18 @@ def calibration_chains(caption: str, salience: SalienceStats, num_steps: int) ->
 
 
 def calibration(
-    embedder: MatchEmbedder, source, salience: SalienceStats, num_steps: int = 4
+    embedder: MatchEmbedder,
+    source,
+    salience: SalienceStats,
+    num_steps: int = 4,
+    extra_bank: np.ndarray | None = None,  # [M, E] unit image embeddings
 ) -> dict[str, dict[str, Any]]:
     """Gradualness G of the three `calibration_chains` of the first reference of every usable
     image of `source`, scored against all of the image's references: in the matching model's
-    space (`posterior_progress` over the split's images), by the cosine between its text
-    embeddings (`*_cosine`, the first form) and in CIDEr's TF-IDF space (`*_tfidf`). A good
-    encoding puts the perfect chain near 1 and the other two near 0."""
+    space (`posterior_progress` over the split's images and any `extra_bank` images, such as
+    training images, which give a posterior over more of the image distribution), by the
+    cosine between its text embeddings (`*_cosine`, the first form) and in CIDEr's TF-IDF space
+    (`*_tfidf`). A good encoding puts the perfect chain near 1 and the other two near 0."""
     records, images = embedder.embed_split(source)
     schedule = schedule_fractions(num_steps)
     weights = np.full(num_steps, 1.0 / num_steps)
@@ -322,6 +327,8 @@ def calibration(
     blank = embedder.embed_texts([""])[0]
     all_chains = {i: calibration_chains(r[0], salience, num_steps) for i, r in refs.items()}
     bank, scale = images[list(refs)], embedder.logit_scale
+    if extra_bank is not None:
+        bank = np.concatenate([bank, extra_bank])
     out: dict[str, dict[str, Any]] = {}
     for name in CALIBRATION_CHAINS:
         chains = {i: all_chains[i][name] for i in refs}
