@@ -194,22 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - start,
     }
     print(f"\n## Chains under the exact-fit posterior ({len(held_out)} {name} images)\n")
-    table = [
-        [row["chains"], row["bank_size"], row["reading"], row["gradualness"]]
-        + [", ".join(f"{p:.2f}" for p in row["progress_per_step"])]
-        + [" / ".join(f"{g:.2f}" for g in row["gradualness_by_num_shapes"].values())]
-        * (not args.data)
-        for row in rows
-    ]
-    headers = [
-        "chains",
-        "bank images",
-        "reading",
-        "G",
-        "progress p_1..p_K",
-        "G by number of shapes",
-    ]
-    print(common.markdown_table(headers[: len(table[0])], table, ["", "", "", ".3f"]))
+    headers = ["chains", "bank images", "reading", "G", "progress p_1..p_K"]
+    table = []
+    for row in rows:
+        progress = ", ".join(f"{p:.2f}" for p in row["progress_per_step"])
+        table.append(
+            [row["chains"], row["bank_size"], row["reading"], row["gradualness"], progress]
+        )
+        if row["gradualness_by_num_shapes"]:
+            by_count = row["gradualness_by_num_shapes"].values()
+            table[-1].append(" / ".join(f"{g:.2f}" for g in by_count))
+    if not args.data:
+        headers.append("G by number of shapes (1 / 2 / 3)")
+    print(common.markdown_table(headers, table, ["", "", "", ".3f"]))
     common.save(result, args.output, f"calibration_ceiling_{name}{'_quick' if args.quick else ''}")
     print(f"({result['seconds']:.0f} s)")
     return 0
