@@ -119,29 +119,35 @@ def main(argv: list[str] | None = None) -> int:
         "--match_workdir",
         default=None,
         help="take the salience statistics from this run's tokenizer (default: from the "
-        "training captions read for the bank)",
+        "training captions: all of Flickr8k's, or --salience_scenes generated ones)",
+    )
+    parser.add_argument(
+        "--salience_scenes", type=int, default=20_000, help="shapes: training scenes counted"
     )
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.data, args.num_images, args.bank_train_images = None, 50, "0,200"
+        args.salience_scenes = 200
     extra_sizes = [int(n) for n in args.bank_train_images.split(",")]
 
     start = time.perf_counter()
     scene_chains = None
     if args.data:  # every val photo with captions; its first reference ends the chain
         held_out = [c for c in common.read_split(f"{args.data}/val") if c]
-        train = common.read_split(f"{args.data}/train")[: max(extra_sizes)]
+        train = common.read_split(f"{args.data}/train")
     else:
         scenes = [generate(args.seed, "eval", i) for i in range(args.num_images)]
         held_out = [s["captions"] for s in scenes]
-        train = [generate(args.seed, "train", i)["captions"] for i in range(max(extra_sizes))]
+        num_train = max(*extra_sizes, args.salience_scenes)
+        train = [generate(args.seed, "train", i)["captions"] for i in range(num_train)]
         if args.num_steps == len(scenes[0]["chain"]):  # the generator's own coarse-to-fine steps
             scene_chains = dict(enumerate(s["chain"] for s in scenes))
+    counted = train if args.data else train[: args.salience_scenes]
     if args.match_workdir:
         salience = Tokenizer.load(Path(args.match_workdir) / "tokenizer").salience
     else:
-        salience = SalienceStats.from_captions(c for image in train for c in image)
+        salience = SalienceStats.from_captions(c for image in counted for c in image)
     chain_sets = {
         "salience targets": {
             i: calibration_chains(captions[0], salience, args.num_steps)["perfect"]
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data or "shapes",
         "num_images": len(held_out),
         "num_steps": args.num_steps,
-        "salience_from": args.match_workdir or f"{len(train)} training images' captions",
+        "salience_from": args.match_workdir or f"{len(counted)} training images' captions",
         "rows": rows,
         "seconds": time.perf_counter() - start,
     }
