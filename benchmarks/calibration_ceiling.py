@@ -54,53 +54,52 @@ from refine_jax.tokenizer import Tokenizer
 READINGS = ("words", "ordered")
 
 
-def fitting_images(
-    texts: Sequence[str], bank: Sequence[Sequence[str]], ordered: bool
-) -> np.ndarray:
-    """[len(texts), len(bank)] bool: does one of bank image b's captions contain text t's words
-    (as a multiset; with `ordered`, also in t's order)."""
-    captions = [caption_words(c) for image in bank for c in image]
-    owner = np.repeat(np.arange(len(bank)), [len(image) for image in bank])  # caption -> image
-    vocab: dict[str, int] = {}
-    for words in captions:
-        for word in words:
-            vocab.setdefault(word, len(vocab))
-    counts = np.zeros((len(vocab), len(captions)), np.int16)  # [V, captions]: word counts
-    for j, words in enumerate(captions):
-        for word in words:
-            counts[vocab[word], j] += 1
-    rows: dict[str, np.ndarray] = {}
-    for text in texts:
-        if text in rows:
-            continue
-        words = caption_words(text)
-        fits = np.ones(len(captions), bool)
-        for word, needed in collections.Counter(words).items():
-            fits &= counts[vocab[word]] >= needed if word in vocab else False
-        if ordered and words:
-            # Each word whole, in order, with any words between them.
-            pattern = re.compile("(?:^| )" + "(?: | .* )".join(map(re.escape, words)) + "(?: |$)")
-            for j in np.flatnonzero(fits):
-                fits[j] = bool(pattern.search(" ".join(captions[j])))
-        row = np.zeros(len(bank), bool)
-        row[owner[fits]] = True
-        rows[text] = row
-    return np.stack([rows[t] for t in texts]) if texts else np.zeros((0, len(bank)), bool)
+class ExactFit:
+    """Which images of a bank each description fits: a word-count index of the bank's captions,
+    built once and shared by both readings and every chain set."""
 
+    def __init__(self, bank: Sequence[Sequence[str]]):  # each image's captions
+        self.size = len(bank)
+        self.captions = [caption_words(c) for image in bank for c in image]
+        self.owner = np.repeat(np.arange(len(bank)), [len(image) for image in bank])
+        self.vocab: dict[str, int] = {}
+        for words in self.captions:
+            for word in words:
+                self.vocab.setdefault(word, len(self.vocab))
+        self.counts = np.zeros((len(self.vocab), len(self.captions)), np.int16)  # [V, captions]
+        for j, words in enumerate(self.captions):
+            for word in words:
+                self.counts[self.vocab[word], j] += 1
 
-def information_progress(
-    chains: Sequence[Sequence[str]], bank: Sequence[Sequence[str]], ordered: bool
-) -> np.ndarray:
-    """p_k [N, K] of each nested chain under the exact-fit posterior over `bank` (module
-    docstring); NaN rows where the final description fits every bank image (no span)."""
-    num_steps = len(chains[0])
-    flat = [text for chain in chains for text in chain]
-    sizes = fitting_images(flat, bank, ordered).sum(axis=1).reshape(len(chains), num_steps)
-    if (sizes == 0).any():
-        raise ValueError("a description fits no bank image: its own image must be in the bank")
-    information = np.log(len(bank) / sizes)  # [N, K] nats about which bank image it is
-    span = information[:, -1:]
-    return np.where(span > 0, information / np.where(span > 0, span, 1.0), np.nan)
+    def fits(self, texts: Sequence[str], ordered: bool) -> np.ndarray:
+        """[len(texts), bank size] bool: does one of image b's captions contain text t's words
+        (as a multiset; with `ordered`, also in t's order)."""
+        rows: dict[str, np.ndarray] = {}
+        for text in dict.fromkeys(texts):  # each distinct text once
+            words = caption_words(text)
+            fits = np.ones(len(self.captions), bool)
+            for word, needed in collections.Counter(words).items():
+                fits &= self.counts[self.vocab[word]] >= needed if word in self.vocab else False
+            if ordered and words:
+                # Each word whole, in order, with any words between them.
+                joined = "(?: | .* )".join(map(re.escape, words))
+                pattern = re.compile(f"(?:^| ){joined}(?: |$)")
+                for j in np.flatnonzero(fits):
+                    fits[j] = bool(pattern.search(" ".join(self.captions[j])))
+            rows[text] = np.zeros(self.size, bool)
+            rows[text][self.owner[fits]] = True
+        return np.stack([rows[t] for t in texts]) if texts else np.zeros((0, self.size), bool)
+
+    def progress(self, chains: Sequence[Sequence[str]], ordered: bool) -> np.ndarray:
+        """p_k [N, K] of each nested chain under the exact-fit posterior over the bank (module
+        docstring); NaN rows where the final description fits every bank image (no span)."""
+        flat = [text for chain in chains for text in chain]
+        sizes = self.fits(flat, ordered).sum(axis=1).reshape(len(chains), -1)  # [N, K]
+        if (sizes == 0).any():
+            raise ValueError("a description fits no bank image: its own image must be in the bank")
+        information = np.log(self.size / sizes)  # [N, K] nats about which bank image it is
+        span = information[:, -1:]
+        return np.where(span > 0, information / np.where(span > 0, span, 1.0), np.nan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,35 +158,33 @@ def main(argv: list[str] | None = None) -> int:
     references = dict(enumerate(held_out))
     schedule = schedule_fractions(args.num_steps)
     weights = np.full(args.num_steps, 1.0 / args.num_steps)
-    # Shapes: G by the number of shapes the caption names.
     num_shapes = [sum(w in KINDS for w in caption_words(c[0])) for c in held_out]
 
     rows = []
-    for (chain_name, chains), extra, reading in itertools.product(
-        chain_sets.items(), extra_sizes, READINGS
-    ):
-        bank = held_out + train[:extra]
-        progress = information_progress(list(chains.values()), bank, reading == "ordered")
-        metrics = refinement_metrics(
-            chains, references, schedule, weights, step_progress=progress, per_image=True
-        )
-        per_image = {r["image_id"]: r["gradualness"] for r in metrics["per_image"]}
-        groups = collections.defaultdict(list)
-        for i, n in enumerate(num_shapes):
-            groups[n].append(per_image[i])
-        rows.append(
-            {
-                "chains": chain_name,
-                "bank_size": len(bank),
-                "reading": reading,
-                "gradualness": metrics["gradualness"],
-                "progress_per_step": metrics["progress_per_step"],
-                "gradualness_by_num_shapes": (
-                    None if args.data else {n: float(np.mean(groups[n])) for n in sorted(groups)}
-                ),
-                "examples": [chains[i] for i in range(min(3, len(chains)))],
-            }
-        )
+    for extra in extra_sizes:
+        exact = ExactFit(held_out + train[:extra])
+        for (chain_name, chains), reading in itertools.product(chain_sets.items(), READINGS):
+            progress = exact.progress(list(chains.values()), reading == "ordered")
+            metrics = refinement_metrics(
+                chains, references, schedule, weights, step_progress=progress, per_image=True
+            )
+            by_count = None
+            if not args.data:  # shapes: G by the number of shapes the caption names
+                per_image = {r["image_id"]: r["gradualness"] for r in metrics["per_image"]}
+                groups = collections.defaultdict(list)
+                for i, n in enumerate(num_shapes):
+                    groups[n].append(per_image[i])
+                by_count = {n: float(np.mean(groups[n])) for n in sorted(groups)}
+            rows.append(
+                {
+                    "chains": chain_name,
+                    "bank_size": exact.size,
+                    "reading": reading,
+                    "gradualness": metrics["gradualness"],
+                    "progress_per_step": metrics["progress_per_step"],
+                    "gradualness_by_num_shapes": by_count,
+                }
+            )
     name = "flickr8k" if args.data else "shapes"
     result = {
         "quick": args.quick,
@@ -197,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         "num_steps": args.num_steps,
         "salience_from": args.match_workdir or f"{len(counted)} training images' captions",
         "rows": rows,
+        "examples": {
+            label: [chains[i] for i in range(min(3, len(chains)))]
+            for label, chains in chain_sets.items()
+        },
         "seconds": time.perf_counter() - start,
     }
     print(f"\n## Chains under the exact-fit posterior ({len(held_out)} {name} images)\n")

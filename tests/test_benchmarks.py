@@ -89,8 +89,8 @@ def test_calibration_ceiling_counts_the_bank_images_each_description_fits(monkey
     import calibration_ceiling as ceiling
 
     captions = ["a red circle", "a blue circle", "a red square beside a circle", "a blue square"]
-    bank = [[c] for c in captions]  # one caption per image
-    words = ceiling.fitting_images(["circle", "a circle", "circle a", "", "green"], bank, False)
+    exact = ceiling.ExactFit([[c] for c in captions])  # one caption per image
+    words = exact.fits(["circle", "a circle", "circle a", "", "green"], False)
     assert words.tolist() == [
         [True, True, True, False],
         [True, True, True, False],
@@ -98,7 +98,7 @@ def test_calibration_ceiling_counts_the_bank_images_each_description_fits(monkey
         [True] * 4,  # the blank description fits every image
         [False] * 4,
     ]
-    ordered = ceiling.fitting_images(["circle a", "square circle", "red circle"], bank, True)
+    ordered = exact.fits(["circle a", "square circle", "red circle"], True)
     assert ordered.tolist() == [
         [False] * 4,
         [False, False, True, False],
@@ -108,11 +108,9 @@ def test_calibration_ceiling_counts_the_bank_images_each_description_fits(monkey
     # each step carries that share of the final description's log(4 / 1) nats.
     chains = [["circle", "a circle", "a blue circle"], ["square", "a square", "a blue square"]]
     third = np.log(4 / 3) / np.log(4)
-    np.testing.assert_allclose(
-        ceiling.information_progress(chains, bank, True), [[third, third, 1.0], [0.5, 0.5, 1.0]]
-    )
+    np.testing.assert_allclose(exact.progress(chains, True), [[third, third, 1.0], [0.5, 0.5, 1.0]])
     # An image fits when one of its captions does.
-    two = ceiling.fitting_images(["blue circle"], [["a red circle", "a blue circle"]], True)
+    two = ceiling.ExactFit([["a red circle", "a blue circle"]]).fits(["blue circle"], True)
     assert two.tolist() == [[True]]
     with pytest.raises(ValueError, match="fits no bank image"):
-        ceiling.information_progress([["circle", "a green circle"]], bank, False)
+        exact.progress([["circle", "a green circle"]], False)
