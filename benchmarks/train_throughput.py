@@ -16,17 +16,21 @@ load falls on all alike.
     python benchmarks/train_throughput.py --remat=none,dots --dropout=0.1,0 --dtype=bfloat16
     python benchmarks/train_throughput.py --kinds=refine --dropout_bits=32,16,8
     python benchmarks/train_throughput.py --freeze_encoder=false,true  # cheaper experiments
+    python benchmarks/train_throughput.py --kinds=refine --data_devices=1,2  # CPU data parallel
     python benchmarks/train_throughput.py --breakdown          # forward / backward / parts
     python benchmarks/train_throughput.py --profile_dir=/tmp/p # trace + op time by model part
     python benchmarks/train_throughput.py --hlo_cost           # XLA's cost analysis
 
 Comma-separated --batch_sizes, --remat, --dtype, --dropout, --dropout_bits, --scan_detailer,
---unroll_scans, --freeze_encoder and --prng give one variant per combination (a frozen encoder is
-timed with its random weights: only its speed is measured). --profile_dir traces
---profile_steps steps of every variant with jax.profiler (open with TensorBoard / XProf) and sums
-the time of each compiled op (XLA:CPU records one event per op, with the op's source path in the
-model) by model part, layer kind and forward/backward. Writes JSON to --output (default
-benchmarks/results/train_throughput.json).
+--unroll_scans, --freeze_encoder, --prng and --data_devices give one variant per combination (a
+frozen encoder is timed with its random weights: only its speed is measured). --data_devices=N
+splits the batch over a ('data', 'fsdp', 'tensor') = (N, 1, 1) mesh, as the trainer does; on a
+CPU host the process is given the most CPU devices asked for (jax_num_cpu_devices), so one CPU
+is split into several XLA devices that run their shards of the step side by side.
+--profile_dir traces --profile_steps steps of every variant with jax.profiler (open with
+TensorBoard / XProf) and sums the time of each compiled op (XLA:CPU records one event per op,
+with the op's source path in the model) by model part, layer kind and forward/backward. Writes
+JSON to --output (default benchmarks/results/train_throughput.json).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import profile_table
 
+from refine_jax import sharding
 from refine_jax.flops import encoder_flops, text_stack_flops, training_flops_per_example
 from refine_jax.model_kinds import model_kind
 from refine_jax.train import bind_train_step, make_optimizer
@@ -75,6 +80,11 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--freeze_encoder", default="", help="comma list of true/false; default: config's"
+    )
+    parser.add_argument(
+        "--data_devices",
+        default="1",
+        help="comma list: devices the batch is split over (the trainer's 'data' mesh axis)",
     )
     parser.add_argument("--num_refine_steps", type=int, default=None, help="override K")
     parser.add_argument("--steps", type=int, default=3, help="consecutive steps per timing")
@@ -109,10 +119,11 @@ def csv(text: str, cast=str) -> list:
 class Variant:
     """One configuration to time: its compiled step, state, batch and analytic FLOPs."""
 
-    def __init__(self, config, prng: str | None):
+    def __init__(self, config, prng: str | None, data_devices: int):
         m = config.model
         self.config = config
         self.prng = prng
+        self.data_devices = data_devices
         self.name = (
             f"{m.kind} B={config.batch_size} remat={m.remat} {m.dtype} "
             f"dropout={m.dropout_rate:g}"
@@ -121,12 +132,18 @@ class Variant:
             + ("" if m.scan_detailer else " unscanned")
             + (" unrolled" if m.unroll_scans else "")
             + (" frozen-encoder" if m.freeze_encoder else "")
+            + (f" data-devices={data_devices}" if data_devices > 1 else "")
         )
         self.vocab = config.tokenizer.vocab_size
         self.flops_per_step = training_flops_per_example(config, self.vocab) * config.batch_size
         start = time.perf_counter()
         self.model, step, state, self.num_params = common.make_train_step(config)
-        self.batch = jax.device_put(common.synthetic_batch(config))
+        # The trainer's layout on a (data_devices, 1, 1) mesh: parameters replicated, the batch
+        # split along 'data' (the default axis rules).
+        mesh = sharding.make_mesh((data_devices, 1, 1))
+        rules = tuple(map(tuple, config.mesh.axis_rules))
+        state = jax.device_put(state, sharding.replicated(mesh))
+        self.batch = sharding.global_batch_from_full(common.synthetic_batch(config), mesh, rules)
         self.compiled = step.lower(state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
         self.state, metrics = self.compiled(state, self.batch)
@@ -271,13 +288,17 @@ def print_breakdown(name: str, result: dict, matmul_rate: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    most_devices = max(csv(args.data_devices, int))
+    if most_devices > 1:  # before the first JAX computation, which fixes the CPU device count
+        jax.config.update("jax_num_cpu_devices", most_devices)
     load_before = os.getloadavg()
     variants = []
-    for kind, batch_size, *values, prng in itertools.product(
+    for kind, batch_size, *values, prng, data_devices in itertools.product(
         csv(args.kinds),
         csv(args.batch_sizes, int),
         *(csv(getattr(args, flag), cast) for flag, (_, cast) in MODEL_FLAGS.items()),
         csv(args.prng),
+        csv(args.data_devices, int),
     ):
         model = {key: value for (key, _), value in zip(MODEL_FLAGS.values(), values, strict=True)}
         if kind != "refine" and model["scan_detailer"] is False:
@@ -285,7 +306,7 @@ def main(argv=None) -> int:
         config = build_config(kind, batch_size, args.quick, args.num_refine_steps, **model)
         if prng:
             config.rng_impl = prng  # the step's dropout and self-conditioning keys (step_rng)
-        variant = Variant(config, prng)
+        variant = Variant(config, prng, data_devices)
         print(
             f"compiled {variant.name}: {variant.num_params:,} parameters, {variant.compile_s:.1f}s",
             flush=True,
@@ -321,6 +342,7 @@ def main(argv=None) -> int:
             "name": v.name,
             "model": common.model_summary(v.config),
             "prng": v.config.rng_impl,
+            "data_devices": v.data_devices,
             "num_params": v.num_params,
             "compile_s": v.compile_s,
             "seconds_per_step": step_s,
@@ -350,6 +372,7 @@ def main(argv=None) -> int:
                 + ("scan" if m.scan_detailer or m.kind != "refine" else "loop")
                 + (", frozen encoder" if m.freeze_encoder else ""),
                 v.prng or "default",
+                v.data_devices,
                 step_s,
                 record["examples_per_s"],
                 v.flops_per_step / 1e9,
@@ -359,7 +382,8 @@ def main(argv=None) -> int:
         )
     info = common.machine_info()
     print(f"\n## Train step throughput ({common.machine_line(info)})\n")
-    headers = ["model", "batch", "remat", "dtype", "dropout", "detailer", "prng", "s/step"]
+    headers = ["model", "batch", "remat", "dtype", "dropout", "detailer", "prng", "devices"]
+    headers.append("s/step")
     headers.append("examples/s")
     headers += ["GFLOP/step", "GFLOP/s", "MFU %"]
     print(common.markdown_table(headers, rows))
