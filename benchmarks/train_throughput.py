@@ -141,9 +141,9 @@ class Variant:
         # The trainer's layout on a (data_devices, 1, 1) mesh: parameters replicated, the batch
         # split along 'data' (the default axis rules).
         mesh = sharding.make_mesh((data_devices, 1, 1))
-        rules = tuple(map(tuple, config.mesh.axis_rules))
         state = jax.device_put(state, sharding.replicated(mesh))
-        self.batch = sharding.global_batch_from_full(common.synthetic_batch(config), mesh, rules)
+        batch = common.synthetic_batch(config)
+        self.batch = sharding.global_batch_from_full(batch, mesh, config.mesh.axis_rules)
         self.compiled = step.lower(state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
         self.state, metrics = self.compiled(state, self.batch)
@@ -288,17 +288,17 @@ def print_breakdown(name: str, result: dict, matmul_rate: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    most_devices = max(csv(args.data_devices, int))
-    if most_devices > 1:  # before the first JAX computation, which fixes the CPU device count
-        jax.config.update("jax_num_cpu_devices", most_devices)
+    data_devices = csv(args.data_devices, int)
+    if max(data_devices) > 1:  # before the first JAX computation, which fixes the CPU count
+        jax.config.update("jax_num_cpu_devices", max(data_devices))
     load_before = os.getloadavg()
     variants = []
-    for kind, batch_size, *values, prng, data_devices in itertools.product(
+    for kind, batch_size, *values, prng, devices in itertools.product(
         csv(args.kinds),
         csv(args.batch_sizes, int),
         *(csv(getattr(args, flag), cast) for flag, (_, cast) in MODEL_FLAGS.items()),
         csv(args.prng),
-        csv(args.data_devices, int),
+        data_devices,
     ):
         model = {key: value for (key, _), value in zip(MODEL_FLAGS.values(), values, strict=True)}
         if kind != "refine" and model["scan_detailer"] is False:
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         config = build_config(kind, batch_size, args.quick, args.num_refine_steps, **model)
         if prng:
             config.rng_impl = prng  # the step's dropout and self-conditioning keys (step_rng)
-        variant = Variant(config, prng, data_devices)
+        variant = Variant(config, prng, devices)
         print(
             f"compiled {variant.name}: {variant.num_params:,} parameters, {variant.compile_s:.1f}s",
             flush=True,
@@ -383,9 +383,7 @@ def main(argv=None) -> int:
     info = common.machine_info()
     print(f"\n## Train step throughput ({common.machine_line(info)})\n")
     headers = ["model", "batch", "remat", "dtype", "dropout", "detailer", "prng", "devices"]
-    headers.append("s/step")
-    headers.append("examples/s")
-    headers += ["GFLOP/step", "GFLOP/s", "MFU %"]
+    headers += ["s/step", "examples/s", "GFLOP/step", "GFLOP/s", "MFU %"]
     print(common.markdown_table(headers, rows))
     print()
     matmul_rows = [
