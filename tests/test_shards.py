@@ -261,7 +261,9 @@ def test_iter_captions_counts_without_reading_images(tmp_path):
         ("data:s2.jpg", {"s0", "s1"}, 1),  # in the data of the next sample's image
         ("header+120:s1.json", {"s0"}, 1),  # in the last sample's json header (name readable)
         ("header+4:s1.json", {"s0"}, 1),  # name cut to "s1.j": still the last sample's
-        ("header+2:s1.json", {"s0", "s1"}, 1),  # name cut to "s1": unknown sample; s1 has a txt
+        ("header+2:s1.json", {"s0"}, 1),  # name cut to "s1": unknown; s1 lacks the json s0 has
+        ("header:s1.txt", {"s0"}, 1),  # cleanly between two members of the last sample
+        ("header:s1.json", {"s0"}, 1),  # ... which would otherwise lose its json's references
         ("header+10:s2.jpg", {"s0", "s1"}, 1),  # in the header of the next sample
         ("header:s2.jpg", {"s0", "s1"}, 0),  # cleanly after a member, no end-of-archive marker
         ("end+700", {"s0", "s1", "s2"}, 0),  # inside the end-of-archive marker
@@ -288,6 +290,41 @@ def test_truncation_points(tmp_path, cut, good, lost):
     assert counts.skipped["truncated_shard"] == lost
     assert counts.total_skipped == lost  # never misreported as missing_image / missing_caption
     assert "truncated" in counts.shard_errors[str(path)]
+
+
+@pytest.mark.parametrize(
+    ("damaged", "good"),
+    [
+        ("s3.jpg", {"s0", "s1", "s2", "s4", "s5"}),  # the first member of a sample
+        ("s3.txt", {"s0", "s1", "s2", "s4", "s5"}),  # inside a sample: s3 would lack its txt
+        ("s3.json", {"s0", "s1", "s2", "s4", "s5"}),  # the last member of a sample
+    ],
+)
+def test_a_damaged_header_mid_shard_loses_only_its_sample(tmp_path, damaged, good):
+    path = write_tar(tmp_path / "x.tar", sum((sample(f"s{i}", [f"c{i}"]) for i in range(6)), []))
+    header = member_offsets(path)[damaged][0]
+    with open(path, "r+b") as f:  # one flipped bit in the header's checksum field
+        f.seek(header + 148)
+        byte = f.read(1)[0]
+        f.seek(header + 148)
+        f.write(bytes([byte ^ 1]))
+    source = TarShardSource(path)
+    counts = source.structural_counts()
+    assert {r["key"] for r in iter_records(source)} == good
+    assert dict(counts.skipped) == {"truncated_shard": 1}
+    assert f"unreadable tar data at bytes {header}-" in counts.shard_errors[str(path)]
+
+
+def test_tars_joined_end_to_end_read_as_one(tmp_path):
+    a = write_tar(tmp_path / "a.tar", sample("a0", ["x"]) + sample("a1", ["y"]))
+    b = write_tar(tmp_path / "b.tar", sample("b0", ["z"]))
+    joined = tmp_path / "joined" / "ab.tar"
+    joined.parent.mkdir()
+    joined.write_bytes(a.read_bytes() + b.read_bytes())  # b's headers after a's end marker
+    source = TarShardSource(joined)
+    assert [r["key"] for r in iter_records(source)] == ["a0", "a1", "b0"]
+    counts = source.structural_counts()
+    assert counts.total_skipped == 0 and not counts.shard_errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +358,9 @@ def test_index_is_cached_next_to_shard_and_reused(tmp_path):
     index_file.write_text("{not json")
     fourth = TarShardSource(path)
     assert fourth.rebuilt_shards == [str(path)] and len(fourth) == 3
+    index_file.write_bytes(b"\xff\xfe not even UTF-8")  # so is one that is not text at all
+    fifth = TarShardSource(path)
+    assert fifth.rebuilt_shards == [str(path)] and len(fifth) == 3
 
 
 def test_read_only_folder_indexes_into_cache_dir(tmp_path, monkeypatch):

@@ -19,8 +19,11 @@ the shard's fingerprint has changed, the shard was rewritten under the running j
 Bad data is never fatal and never silent. Structural problems are found while indexing and kept in
 the index (so they are counted again on every open, without a rescan):
 
-* ``truncated_shard``: a sample whose member data runs past the end of a cut-off tar, or the
-  unreadable remainder after the last complete member (one per cut header / unreadable tail);
+* ``truncated_shard``: a sample with a member in a damaged or cut-off part of the tar. The scan
+  resumes at the next valid header after damage (tars joined end to end read as one), so only
+  the samples the damage touches are lost: a sample next to it is kept only when it has every
+  member kind (image, txt, json) the shard's other samples have, and damage with no incomplete
+  neighbour counts as one sample lost;
 * ``unreadable_shard``: a shard that is not a readable tar at all, or cannot be opened (one per
   shard; a warning names it every time the source is opened);
 * ``missing_image``: captions but no image member; ``missing_caption``: an image but neither
@@ -81,7 +84,8 @@ INDEX_SUFFIX = ".index.json"
 # be parsed whole for every sample): the sample uses its .txt caption, or is skipped.
 MAX_JSON_BYTES = 1 << 20
 # 2: indexes record a content fingerprint; indexes of version 1 are rebuilt.
-INDEX_VERSION = 2
+# 3: the scan reads past damaged headers and joined tars; older indexes are rebuilt.
+INDEX_VERSION = 3
 # Bytes hashed at each end of a shard for its fingerprint.
 FINGERPRINT_BYTES = 64 * 1024
 _BLOCK = 512
@@ -273,11 +277,33 @@ def _partial_header_name(f: BinaryIO, offset: int, end: int) -> tuple[str, bool]
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), complete
 
 
+def _member_kind(name: str) -> tuple[str, str] | None:
+    """(KEY, 'image' / 'txt' / 'json') of a sample's member; None for members that are ignored."""
+    parts = split_member_name(name)
+    if parts is None:
+        return None
+    key, ext = parts
+    if ext in IMAGE_EXTENSIONS:
+        return key, "image"
+    return (key, ext) if ext in (CAPTION_EXTENSION, META_EXTENSION) else None
+
+
+def _usual_kinds(kinds: dict[str, set[str]], suspects: set[str]) -> set[str] | None:
+    """The member kinds most samples away from the damage have (the larger set on a tie); None
+    when every sample is next to it, and nothing tells a complete sample."""
+    sets = Counter(frozenset(v) for k, v in kinds.items() if k not in suspects)
+    if not sets:
+        return None
+    return set(max(sets, key=lambda s: (sets[s], len(s))))
+
+
 def scan_tar(path: str) -> ShardIndex:
     """Builds a shard's member index by reading its tar headers (not the member data).
 
-    A truncated or partly unreadable tar keeps every sample fully present before the damage; the
-    damaged sample(s) are counted as ``truncated_shard`` (see the module docstring).
+    Past a damaged header the scan resynchronises at the next valid one, so a damaged or cut
+    region loses only the samples it touches; tars joined end to end read as one. The samples
+    next to the damage are kept only when they have every member kind the shard's other samples
+    have; the rest are counted as ``truncated_shard`` (see the module docstring).
     """
     size, mtime_ns = _stat(path)
     fingerprint = shard_fingerprint(path, size)
@@ -297,6 +323,9 @@ def scan_tar(path: str) -> ShardIndex:
                 error=f"not a readable tar file: {e}",
                 fingerprint=fingerprint,
             )
+        # The first header is valid: from here on skip unreadable blocks and end-of-archive
+        # markers one block at a time, to the next valid header.
+        tar.ignore_zeros = True
         while True:
             try:
                 info = tar.next()
@@ -307,17 +336,33 @@ def scan_tar(path: str) -> ShardIndex:
                 break
             members.append(info)
 
-        lost: set[str] = set()
-        extra_lost = 0
-        cut = [m for m in members if m.offset_data + m.size > size]
-        for m in cut:  # only the last member can be cut; its whole sample is lost
-            parts = split_member_name(m.name)
-            if parts is not None:
-                lost.add(parts[0])
+        def key_of(i: int) -> str | None:
+            parts = split_member_name(members[i].name)
+            return parts[0] if parts else None
+
+        lost: set[str] = set()  # samples with a member certainly in the damage
+        suspects: set[str] = set()  # samples next to the damage: kept only if complete
+        damaged_regions = 0  # each lost at least one member, of a known sample or not
+        errors: list[str] = []
+        for i in range(len(members) - 1):
+            end = members[i].offset_data + -(-members[i].size // _BLOCK) * _BLOCK
+            bad = _first_nonzero(f, end, members[i + 1].offset)
+            if bad is not None:  # not only end-of-archive zeros between the two members
+                errors.append(f"unreadable tar data at bytes {bad}-{members[i + 1].offset}")
+                damaged_regions += 1
+                suspects |= {k for k in (key_of(i), key_of(i + 1)) if k is not None}
+        last = key_of(len(members) - 1) if members else None
+        if members and members[-1].offset_data + members[-1].size > size:
+            # Only the last member can be cut: its whole sample is lost.
+            errors.append(f"truncated: member data runs past the end of the file ({size} bytes)")
+            if last is not None:
+                lost.add(last)
             else:
-                extra_lost += 1
-        if cut:
-            error = f"truncated: member data runs past the end of the file ({size} bytes)"
+                damaged_regions += 1
+        elif error is not None:  # a header tarfile could not skip: the rest is unread
+            errors.append(error)
+            damaged_regions += 1
+            suspects |= {last} - {None}
         else:
             if members:
                 final = members[-1]
@@ -326,37 +371,46 @@ def scan_tar(path: str) -> ShardIndex:
                 tail_start = 0
             bad = _first_nonzero(f, tail_start, size) if tail_start < size else None
             if bad is not None:
-                # A cut header, or a header tarfile could not parse: the rest is unreadable.
-                error = f"truncated or unreadable tar data from byte {bad} of {size}"
+                # A cut header, or unreadable data after the last valid header.
+                errors.append(f"truncated or unreadable tar data from byte {bad} of {size}")
                 name, complete = _partial_header_name(f, bad, size)
-                last = split_member_name(members[-1].name) if members else None
                 parts = split_member_name(name) if complete else None
                 if last is not None and (
-                    (parts is not None and parts[0] == last[0])
-                    or (not complete and name.startswith(last[0] + "."))
+                    (parts is not None and parts[0] == last)
+                    or (not complete and name.startswith(last + "."))
                 ):
-                    lost.add(last[0])  # the cut member belongs to the last sample: incomplete
+                    lost.add(last)  # the cut member belongs to the last sample: incomplete
                 else:
-                    extra_lost += 1
+                    damaged_regions += 1
+                    if parts is None:  # an unknown member: perhaps the last sample's
+                        suspects |= {last} - {None}
             elif size - tail_start < 2 * _BLOCK:
-                # All data present but the end-of-archive marker is cut or missing.
-                error = f"truncated: no end-of-archive marker ({size} bytes)"
+                # All data present but the end-of-archive marker is cut or missing: the file
+                # may have been cut cleanly between two members of the last sample.
+                errors.append(f"truncated: no end-of-archive marker ({size} bytes)")
+                suspects |= {last} - {None}
+        error = "; ".join(errors) or None
+
+    kinds: dict[str, set[str]] = {}
+    for m in members:
+        kind = _member_kind(m.name) if m.isreg() else None
+        if kind is not None:
+            kinds.setdefault(kind[0], set()).add(kind[1])
+    suspects -= lost
+    usual = _usual_kinds(kinds, suspects | lost)
+    incomplete = {k for k in suspects if k in kinds and usual is not None and not usual <= kinds[k]}
+    # A damaged region whose neighbours are both complete lost a whole sample of its own (or an
+    # ignored extra member): one unknown sample each.
+    unknown_lost = max(0, damaged_regions - len(incomplete))
+    lost |= incomplete
 
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     dropped: Counter[str] = Counter()
     for m in members:
-        if not m.isreg():
+        kind = _member_kind(m.name) if m.isreg() else None
+        if kind is None or kind[0] in lost:
             continue
-        parts = split_member_name(m.name)
-        if parts is None:
-            continue
-        key, ext = parts
-        if key in lost:
-            continue
-        if ext in IMAGE_EXTENSIONS:
-            ext = "image"
-        elif ext not in (CAPTION_EXTENSION, META_EXTENSION):
-            continue
+        key, ext = kind
         group = groups.setdefault(key, {})
         if ext in group:
             dropped[SkipReason.DUPLICATE_MEMBER] += 1
@@ -364,7 +418,7 @@ def scan_tar(path: str) -> ShardIndex:
         group[ext] = (m.offset_data, m.size)
 
     skipped_counts: Counter[str] = Counter()
-    skipped_counts[SkipReason.TRUNCATED_SHARD] += len(lost) + extra_lost
+    skipped_counts[SkipReason.TRUNCATED_SHARD] += len(lost) + unknown_lost
     keys: list[str] = []
     rows: list[tuple[int, ...]] = []
     absent = (-1, 0)
@@ -434,6 +488,9 @@ def _read_text(path: str) -> str | None:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:  # present but unreadable: rebuilt, not trusted
+        logging.warning("Ignoring unreadable index %s: %s", path, e)
         return None
 
 
