@@ -75,6 +75,27 @@ def test_encoding_round_trip_and_malformed():
             decode_record(bad)
 
 
+def test_teacher_captions_survive_the_conversion(tmp_path):
+    # Distilled shards (refine_jax.caption_shards) carry a teacher's captions in KEY.json.
+    meta = {"captions": ["a web caption"], "teacher_captions": ["a teacher caption", "two"]}
+    write_tar(
+        tmp_path / "tars" / "00000.tar",
+        [("t0.jpg", jpeg(0)), ("t0.json", json.dumps(meta).encode())]
+        + sample("plain", ["no teacher"], jpeg(1)),
+    )
+    convert(tmp_path / "tars", tmp_path / "ar", workers=1)
+    tar_records = list(iter_records(TarShardSource(tmp_path / "tars")))
+    source = ArrayRecordCaptionSource(tmp_path / "ar")
+    assert [source[i] for i in range(len(source))] == tar_records
+    assert tar_records[0]["teacher_captions"] == ["a teacher caption", "two"]
+    assert "teacher_captions" not in tar_records[1]
+    record = tar_records[0]
+    assert encode_record(record)[:4] == b"RJC2"  # version 1 has no room for them
+    assert encode_record(tar_records[1])[:4] == b"RJC1"  # files without them are unchanged
+    with pytest.raises(ValueError):
+        decode_record(encode_record(record)[:-1])
+
+
 def test_convert_round_trips_every_sample_and_resumes(tmp_path):
     make_shards(tmp_path / "tars")
     out = tmp_path / "ar"

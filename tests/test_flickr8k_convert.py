@@ -213,9 +213,13 @@ def test_shard_writer_rejects_bad_input(tmp_path: Path) -> None:
         writer.write("k2", jpeg(0), [])
     with pytest.raises(ValueError, match="repeat"):
         writer.write("k3", jpeg(0), ["x"], annotation_ids=[1])
+    with pytest.raises(ValueError, match="'k4' is not JSON-serialisable"):
+        writer.write("k4", jpeg(0), ["x"], metadata={"width": object()})
     writer.close()
     refs = json.loads((tmp_path / "w" / "references.json").read_text())
     assert refs["annotations"] == [{"image_id": "k1", "id": 1, "caption": "one"}]
+    with tarfile.open(tmp_path / "w" / "00000.tar") as tar:  # no member of a rejected sample
+        assert tar.getnames() == ["k1.jpg", "k1.txt", "k1.json"]
     # An exception inside the context leaves no partial shard and no references.json.
     with pytest.raises(RuntimeError), ShardWriter(tmp_path / "x", 2) as w:
         w.write("k1", jpeg(0), ["one"])

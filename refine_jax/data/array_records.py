@@ -3,12 +3,16 @@
 The files are written by the converter (`refine_jax.data.array_record_convert`), one
 ``<shard>.array_record`` per tar shard with ``<shard>.array_record.stats.json`` beside it.
 
-Record encoding (version 1), all integers unsigned 32-bit little-endian::
+Record encoding, all integers unsigned 32-bit little-endian::
 
-    b"RJC1"                                   magic and version
+    b"RJC1" or b"RJC2"                        magic and version
     len(key)      key as UTF-8
     len(image)    image bytes as stored in the shard (JPEG/PNG/WebP)
     n_captions    then, n_captions times: len(caption)  caption as UTF-8
+    n_teacher     version 2 only; then, n_teacher times: len(caption)  a teacher's caption
+
+A record with teacher captions (from `refine_jax.caption_shards`) is written as version 2, any
+other as version 1, so converting shards without them gives the same bytes as before.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from etils import epath
 
 from refine_jax.data.records import (
+    TEACHER_CAPTIONS_FIELD,
     Record,
     SkipCounter,
     Skipped,
@@ -31,6 +36,7 @@ from refine_jax.data.records import (
 from refine_jax.data.shards import NoSamplesError, PathsArg, expand_paths
 
 MAGIC = b"RJC1"
+MAGIC_WITH_TEACHERS = b"RJC2"
 SUFFIX = ".array_record"
 STATS_SUFFIX = ".stats.json"
 _U32 = struct.Struct("<I")
@@ -41,8 +47,10 @@ _U32 = struct.Struct("<I")
 
 
 def encode_record(record: Record) -> bytes:
-    """Serialises a record (key, image bytes, captions) in the documented format."""
-    parts = [MAGIC]
+    """Serialises a record (key, image bytes, captions, teacher captions if any) in the
+    documented format."""
+    teachers = record.get(TEACHER_CAPTIONS_FIELD) or []
+    parts = [MAGIC_WITH_TEACHERS if teachers else MAGIC]
 
     def add(blob: bytes) -> None:
         if len(blob) > 0xFFFFFFFF:
@@ -52,16 +60,18 @@ def encode_record(record: Record) -> bytes:
 
     add(record["key"].encode("utf-8"))
     add(bytes(record["image_bytes"]))
-    parts.append(_U32.pack(len(record["captions"])))
-    for caption in record["captions"]:
-        add(caption.encode("utf-8"))
+    for captions in (record["captions"], teachers) if teachers else (record["captions"],):
+        parts.append(_U32.pack(len(captions)))
+        for caption in captions:
+            add(caption.encode("utf-8"))
     return b"".join(parts)
 
 
 def decode_record(data: bytes) -> Record:
     """Inverse of :func:`encode_record`; raises ValueError on malformed data."""
     view = memoryview(data)
-    if bytes(view[:4]) != MAGIC:
+    magic = bytes(view[:4])
+    if magic not in (MAGIC, MAGIC_WITH_TEACHERS):
         raise ValueError(f"not a refine_jax caption record (magic {bytes(view[:4])!r})")
     pos = 4
 
@@ -85,9 +95,12 @@ def decode_record(data: bytes) -> Record:
     key = take().decode("utf-8")
     image = take()
     captions = [take().decode("utf-8") for _ in range(take_u32())]
+    record: Record = {"key": key, "image_bytes": image, "captions": captions}
+    if magic == MAGIC_WITH_TEACHERS:
+        record[TEACHER_CAPTIONS_FIELD] = [take().decode("utf-8") for _ in range(take_u32())]
     if pos != len(view):
         raise ValueError(f"{len(view) - pos} trailing bytes after the record")
-    return {"key": key, "image_bytes": image, "captions": captions}
+    return record
 
 
 # ---------------------------------------------------------------------------------------------

@@ -180,6 +180,10 @@ class ShardWriter:
         for name, value in (metadata or {}).items():
             if name not in meta:
                 meta[name] = value
+        try:  # before any member is written: a sample goes in whole or not at all
+            meta_bytes = json.dumps(meta).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata of {key!r} is not JSON-serialisable: {e}") from e
 
         if self._tar is None:
             path = os.path.join(self.output_dir, shard_name(len(self.shard_paths)))
@@ -187,7 +191,7 @@ class ShardWriter:
             self._in_shard = 0
         add_member(self._tar, f"{key}.{image_ext}", bytes(image_bytes))
         add_member(self._tar, f"{key}.txt", captions[0].encode("utf-8"))
-        add_member(self._tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+        add_member(self._tar, f"{key}.json", meta_bytes)
         self._in_shard += 1
 
         self._keys.add(key)
