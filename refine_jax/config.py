@@ -276,6 +276,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.targets.objective = 'final' needs targets.layout = 'aligned' and a "
             f"coarse-to-fine targets.kind (got {t.layout!r}, {t.kind!r}); or use objective 'step'"
         )
+    if m.kind == "refine" and not config.decode.revise and t.objective != "final":
+        raise ConfigError(
+            "config.decode.revise = False keeps written words in the 'final' objective's "
+            f"decoding; targets.objective = {t.objective!r} rewrites every position at each step"
+        )
     if config.decode.beam_size < 1:
         raise ConfigError(f"config.decode.beam_size must be >= 1, got {config.decode.beam_size}")
     if config.decode.polish_steps < 0:

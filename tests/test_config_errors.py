@@ -95,6 +95,15 @@ def test_invalid_values_name_the_key(key, value, message):
         validate_config(config)
 
 
+def test_keeping_written_words_with_the_step_objective_is_rejected():
+    config = load_config("shapes", "tiny")
+    config.decode.revise = False
+    validate_config(config)  # the final objective keeps them
+    config.targets.objective = "step"
+    with pytest.raises(ConfigError, match="revise = False .*objective = 'step' rewrites"):
+        validate_config(config)
+
+
 @pytest.mark.parametrize("fraction", [-0.1, 1.5])
 def test_lr_decay_fraction_outside_zero_to_one_is_rejected(fraction):
     config = load_config("shapes", "tiny")

@@ -67,6 +67,17 @@ def test_write_due_revises_written_words_only_when_asked():
     assert write_due(word_distribution(logits), due, canvas, revise=False)[0].tolist() == [D, B, D]
 
 
+def test_without_revise_written_words_stay_where_the_step_would_blank_or_end_them():
+    logits = one_hot_logits([[A, B, C, PAD_ID, PAD_ID]])  # the step would end after 3 words
+    due = jnp.asarray([[-1.0, 1.0, -1.0, -1.0, -1.0]])  # and write position 1 only
+    canvas = jnp.asarray([[D, BLANK_ID, BLANK_ID, BLANK_ID, D]])
+    revised = write_due(word_distribution(logits), due, canvas, revise=True)[0].tolist()
+    assert revised == [BLANK_ID, B, BLANK_ID, PAD_ID, PAD_ID]
+    kept = write_due(word_distribution(logits), due, canvas, revise=False)[0].tolist()
+    # The D at 0 stays though not due, and the end moves past the D at 4.
+    assert kept == [D, B, BLANK_ID, BLANK_ID, D]
+
+
 def test_final_objective_terms_on_a_known_case():
     final = jnp.asarray([[A, B, PAD_ID, PAD_ID]])
     target = jnp.asarray([[A, BLANK_ID, PAD_ID, PAD_ID]])

@@ -116,16 +116,22 @@ def write_due(
     position the model deems due (due logit > 0) gets its most likely word and the rest stay
     blank, so how many words a step writes is the model's decision; at least the most due
     position is written. With `revise`, a word already on the canvas may be replaced by a
-    likelier one; without, written words are copied.
+    likelier one, blanked, or cut off by a shorter end; without, written words are copied
+    wherever they are (and the description does not end before the last of them).
     """
     ended = jnp.cumsum(jax.lax.stop_gradient(words.pad_probability), axis=-1) >= 0.5  # [B, L]
     best = words.best_word
     if not revise:
-        best = jnp.where(is_word(canvas), canvas, best)
+        kept = is_word(canvas)
+        best = jnp.where(kept, canvas, best)
+        # [B, L]: a written word at this position or after it
+        ended &= jnp.flip(jnp.cumsum(jnp.flip(kept, -1), axis=-1), -1) == 0
     due = (due_logits > 0) & ~ended
     most_due = jnp.argmax(jnp.where(ended, -jnp.inf, due_logits), axis=-1)  # [B]
     fallback = (jnp.arange(canvas.shape[-1]) == most_due[:, None]) & ~ended
     due = jnp.where(jnp.any(due, axis=-1, keepdims=True), due, fallback)
+    if not revise:
+        due |= kept
     return jnp.where(ended, PAD_ID, jnp.where(due, best, BLANK_ID))
 
 
