@@ -1,9 +1,11 @@
 """One training run per workdir: a lock file naming its holder (pid, host), kept fresh by a
 heartbeat, so that a second run refuses to start instead of deleting the first one's checkpoints.
 
-A lock left behind by a dead run is taken over: on the same host when its pid is gone, from any
-host when its heartbeat is older than `stale_after_s`. On a local disk the lock file is created
-atomically; on an object store (gs://) two runs started in the same second may both get it.
+A lock left behind by a dead run is taken over: on the same host when its pid is gone (or is
+this process's own, which holds no such lock: a restarted container often reuses the dead run's
+pid), from any host when its heartbeat is older than `stale_after_s`. On a local disk the lock
+file is created atomically; on an object store (gs://) two runs started in the same second may
+both get it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from etils import epath
 from refine_jax.errors import WorkdirLockedError
 
 LOCK_FILE = "run.lock"
+# The lock files this process holds, so that a record of its own pid is known for a live lock.
+_HELD_HERE: set[str] = set()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -67,7 +71,11 @@ class WorkdirLock:
         if time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s:
             return True
         same_host = holder.get("hostname") == self.owner["hostname"]
-        return same_host and "pid" in holder and not _pid_alive(int(holder["pid"]))
+        if not same_host or "pid" not in holder:
+            return False
+        if int(holder["pid"]) == os.getpid():  # a dead run's, unless this process holds it
+            return str(self.path) not in _HELD_HERE
+        return not _pid_alive(int(holder["pid"]))
 
     def _create(self) -> bool:
         """Creates the lock file if there is none; whether this call created it."""
@@ -92,6 +100,7 @@ class WorkdirLock:
         for _ in range(3):
             if self._create():
                 self._held = True
+                _HELD_HERE.add(str(self.path))
                 self._started = time.time()
                 self._start_heartbeat()
                 return
@@ -134,6 +143,7 @@ class WorkdirLock:
         if not self._held:
             return
         self._held = False
+        _HELD_HERE.discard(str(self.path))
         self._stop_heartbeat.set()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)

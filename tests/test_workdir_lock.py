@@ -2,6 +2,7 @@
 dead runs are taken over."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -44,6 +45,15 @@ def test_a_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
         holder = json.loads((tmp_path / LOCK_FILE).read_text())
         assert holder["pid"] == lock.owner["pid"]
     assert not (tmp_path / LOCK_FILE).exists()  # released on exit
+
+
+def test_a_lock_naming_this_process_that_it_does_not_hold_is_taken_over(tmp_path):
+    # A restarted container often runs the trainer under the dead run's pid (pid 1, say).
+    write_lock(tmp_path, pid=os.getpid(), started=time.time() - 100)
+    with WorkdirLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["started"] > time.time() - 100
+        with pytest.raises(WorkdirLockedError):  # held by this process: not stale
+            WorkdirLock(tmp_path).acquire()
 
 
 def test_a_lock_whose_heartbeat_stopped_is_taken_over_from_any_host(tmp_path):
