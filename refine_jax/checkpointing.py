@@ -321,10 +321,26 @@ class Checkpointer:
             target_state,
             target_shardings,
         )
-        items = {"state": ocp.args.StandardRestore(abstract)}
+        state = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )["state"]
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            # Restored on its own: the files verified (`checkpoint_damage`), so a failure here
+            # is a pipeline that cannot take this position, not damage to set aside.
+            try:
+                self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)),
+                )
+            except Exception as error:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step}: its data-iterator position cannot be "
+                    "restored into this input pipeline; data.num_workers, the number of "
+                    "processes or the data sources differ from the run that saved it. Resume "
+                    "with its settings (WORKDIR/config.json records them). Grain said: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+        return state
 
     def _verified_restore(
         self, step: int, restore: Callable[[int], Restored]

@@ -281,6 +281,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.decode.revise = False keeps written words in the 'final' objective's "
             f"decoding; targets.objective = {t.objective!r} rewrites every position at each step"
         )
+    if config.best_checkpoint_metric and not config.best_checkpoint_metric.startswith("eval/"):
+        raise ConfigError(
+            f"config.best_checkpoint_metric = {config.best_checkpoint_metric!r} is not an "
+            "evaluation metric: those are named 'eval/...', e.g. 'eval/final_matches_reference'"
+        )
     if config.decode.beam_size < 1:
         raise ConfigError(f"config.decode.beam_size must be >= 1, got {config.decode.beam_size}")
     if config.decode.polish_steps < 0:
@@ -291,7 +296,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.model.num_refine_steps (K) must be >= 1, got {m.num_refine_steps}"
         )
-    for key in ("batch_size", "total_steps", "log_every_steps", "canvas_length", "width"):
+    for key in (
+        "batch_size",
+        "total_steps",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "max_consecutive_nonfinite",
+        "canvas_length",
+        "width",
+    ):
         value = config[key] if key in config else m[key]
         if value < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {value}")

@@ -24,7 +24,8 @@ class CheckpointError(RefineJaxError, RuntimeError):
 
 
 class CheckpointMismatchError(RefineJaxError, ValueError):
-    """A checkpoint written by a model of another shape than the config's."""
+    """A checkpoint written by a model of another shape than the config's, or whose data
+    position another input pipeline (data.num_workers, process count) cannot take."""
 
 
 class WorkdirLockedError(RefineJaxError, RuntimeError):

@@ -31,7 +31,7 @@ from refine_jax.data.pipeline import (
     structural_skip_counts,
     train_batches,
 )
-from refine_jax.errors import WorkdirLockedError
+from refine_jax.errors import ConfigError, WorkdirLockedError
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
 from refine_jax.evaluation.matching import MatchEmbedder, split_retrieval
 from refine_jax.evaluation.metrics import evaluate_samples
@@ -177,8 +177,6 @@ def _train_and_evaluate(
     # --- Setup: everything that can fail on bad input fails here, before compilation.
     workdir = epath.Path(workdir)  # local or gs://
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # eval and caption read it: --workdir alone is enough there
-        record_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(map(tuple, config.mesh.axis_rules))
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -283,6 +281,10 @@ def _train_and_evaluate(
             state = state.replace(params=load_encoder(state.params, m.pretrained_encoder))
             if is_logger:
                 print(f"encoder initialised from {m.pretrained_encoder}")
+        # Eval and caption read it (--workdir alone is enough there). Written only now: a run
+        # refused above leaves the config of the run that wrote the checkpoints.
+        if is_logger:
+            record_config(config, workdir)
 
         # --- Training loop. SIGTERM (preemption) or SIGINT saves a checkpoint and ends the run
         # cleanly. Processes must stop at the same step to save together: with several, the
@@ -300,11 +302,14 @@ def _train_and_evaluate(
             training_flops_per_example(config, tokenizer.vocab_size) * config.batch_size
         )
         profile_start, profile_stop = config.profile_steps
+        profiling = False  # a run resumed inside the window traces what is left of it
         start_step = int(state.step)
         last_time, last_step, eval_rates, samples = time.time(), start_step, {}, None
         previous_metrics, nonfinite_streak = None, 0
         for step in range(start_step + 1, config.total_steps + 1):
             if should_stop(step):
+                if profiling:  # stopped inside the window: keep the trace so far
+                    jax.profiler.stop_trace()
                 checkpointer.save(step - 1, state, batches, signature, force=True)
                 checkpointer.wait()
                 if is_logger:
@@ -316,14 +321,16 @@ def _train_and_evaluate(
                 checkpointer.close()
                 writer.close()
                 return {"stopped_at_step": step - 1}
-            if step == profile_start:
+            if profile_start <= step <= profile_stop and not profiling:
                 jax.profiler.start_trace(str(workdir / "profile"))
+                profiling = True
             batch = next(batches)
             add_skips(count_skips(batch))
             state, metrics = step_fn(state, put_batch(batch))
-            if step == profile_stop:
+            if step == profile_stop and profiling:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
+                profiling = False
             if previous_metrics is not None:  # checked one step late, so dispatch never waits
                 skipped = bool(previous_metrics["skipped_nonfinite"])
                 nonfinite_streak = nonfinite_streak + 1 if skipped else 0
@@ -358,6 +365,13 @@ def _train_and_evaluate(
                 if eval_due:
                     samples, rates = evaluate()
                     eval_rates = {f"eval/{k}": v for k, v in rates.items()}
+                    best = config.best_checkpoint_metric
+                    if best and best not in eval_rates:  # before orbax's save needs it
+                        checkpointer.wait()
+                        raise ConfigError(
+                            f"config.best_checkpoint_metric = {best!r} is not a metric of this "
+                            f"run's evaluation, which has: {', '.join(sorted(eval_rates))}"
+                        )
                     record.update(eval_rates)
                     last_time = time.time()  # evaluation time is not training time
                 writer.write(step, record)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from refine_jax import sharding
 from refine_jax.checkpointing import Checkpointer
+from refine_jax.errors import CheckpointMismatchError
 from refine_jax.model_kinds import model_kind
 
 
@@ -143,9 +144,9 @@ def restore_state(
     so and what to do, instead of with orbax's tree error."""
     try:
         return checkpointer.restore(step, target, shardings, data_iterator, signature)
+    except CheckpointMismatchError:  # another model shape, or another input pipeline
+        raise
     except ValueError as e:
-        if "different model" in str(e):
-            raise
         raise _layout_error(checkpointer, step, target, e) from e
     except KeyError as e:
         raise _layout_error(checkpointer, step, target, e) from e

@@ -95,6 +95,23 @@ def test_invalid_values_name_the_key(key, value, message):
         validate_config(config)
 
 
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("eval_every_steps", 0, "eval_every_steps must be >= 1, got 0"),
+        ("checkpoint_every_steps", 0, "checkpoint_every_steps must be >= 1, got 0"),
+        ("keep_checkpoints", 0, "keep_checkpoints must be >= 1, got 0"),
+        ("max_consecutive_nonfinite", 0, "max_consecutive_nonfinite must be >= 1, got 0"),
+        ("best_checkpoint_metric", "final_matches_reference", "named 'eval/...'"),
+    ],
+)
+def test_invalid_top_level_values_name_the_key(key, value, message):
+    config = load_config("shapes", "tiny")
+    config[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
 def test_keeping_written_words_with_the_step_objective_is_rejected():
     config = load_config("shapes", "tiny")
     config.decode.revise = False

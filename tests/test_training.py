@@ -12,6 +12,7 @@ from refine_jax import train
 from refine_jax.data import training_captions
 from refine_jax.data.pipeline import CaptionFeatures, eval_batches
 from refine_jax.data.shapes import ShapesSource
+from refine_jax.errors import CheckpointMismatchError, ConfigError
 from refine_jax.model_kinds import build_model
 from refine_jax.tokenizer import train_tokenizer
 from refine_jax.train_state import initial_state
@@ -87,6 +88,20 @@ def test_restoring_into_another_model_shape_names_the_mismatch(tmp_path, change,
     assert named in str(error.value)
     if "width" in change:
         assert "parameter ['detailer']['final_norm']['scale']" in str(error.value)
+    # The refused run leaves the config of the run that wrote the checkpoints, which eval and
+    # caption read from the workdir.
+    recorded = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert {key: recorded[key] for key in change} != change
+
+
+def test_resuming_with_another_number_of_data_workers_names_the_setting(tmp_path):
+    train.train_and_evaluate(short_config(steps=2), str(tmp_path))
+    config = short_config(steps=3)
+    config.data.num_workers = 1  # grain saves another iterator state with worker processes
+    with pytest.raises(CheckpointMismatchError, match="data.num_workers, the number of proc"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "checkpoints" / "2").is_dir()  # not set aside as damaged
+    assert not (tmp_path / "checkpoints_damaged").exists()
 
 
 def test_a_nan_batch_skips_the_update_and_is_counted():
@@ -187,6 +202,23 @@ def test_the_best_checkpoint_is_ranked_by_its_own_steps_evaluation(tmp_path, mon
     assert kept_scores() == {6: 0.95, 8: 0.2}
     logged = {r["step"]: r["eval/score"] for r in records(tmp_path) if "eval/score" in r}
     assert logged == {2: 0.9, 4: 0.1, 6: 0.95, 8: 0.2}
+
+
+def test_a_run_resumed_inside_the_profile_window_traces_the_rest_of_it(tmp_path):
+    train.train_and_evaluate(short_config(steps=2), str(tmp_path))  # checkpoint at step 2
+    config = short_config(steps=4)
+    config.profile_steps = (1, 3)  # resumed at step 3, inside the window
+    train.train_and_evaluate(config, str(tmp_path))
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
+def test_a_best_metric_the_evaluation_lacks_is_named_before_any_save_needs_it(tmp_path):
+    config = checkpoint_config(2, 1, 2)
+    config.best_checkpoint_metric = "eval/no_such_metric"
+    with pytest.raises(ConfigError, match="'eval/no_such_metric' is not a metric of .*eval/"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # no partial save
 
 
 @pytest.mark.slow
