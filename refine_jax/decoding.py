@@ -268,10 +268,12 @@ def last_layer_attention(intermediates: Mapping[str, Any]) -> jax.Array:
 
 
 def refine_attention(
-    model: RefineCaptioner, params, images: jax.Array, fractions: jax.Array
+    model: RefineCaptioner, params, images: jax.Array, fractions: jax.Array, beam: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """The refinement kind's `describe_with_attention` hook: canvases [B, K, L] and the last
-    layer's head-averaged cross-attention [B, K, L, N] of every step (jit-able)."""
+    layer's head-averaged cross-attention [B, K, L, N] of every step (jit-able). `beam` is the
+    baseline's and changes nothing here."""
+    del beam
     out, state = model.apply(
         {"params": params},
         images,
@@ -279,17 +281,19 @@ def refine_attention(
         method=RefineCaptioner.describe,
         mutable=["intermediates"],
     )
-    weights = last_layer_attention(state["intermediates"])  # [K, B, H, L, N]
+    weights = last_layer_attention(state["intermediates"])  # [K + polish steps, B, H, L, N]
+    weights = weights[model.described_applications(weights.shape[0])]  # [K, B, H, L, N]
     return jnp.swapaxes(out["canvas"], 0, 1), jnp.swapaxes(weights.mean(axis=2), 0, 1)
 
 
 def autoregressive_attention(
-    model: AutoregressiveCaptioner, params, images: jax.Array, fractions: jax.Array
+    model: AutoregressiveCaptioner, params, images: jax.Array, fractions: jax.Array, beam: int = 1
 ) -> tuple[jax.Array, jax.Array]:
-    """The baseline's `describe_with_attention` hook: its greedy caption [B, 1, L] and, from a
-    teacher-forced pass over it, the last layer's head-averaged cross-attention [B, 1, L, N]."""
-    del fractions  # one step
-    caption = greedy_decode(model, params, images)  # [B, L]
+    """The baseline's `describe_with_attention` hook: its caption [B, 1, L] (greedy, or by beam
+    search with `beam` > 1, as it is described) and, from a teacher-forced pass over it, the
+    last layer's head-averaged cross-attention [B, 1, L, N]."""
+    method = "beam" if beam > 1 else "greedy"
+    caption = autoregressive_canvases(model, params, images, fractions, None, method, beam)[:, 0]
     image_tokens = model.apply({"params": params}, images, method=AutoregressiveCaptioner.encode)
     inputs = shift_right(with_eos(jnp.pad(caption, ((0, 0), (0, 1)))))
     _, state = model.apply(

@@ -174,11 +174,13 @@ def decode_batch(
 
 
 def describe_with_attention(
-    model: nn.Module, params, images: jax.Array, fractions: jax.Array
+    model: nn.Module, params, images: jax.Array, fractions: jax.Array, beam: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """Canvases [B, K, L] and the last text layer's head-averaged cross-attention [B, K, L, N]
-    of every step (jit-able), by the model's kind's `describe_with_attention` hook."""
-    return _describing_kind(model).describe_with_attention(model, params, images, fractions)
+    of every step (jit-able, `beam` static), by the model's kind's `describe_with_attention`
+    hook. `beam` > 1: the baseline's beam-search caption, as `decode_batch` writes it."""
+    kind = _describing_kind(model)
+    return kind.describe_with_attention(model, params, images, fractions, beam)
 
 
 def _shared_module_args(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, Any]:

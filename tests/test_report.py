@@ -140,9 +140,12 @@ def test_last_layer_attention_shapes():
         last_layer_attention({})
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tiny,autoregressive"])
-def test_describe_with_attention_matches_decoding(variant):
+@pytest.mark.parametrize(
+    "variant,polish_steps,beam", [("tiny", 0, 1), ("tiny", 2, 1), ("tiny,autoregressive", 0, 3)]
+)
+def test_describe_with_attention_matches_decoding(variant, polish_steps, beam):
     config = load_config("shapes", variant)
+    config.decode.polish_steps = polish_steps
     model = build_model(config, 60)
     params = jax.jit(lambda: train.init_variables(model, config, 60))()
     params = jax.tree.map(
@@ -152,14 +155,24 @@ def test_describe_with_attention_matches_decoding(variant):
     )
     images = jax.random.uniform(jax.random.key(1), (2, 48, 48, 3), minval=-1, maxval=1)
     fractions = jnp.linspace(0.25, 1.0, 4)
-    canvases, attention = jax.jit(describe_with_attention, static_argnums=0)(
-        model, params, images, fractions
+    canvases, attention = jax.jit(describe_with_attention, static_argnums=(0, 4))(
+        model, params, images, fractions, beam
     )
     num_steps = 4 if variant == "tiny" else 1
     assert canvases.shape == (2, num_steps, 16)
     assert attention.shape == (2, num_steps, 16, 16)  # [B, K, L, N]: 4 x 4 patches
     np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)  # softmax over patches
-    np.testing.assert_array_equal(canvases, decode_batch(model, params, images, fractions))
+    method = "beam" if beam > 1 else "greedy"
+    decoded = decode_batch(model, params, images, fractions, method=method, beam=beam)
+    np.testing.assert_array_equal(canvases, decoded)
+    if polish_steps:  # step K's attention is the last polish pass's, which wrote its canvas
+        _, state = model.apply(
+            {"params": params}, images, fractions, method="describe", mutable=["intermediates"]
+        )
+        applied = last_layer_attention(state["intermediates"]).mean(axis=2)  # [K + 2, B, L, N]
+        assert applied.shape[0] == num_steps + polish_steps
+        np.testing.assert_allclose(attention[:, -1], applied[-1], rtol=1e-6)
+        np.testing.assert_allclose(attention[:, :-1], jnp.swapaxes(applied[:3], 0, 1), rtol=1e-6)
 
 
 def synthetic_report(path: Path) -> None:

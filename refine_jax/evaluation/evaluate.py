@@ -89,7 +89,7 @@ def eval_split(
 def _attention_fn(model: nn.Module):
     """The jitted attention pass of a model, built once per model (each evaluation of a run
     reuses its compilation)."""
-    return jax.jit(functools.partial(describe_with_attention, model))
+    return jax.jit(functools.partial(describe_with_attention, model), static_argnames="beam")
 
 
 def source_positions(source: CaptionSource, samples: Sequence[dict]) -> list[int]:
@@ -125,7 +125,12 @@ def report_images(
         padded = np.concatenate([images, np.repeat(images[-1:], batch_size - len(chunk), 0)])
         with loaded.context():
             placed = loaded.put_batch({"image": padded})["image"]
-            canvases, attention = attend(loaded.params, placed, jnp.asarray(loaded.fractions))
+            canvases, attention = attend(
+                loaded.params,
+                placed,
+                jnp.asarray(loaded.fractions),
+                beam=loaded.config.decode.beam_size,  # the captions describe_split wrote
+            )
         canvases, attention = to_host(canvases), to_host(attention)  # [B, K, L], [B, K, L, N]
         if loaded.config.decode.drop_repeats:  # as describe_split wrote them
             canvases = loaded.tokenizer.drop_repeated_words(canvases)

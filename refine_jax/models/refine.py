@@ -417,9 +417,14 @@ class RefineCaptioner(nn.Module):
             steps["start"] = jnp.broadcast_to(start, (fractions.shape[0], *start.shape))
         out = self._refine(image_tokens, steps, None, True, start)
         if self.polish_steps:
-            keep = jnp.r_[jnp.arange(self.num_refine_steps - 1), fractions.shape[0] - 1]
+            keep = self.described_applications(fractions.shape[0])
             out = jax.tree.map(lambda a: a[keep], out)
         return out
+
+    def described_applications(self, applications: int) -> jax.Array:
+        """Which of `describe`'s detailer applications are its K steps: steps 1..K−1, then
+        the last application (the last polish pass when there are any)."""
+        return jnp.r_[jnp.arange(self.num_refine_steps - 1), applications - 1]
 
 
 def start_canvas(word_tokens: list[list[int]], canvas_length: int) -> list[int]:
