@@ -11,6 +11,7 @@ from test_caption_mode import make_images
 from test_evaluate import run_main, trained_workdir
 
 from refine_jax.data import make_sources
+from refine_jax.evaluation.caption_images import step_match_scores
 from refine_jax.evaluation.matching import (
     MatchEmbedder,
     calibration,
@@ -123,6 +124,10 @@ def test_caption_mode_scores_every_step_with_a_matching_model(
         ]
         assert sum(printed) >= len(fell)
     assert result.stdout.count("[match ") == 4 * len(rows)
+
+
+def test_a_caption_run_whose_images_were_all_skipped_has_no_step_to_score(match_workdir):
+    assert step_match_scores(match_workdir, [], []).shape == (0, 0)
 
 
 def test_progress_is_the_share_of_the_final_descriptions_information_about_the_image():

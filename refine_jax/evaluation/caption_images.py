@@ -211,9 +211,11 @@ def step_match_scores(
     """[N, K] reference-free image-text scores of every step's description (the matching model
     of `match_workdir`, reading each image at its own input size)."""
     matcher = load_model(None, match_workdir)
+    if not paths:  # every image was skipped: nothing to score
+        return np.zeros((0, 0), np.float32)
     embedder = MatchEmbedder.from_loaded(matcher)
     size = matcher.config.model.image_size
-    num_steps = len(descriptions[0]) if descriptions else 0
+    num_steps = len(descriptions[0])
     with matcher.context():
         images = embedder.embed_images(np.stack([read_image(p, size) for p in paths]))
         flat = [text for steps in descriptions for text in steps]
