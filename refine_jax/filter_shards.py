@@ -31,13 +31,14 @@ ORIGINS = ("web", "teacher")
 
 
 def candidates(record: dict) -> list[tuple[str, str]]:
-    """(origin, caption) of every distinct non-empty caption of a record, web ones first."""
+    """(origin, caption) of every distinct non-empty caption of a record, web ones first (a
+    teacher caption that repeats a web one is scored and kept once, as web)."""
     seen, out = set(), []
     for origin, field in (("web", "captions"), ("teacher", TEACHER_CAPTIONS_FIELD)):
         for caption in record.get(field) or ():
             text = caption.strip()
-            if text and (origin, text) not in seen:
-                seen.add((origin, text))
+            if text and text not in seen:
+                seen.add(text)
                 out.append((origin, text))
     return out
 

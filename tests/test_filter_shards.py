@@ -19,7 +19,7 @@ from refine_jax.data.pipeline import preprocess_image
 from refine_jax.data.records import TEACHER_CAPTIONS_FIELD, decode_image
 from refine_jax.data.shards import TarShardSource
 from refine_jax.evaluation.matching import MatchEmbedder
-from refine_jax.filter_shards import SIDECAR_SUFFIX, filter_shard_set
+from refine_jax.filter_shards import SIDECAR_SUFFIX, candidates, filter_shard_set
 from refine_jax.model_loading import load_model
 
 
@@ -136,3 +136,8 @@ def test_filtering_resumes_and_splits_into_parts(captioned, matcher, tmp_path):
         filter_shard_set(embedder, str(captioned), out, 1.5)
     with pytest.raises(ValueError, match="part"):
         filter_shard_set(embedder, str(captioned), out, 0.3, part=2, num_parts=2)
+
+
+def test_each_distinct_caption_is_a_candidate_once_web_before_teacher():
+    record = {"captions": ["a dog", " a dog ", ""], TEACHER_CAPTIONS_FIELD: ["a dog", "a cat"]}
+    assert candidates(record) == [("web", "a dog"), ("teacher", "a cat")]
