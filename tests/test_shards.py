@@ -484,6 +484,13 @@ def test_decode_image_formats(fmt, mode):
     assert arr.shape == (16, 24, 3) and arr.dtype == np.uint8
 
 
+def test_a_16_bit_grey_png_is_scaled_by_its_bit_depth_not_its_brightest_pixel():
+    for value in (200, 65535):  # a dark image and a white one
+        buf = io.BytesIO()
+        Image.fromarray(np.full((4, 4), value, np.uint16)).save(buf, format="PNG")
+        assert np.unique(decode_image(buf.getvalue())).tolist() == [round(value / 257)]
+
+
 def test_decode_image_transparency_over_white_and_corrupt_bytes():
     buf = io.BytesIO()
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(buf, format="PNG")

@@ -208,7 +208,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     """Converts a loaded Pillow image of any mode to a contiguous uint8 HxWx3 array."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         arr = np.asarray(im, dtype=np.float64)
-        if im.mode != "F" and arr.max(initial=0) > 255:
+        if im.mode != "F":  # 16-bit samples (PNG), whatever this image's own range
             arr = arr / 257.0
         gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
