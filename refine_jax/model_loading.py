@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
@@ -123,6 +124,17 @@ def load_model(
     validate_config(config)
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(map(tuple, config.mesh.axis_rules))
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % batch_shards:  # other devices than training had: pad the batches
+        rounded = -(-config.batch_size // batch_shards) * batch_shards
+        logging.info(
+            "describing in batches of %d, not %d: a multiple of the %d batch shards of mesh %s",
+            rounded,
+            config.batch_size,
+            batch_shards,
+            dict(mesh.shape),
+        )
+        config.batch_size = rounded
     tokenizer = tokenizer or load_tokenizer(config, workdir)
     m, t = config.model, config.targets
     model = build_model(config, tokenizer.vocab_size)

@@ -81,23 +81,51 @@ def create_sharded(init_fn: Callable, mesh: Mesh, rules, *args):
     return value, shardings
 
 
-def global_batch(batch: dict, mesh: Mesh, rules) -> dict:
-    """Per-process NumPy arrays -> global jax.Arrays sharded along the batch axis."""
+def process_batch_block(mesh: Mesh, rules, global_rows: int) -> tuple[int, int]:
+    """(index, count): the block of a global batch's rows this process's devices hold, of the
+    `count` equal contiguous blocks the batch splits into across processes. Processes whose
+    devices hold the same rows (the batch axis replicated across them, e.g. 'tensor' spanning
+    processes) share a block and must load the same rows. A mesh under which a process holds
+    rows that are not one such block is a ValueError."""
+    index_map = batch_sharding(mesh, rules, 1).devices_indices_map((global_rows,))
+    rows_of: dict[int, set[int]] = {}
+    for device, (rows,) in index_map.items():
+        start, stop, _ = rows.indices(global_rows)
+        rows_of.setdefault(device.process_index, set()).update(range(start, stop))
+    spans = {p: (min(r), max(r) + 1) for p, r in rows_of.items()}
+    blocks = sorted(set(spans.values()))
+    size = global_rows // len(blocks)
+    if any(len(rows_of[p]) != stop - start for p, (start, stop) in spans.items()) or blocks != [
+        (i * size, (i + 1) * size) for i in range(len(blocks))
+    ]:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} gives processes batch rows that are not equal contiguous "
+            f"blocks ({dict(sorted(spans.items()))} of {global_rows}): order config.mesh.shape "
+            "so that each process's devices hold one block of the batch"
+        )
+    return blocks.index(spans[jax.process_index()]), len(blocks)
+
+
+def global_batch(batch: dict, mesh: Mesh, rules, global_rows: int) -> dict:
+    """This process's block of a batch (`process_batch_block`), as NumPy arrays -> global
+    jax.Arrays of `global_rows` rows sharded along the batch axis."""
     return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+        k: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, rules, v.ndim), v, (global_rows, *v.shape[1:])
+        )
         for k, v in batch.items()
     }
 
 
 def global_batch_from_full(batch: dict, mesh: Mesh, rules) -> dict:
-    """A batch every process holds whole (evaluation) -> global arrays; each process
-    contributes its contiguous 1/P of the rows."""
-    index, count = jax.process_index(), jax.process_count()
-    local = {}
-    for key, value in batch.items():
-        rows = value.shape[0] // count
-        local[key] = value[index * rows : (index + 1) * rows]
-    return global_batch(local, mesh, rules)
+    """A batch every process holds whole (evaluation) -> global arrays; each device takes its
+    rows, whatever the layout of the mesh across processes."""
+    return {
+        k: jax.make_array_from_callback(
+            v.shape, batch_sharding(mesh, rules, v.ndim), lambda index, v=v: v[index]
+        )
+        for k, v in batch.items()
+    }
 
 
 def sum_over_processes(counts: np.ndarray) -> np.ndarray:

@@ -180,10 +180,10 @@ def _train_and_evaluate(
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(map(tuple, config.mesh.axis_rules))
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % batch_shards or config.batch_size % jax.process_count():
+    if config.batch_size % batch_shards:  # then also over the processes' blocks of it
         raise ValueError(
             f"batch_size {config.batch_size} must divide evenly over the {batch_shards} batch "
-            f"shards of mesh {dict(mesh.shape)} and the {jax.process_count()} processes"
+            f"shards of mesh {dict(mesh.shape)}"
         )
     train_source, eval_source = make_sources(config)
     tokenizer = load_or_train_tokenizer(config, workdir, train_source)
@@ -209,16 +209,18 @@ def _train_and_evaluate(
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=0,
         )
-        put_batch = lambda batch: sharding.global_batch(batch, mesh, rules)
+        put_batch = lambda batch: sharding.global_batch(batch, mesh, rules, config.batch_size)
         put_full_batch = lambda batch: sharding.global_batch_from_full(batch, mesh, rules)
+        # This process reads its block of each batch; processes sharing rows read the same.
+        block, blocks = sharding.process_batch_block(mesh, rules, config.batch_size)
         batches = train_batches(
             train_source,
             features,
             config.batch_size,
             config.seed,
             config.data.num_threads,
-            jax.process_index(),
-            jax.process_count(),
+            block,
+            blocks,
             num_workers=config.data.num_workers,
             worker_buffer_size=config.data.worker_buffer_size,
         )

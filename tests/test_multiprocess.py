@@ -1,5 +1,6 @@
-"""Two local processes (4 CPU devices each) coordinated through jax.distributed on loopback
-train exactly like one process with 8 devices."""
+"""Two local processes coordinated through jax.distributed on loopback train exactly like one
+process with all their devices: 4 CPU devices each with the batch split across the processes,
+and 1 each with the model split across them (the batch replicated, so both read the same rows)."""
 
 import json
 import os
@@ -19,7 +20,6 @@ COMMON = [
     "--config.eval_every_steps=1000",
     "--config.checkpoint_every_steps=1000",
     "--config.data.eval_size=8",
-    "--config.mesh.shape=(-1,1,1)",
 ]
 
 
@@ -39,8 +39,8 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
-def start_two_processes(workdir, flags):
-    """Two local processes of one run (4 CPU devices each), coordinated on loopback."""
+def start_two_processes(workdir, flags, devices=4):
+    """Two local processes of one run (`devices` CPU devices each), coordinated on loopback."""
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     return [
         subprocess.Popen(
@@ -55,7 +55,7 @@ def start_two_processes(workdir, flags):
                 f"--process_id={i}",
             ],
             cwd=REPO,
-            env=environment(4),
+            env=environment(devices),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -64,23 +64,25 @@ def start_two_processes(workdir, flags):
     ]
 
 
-def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
+@pytest.mark.parametrize("devices,mesh", [(4, "(-1,1,1)"), (1, "(1,1,-1)")])
+def test_two_processes_train_like_one_process_with_all_their_devices(tmp_path, devices, mesh):
+    flags = [*COMMON, f"--config.mesh.shape={mesh}"]
     single = tmp_path / "single"
     subprocess.run(
-        [sys.executable, "-m", "refine_jax.main", *COMMON, f"--workdir={single}"],
+        [sys.executable, "-m", "refine_jax.main", *flags, f"--workdir={single}"],
         cwd=REPO,
-        env=environment(8),
+        env=environment(2 * devices),
         check=True,
         capture_output=True,
         timeout=600,
     )
 
     multi = tmp_path / "multi"
-    processes = start_two_processes(multi, COMMON)
+    processes = start_two_processes(multi, flags, devices)
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
-    assert "8 devices" in outputs[0][0] or "'data': 8" in outputs[0][0]
+    assert f"'data': {8 if devices == 4 else 1}" in outputs[0][0]
     expected, observed = losses(single), losses(multi)
     assert sorted(observed) == [1, 2, 3]
     for step, loss in expected.items():
@@ -94,6 +96,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     import time
 
     overrides = [o for o in COMMON if "total_steps" not in o and "log_every" not in o]
+    overrides.append("--config.mesh.shape=(-1,1,1)")
     processes = start_two_processes(
         tmp_path, [*overrides, "--config.total_steps=100000", "--config.log_every_steps=2"]
     )

@@ -136,11 +136,11 @@ def test_sigint_saves_a_checkpoint_that_resumes_bit_exactly(tmp_path, monkeypatc
 
     real_global_batch, calls = sharding.global_batch, []
 
-    def ctrl_c_during_step_three(batch, mesh, rules):
+    def ctrl_c_during_step_three(batch, mesh, rules, global_rows):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return real_global_batch(batch, mesh, rules)
+        return real_global_batch(batch, mesh, rules, global_rows)
 
     handler_before = signal.getsignal(signal.SIGINT)
     interrupted = tmp_path / "interrupted"

@@ -1,12 +1,20 @@
-"""Parameter and optimizer-state shardings of the tiny config on a (2, 2, 2) mesh (golden)."""
+"""Parameter and optimizer-state shardings of the tiny config on a (2, 2, 2) mesh (golden), and
+batches placed on meshes of any layout."""
 
 import flax.linen as nn
 import jax
+import numpy as np
+import pytest
 from conftest import load_config
 from jax.sharding import PartitionSpec as P
 
 from refine_jax import sharding, train
+from refine_jax.data import training_captions
+from refine_jax.data.shapes import ShapesSource
+from refine_jax.evaluation.captioning import describe_split
 from refine_jax.model_kinds import build_model
+from refine_jax.model_loading import load_model
+from refine_jax.tokenizer import train_tokenizer
 from refine_jax.train_state import create_state
 
 F, T = "fsdp", "tensor"
@@ -97,3 +105,35 @@ def test_params_and_optimizer_state_shard_as_the_golden_table():
     kernel = state.params["detailer"]["logits"]["kernel"]
     assert kernel.sharding.spec == P(F, T)
     assert kernel.addressable_shards[0].data.shape == (32 // 2, 400 // 2)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 4, 2)])
+def test_a_batch_every_process_holds_lands_whole_on_any_mesh_layout(shape):
+    rules = tuple(map(tuple, load_config("shapes", "tiny").mesh.axis_rules))
+    mesh = sharding.make_mesh(shape)
+    rows = np.arange(16 * 3).reshape(16, 3)
+    placed = sharding.global_batch_from_full({"x": rows}, mesh, rules)["x"]
+    np.testing.assert_array_equal(sharding.to_host(placed), rows)
+    assert sharding.process_batch_block(mesh, rules, 16) == (0, 1)  # one process: one block
+
+
+def test_describing_on_more_batch_shards_than_the_batch_divides_pads_its_batches(tmp_path):
+    config = load_config("shapes", "tiny")
+    config.batch_size = 12  # trained on, say, 4 devices; described on 8
+    config.mesh.shape = (8, 1, 1)
+    tokenizer = train_tokenizer(training_captions(ShapesSource("train", 200)), 400)
+    loaded = load_model(config, tmp_path, random_init=True, tokenizer=tokenizer)
+    assert loaded.config.batch_size == 16
+    source = ShapesSource("eval", 20)
+    with loaded.context():
+        samples = describe_split(
+            loaded.model,
+            loaded.params,
+            source,
+            loaded.features,
+            tokenizer,
+            loaded.config.batch_size,
+            loaded.fractions,
+            loaded.put_batch,
+        )
+    assert len(samples) == 20 and len({s["image_id"] for s in samples}) == 20

@@ -142,12 +142,12 @@ def test_too_many_nonfinite_updates_in_a_row_stop_the_run_keeping_the_last_good_
     calls = []
     real_global_batch = sharding.global_batch
 
-    def poison_after_step_three(batch, mesh, rules):
+    def poison_after_step_three(batch, mesh, rules, global_rows):
         calls.append(1)
         if len(calls) > 3:  # every batch from step 4 on carries a NaN pixel
             batch = dict(batch, image=batch["image"].copy())
             batch["image"][0, 0, 0, 0] = np.nan
-        return real_global_batch(batch, mesh, rules)
+        return real_global_batch(batch, mesh, rules, global_rows)
 
     monkeypatch.setattr(sharding, "global_batch", poison_after_step_three)
     config = short_config(steps=30)

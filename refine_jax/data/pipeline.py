@@ -405,10 +405,12 @@ def train_batches(
     global batch does not depend on how many processes assemble it. Batches never mix an
     incomplete remainder (the stream is endless, so no example is lost at an epoch's end).
 
-    ``num_threads`` read and transform elements in this process; ``num_workers`` > 0 moves
-    that into grain worker processes (``mp_prefetch``; needs parsed absl flags, as under
-    ``absl.app.run``). The iterator's ``get_state()`` / ``set_state()`` restore its position
-    exactly (saved with ``grain.checkpoint.CheckpointSave``).
+    ``process_index`` / ``process_count``: the block of the batch's rows this process reads and
+    the number of blocks (`sharding.process_batch_block`: processes whose devices hold the same
+    rows read the same block). ``num_threads`` read and transform elements in this process;
+    ``num_workers`` > 0 moves that into grain worker processes (``mp_prefetch``; needs parsed
+    absl flags, as under ``absl.app.run``). The iterator's ``get_state()`` / ``set_state()``
+    restore its position exactly (saved with ``grain.checkpoint.CheckpointSave``).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
