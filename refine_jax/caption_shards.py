@@ -90,6 +90,7 @@ def caption_shard(
             written += 1
     sidecar = {
         "input": shard,
+        "settings": shard_sets.as_recorded(teacher),
         "written": written,
         "teacher_wrote_nothing": empty,
         "skipped": dict(counter.skipped),
@@ -127,6 +128,7 @@ def caption_shard_set(
         part,
         num_parts,
         SIDECAR_SUFFIX,
+        teacher,  # the teacher and its decoding decide every shard's captions
         lambda shard: caption_shard(loaded, shard, output_dir, decoding, teacher),
         lambda c: f"{c['written']} captioned, {sum(c['skipped'].values())} skipped",
         "captioned",

@@ -44,7 +44,11 @@ def candidates(record: dict) -> list[tuple[str, str]]:
 
 
 def filter_shard(
-    embedder: MatchEmbedder, shard: str, output_dir: str, threshold: float
+    embedder: MatchEmbedder,
+    shard: str,
+    output_dir: str,
+    threshold: float,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Filters one input shard into `output_dir`; returns its sidecar (counts, kept captions)."""
     records, counter = shard_sets.read_good_records(shard)
@@ -86,6 +90,7 @@ def filter_shard(
             written += 1
     sidecar = {
         "input": shard,
+        "settings": shard_sets.as_recorded(settings or {"threshold": threshold}),
         "threshold": threshold,
         "written": written,
         "no_caption_kept": no_caption_kept,
@@ -112,13 +117,15 @@ def filter_shard_set(
     are done, writes references.json and filter_summary.json. Returns the summary so far."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"the threshold is a matching probability in [0, 1], got {threshold}")
+    settings = {"threshold": threshold, "scorer": scorer or {}}
     shards, sidecars = shard_sets.rewrite_part(
         input_shards,
         output_dir,
         part,
         num_parts,
         SIDECAR_SUFFIX,
-        lambda shard: filter_shard(embedder, shard, output_dir, threshold),
+        settings,
+        lambda shard: filter_shard(embedder, shard, output_dir, threshold, settings),
         lambda f: (
             f"{f['written']} kept, {f['no_caption_kept']} left out, "
             f"{sum(f['captions_dropped'].values())} captions dropped"

@@ -99,6 +99,11 @@ def test_a_rerun_skips_finished_shards_and_finishes_the_rest(loaded, tmp_path):
     assert first["shards_done"] == 1 and not (tmp_path / "out" / "references.json").exists()
     done = sorted((tmp_path / "out").glob(f"*{SIDECAR_SUFFIX}"))[0]
     stamp = done.stat().st_mtime_ns
+    # Another teacher decoding would mix two teachers in one set: refused.
+    with pytest.raises(ValueError, match="other settings .*'method': 'beam'.*this run: .*greedy"):
+        caption_shard_set(
+            loaded, str(tmp_path / "in"), str(tmp_path / "out"), Decoding("greedy"), None, 1, 2
+        )
     logged = []
     second = caption_shard_set(
         loaded, str(tmp_path / "in"), str(tmp_path / "out"), log=logged.append

@@ -130,6 +130,9 @@ def test_filtering_resumes_and_splits_into_parts(captioned, matcher, tmp_path):
         again = filter_shard_set(embedder, str(captioned), out, 0.3, log=logs.append)
     assert all("already filtered" in line for line in logs) and len(logs) == 2
     assert again == second
+    # Another threshold would mix two filters in one set: refused, the shards left as they are.
+    with pytest.raises(ValueError, match="other settings .*'threshold': 0.3.*this run: .*0.9"):
+        filter_shard_set(embedder, str(captioned), out, 0.9)
     sidecars = sorted((tmp_path / "out").glob("*" + SIDECAR_SUFFIX))
     assert len(sidecars) == 2
     with pytest.raises(ValueError, match="threshold"):

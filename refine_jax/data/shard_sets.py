@@ -3,9 +3,11 @@
 Each input shard becomes an output shard of the same name, written to `NAME.tar.tmp` and renamed
 when complete, with a `NAME.tar<suffix>` JSON sidecar of its counts: a shard with both is done,
 so a re-run skips it (resumable), and `part`/`num_parts` split the shards between independent
-processes (parallel). The output folder may be local or a URI (`gs://...`): paths go through
-epath. When every shard is done, the set's original captions are written as a
-COCO-style `references.json`.
+processes (parallel). Each sidecar records the settings its shard was written with (the
+threshold, the teacher and its decoding); a run with other settings refuses an output folder
+that already holds shards, so that one set never mixes two. The output folder may be local or
+a URI (`gs://...`): paths go through epath. When every shard is done, the set's original
+captions are written as a COCO-style `references.json`.
 """
 
 from __future__ import annotations
@@ -115,21 +117,43 @@ def read_good_records(shard: str) -> tuple[list[dict], SkipCounter]:
     return records, counter
 
 
+def as_recorded(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` as a sidecar records them (JSON types: tuples become lists)."""
+    return json.loads(json.dumps(settings))
+
+
+def check_settings(
+    output_dir: str, shards: Sequence[str], suffix: str, settings: dict[str, Any]
+) -> None:
+    """ValueError when a done shard of the set was written with other settings."""
+    for name, sidecar in read_sidecars(output_dir, shards, suffix).items():
+        recorded = sidecar.get("settings", "not recorded (an earlier version wrote it)")
+        if recorded != as_recorded(settings):
+            raise ValueError(
+                f"{output_dir} already holds {name} written with other settings ({recorded}; "
+                f"this run: {as_recorded(settings)}): resume with those settings, or write to "
+                "another output folder"
+            )
+
+
 def rewrite_part(
     input_shards: str | Sequence[str],
     output_dir: str,
     part: int,
     num_parts: int,
     suffix: str,
+    settings: dict[str, Any],
     rewrite: Callable[[str], dict[str, Any]],
     describe: Callable[[dict[str, Any]], str],
     done_word: str,
     log: Callable[[str], Any] = print,
 ) -> tuple[list[str], dict[str, dict]]:
-    """Runs `rewrite(shard) -> sidecar` (which ends with `finish`) on every shard of this part
-    that is not done yet, logging `describe(sidecar)` per shard; returns (every shard of the
-    set, the sidecars of the done ones by shard name)."""
+    """Runs `rewrite(shard) -> sidecar` (which ends with `finish`, its sidecar holding
+    `settings` under "settings") on every shard of this part that is not done yet, logging
+    `describe(sidecar)` per shard; returns (every shard of the set, the sidecars of the done
+    ones by shard name). Shards done with other settings are a ValueError (`check_settings`)."""
     shards, mine = shards_of_part(input_shards, part, num_parts)
+    check_settings(output_dir, shards, suffix, settings)
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     for shard in mine:
         if is_done(output_dir, shard, suffix):
