@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from refine_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -55,9 +57,30 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
-    """NamedShardings for a tree of (possibly logically boxed) abstract values."""
+    """NamedShardings for a tree of (possibly logically boxed) abstract values. A value whose
+    dimension the mesh axes it is split over do not divide is a ConfigError naming both."""
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, tuple(map(tuple, rules)))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(map(tuple, rules)))
+
+    def boxed(x) -> bool:
+        return isinstance(x, nn.meta.AxisMetadata)
+
+    # The bare abstract values (nn.unbox would apply their sharding constraints).
+    shapes = jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if boxed(x) else x, abstract_tree, is_leaf=boxed
+    )
+    values = jax.tree_util.tree_leaves_with_path(shapes)
+    for (path, value), named in zip(values, jax.tree.leaves(shardings), strict=True):
+        for dim, (size, axes) in enumerate(zip(value.shape, named.spec, strict=False)):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            parts = int(np.prod([mesh.shape[a] for a in axes]))
+            if size % parts:
+                raise ConfigError(
+                    f"{jax.tree_util.keystr(path)} has {size} entries in dimension {dim}, which "
+                    f"mesh axes {axes} of {dict(mesh.shape)} cannot split in {parts}: choose a "
+                    "config.mesh.shape whose sizes divide the model's dimensions"
+                )
+    return shardings
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from refine_jax import sharding, train
 from refine_jax.data import training_captions
 from refine_jax.data.shapes import ShapesSource
+from refine_jax.errors import ConfigError
 from refine_jax.evaluation.captioning import describe_split
 from refine_jax.model_kinds import build_model
 from refine_jax.model_loading import load_model
@@ -137,3 +138,14 @@ def test_describing_on_more_batch_shards_than_the_batch_divides_pads_its_batches
             loaded.put_batch,
         )
     assert len(samples) == 20 and len({s["image_id"] for s in samples}) == 20
+
+
+def test_a_mesh_that_cannot_split_a_parameter_names_it_and_the_mesh():
+    config = load_config("shapes", "tiny")  # width 32
+    model = build_model(config, 400)
+    mesh = sharding.make_mesh((2, 1, 3))  # 6 of the 8 devices: 'tensor' 3 does not divide 32
+    rules = tuple(map(tuple, config.mesh.axis_rules))
+    named = r"\['key'\]\['bias'\] has 32 entries .* cannot split in 3"
+    with pytest.raises(ConfigError, match=named):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            create_state(model, config, 400, mesh, rules)
