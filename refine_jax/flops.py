@@ -2,9 +2,9 @@
 
 Each model kind describes its text passes (`model_kinds.TextPass`); the detailer is counted K
 times (it runs K times), its cross-attention's image key/value projections once (they are
-computed once per image, before the steps); a training step is counted as three
-forward passes (forward, and a backward pass of twice its cost). Layer norms, softmaxes and
-other elementwise work are left out, as is usual for utilisation figures.
+computed once per image, before the steps); a training step is counted as three forward
+passes (forward, and a backward pass of twice its cost), a frozen encoder's as one. Layer norms,
+softmaxes and other elementwise work are left out, as is usual for utilisation figures.
 """
 
 from __future__ import annotations
@@ -78,4 +78,15 @@ def text_stack_flops(config: ml_collections.ConfigDict, vocab_size: int) -> floa
 
 
 def training_flops_per_example(config: ml_collections.ConfigDict, vocab_size: int) -> float:
-    return 3.0 * forward_flops_per_example(config, vocab_size)
+    """One image's training step: forward and backward (twice the forward) of everything that
+    trains. With a frozen encoder (`model.freeze_encoder`) the encoder runs forward only, and
+    the image key/value projections' backward computes their weights' gradient only (no
+    gradient flows on to the image tokens): twice their forward, not three times."""
+    total = 3.0 * forward_flops_per_example(config, vocab_size)
+    if config.model.freeze_encoder:
+        keys_values = sum(
+            (1 if p.keys_values_once else p.count) * image_keys_values_flops(config, p)
+            for p in model_kind(config.model.kind).text_passes(config)
+        )
+        total -= 2.0 * encoder_flops(config) + keys_values
+    return total

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_params, load_config
+from conftest import REPO, init_params, load_config
 from jax.extend import core as jax_core
 
 from refine_jax.flops import (
@@ -13,8 +13,10 @@ from refine_jax.flops import (
     forward_flops_per_example,
     image_keys_values_flops,
     text_pass_flops,
+    training_flops_per_example,
 )
 from refine_jax.model_kinds import build_model, model_kind
+from refine_jax.models.refine import STEP_FEATURES
 from refine_jax.targets import schedule_fractions
 
 VOCAB = 400
@@ -84,6 +86,34 @@ def test_analytic_count_equals_the_traced_programs_matmuls(variant, num_steps, o
     if config.model.kind == "match":  # its similarity matrix grows with the batch: 1 x 1 here
         traced -= 2 * config.match.embed_dim
     assert forward_flops_per_example(config, VOCAB) == pytest.approx(traced, rel=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["", "autoregressive"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_training_count_equals_the_traced_train_steps_matmuls(monkeypatch, variant, frozen):
+    # The whole jitted train step, backward pass included. A frozen encoder runs forward only,
+    # and no gradient flows from the image keys/values on into it.
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import common
+
+    config = load_config("shapes", variant)
+    config.model.freeze_encoder = frozen
+    config.batch_size = 1
+    _, step, state = common.abstract_train_state(config)
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in common.synthetic_batch(config).items()
+    }
+    traced = traced_matmul_flops(jax.make_jaxpr(step)(state, batch).jaxpr)
+    analytic = training_flops_per_example(config, config.tokenizer.vocab_size)
+    m = config.model
+    # Two inputs get no gradient, which the count's "backward = 2 x forward" includes: the
+    # pixels (the patch embedding's input) and the step features of s(k) (the step
+    # embedding's, a constant of the schedule).
+    patches = (m.image_size // m.patch_size) ** 2
+    no_gradient = 0 if frozen else 2 * patches * m.patch_size**2 * 3 * m.width
+    if not variant:
+        no_gradient += m.num_refine_steps * 2 * STEP_FEATURES * m.width
+    assert analytic - no_gradient == pytest.approx(traced, rel=1e-9)
 
 
 def test_scanned_detailer_projects_the_image_keys_values_once_outside_the_scan():
