@@ -21,6 +21,9 @@ COMMON = [
     "--config.checkpoint_every_steps=1000",
     "--config.data.eval_size=8",
 ]
+# The batch split over every device. A tuple flag given twice is concatenated, so each run
+# names its mesh once.
+BATCH_SPLIT = "--config.mesh.shape=(-1,1,1)"
 
 
 def environment(devices):
@@ -64,29 +67,39 @@ def start_two_processes(workdir, flags, devices=4):
     ]
 
 
-@pytest.mark.parametrize("devices,mesh", [(4, "(-1,1,1)"), (1, "(1,1,-1)")])
-def test_two_processes_train_like_one_process_with_all_their_devices(tmp_path, devices, mesh):
-    flags = [*COMMON, f"--config.mesh.shape={mesh}"]
-    single = tmp_path / "single"
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory):
+    """The losses of the run on one process with 8 devices, the batch split over them."""
+    single = tmp_path_factory.mktemp("single")
     subprocess.run(
-        [sys.executable, "-m", "refine_jax.main", *flags, f"--workdir={single}"],
+        [sys.executable, "-m", "refine_jax.main", *COMMON, BATCH_SPLIT, f"--workdir={single}"],
         cwd=REPO,
-        env=environment(2 * devices),
+        env=environment(8),
         check=True,
         capture_output=True,
         timeout=600,
     )
+    return losses(single)
 
+
+@pytest.mark.parametrize("devices,mesh", [(4, "(-1,1,1)"), (1, "(1,1,-1)")])
+def test_two_processes_train_like_one_process_with_all_their_devices(
+    tmp_path, single_process_losses, devices, mesh
+):
     multi = tmp_path / "multi"
-    processes = start_two_processes(multi, flags, devices)
+    processes = start_two_processes(multi, [*COMMON, f"--config.mesh.shape={mesh}"], devices)
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
     assert f"'data': {8 if devices == 4 else 1}" in outputs[0][0]
-    expected, observed = losses(single), losses(multi)
+    observed = losses(multi)
     assert sorted(observed) == [1, 2, 3]
-    for step, loss in expected.items():
-        assert abs(observed[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, observed, expected)
+    for step, loss in single_process_losses.items():
+        assert abs(observed[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (
+            step,
+            observed,
+            single_process_losses,
+        )
     samples = (multi / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 8
 
@@ -96,7 +109,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     import time
 
     overrides = [o for o in COMMON if "total_steps" not in o and "log_every" not in o]
-    overrides.append("--config.mesh.shape=(-1,1,1)")
+    overrides.append(BATCH_SPLIT)
     processes = start_two_processes(
         tmp_path, [*overrides, "--config.total_steps=100000", "--config.log_every_steps=2"]
     )
