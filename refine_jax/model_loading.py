@@ -134,6 +134,7 @@ def load_model(
             batch_shards,
             dict(mesh.shape),
         )
+        config = config.copy_and_resolve_references()  # the caller's config is left as it is
         config.batch_size = rounded
     tokenizer = tokenizer or load_tokenizer(config, workdir)
     m, t = config.model, config.targets

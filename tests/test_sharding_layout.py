@@ -124,7 +124,7 @@ def test_describing_on_more_batch_shards_than_the_batch_divides_pads_its_batches
     config.mesh.shape = (8, 1, 1)
     tokenizer = train_tokenizer(training_captions(ShapesSource("train", 200)), 400)
     loaded = load_model(config, tmp_path, random_init=True, tokenizer=tokenizer)
-    assert loaded.config.batch_size == 16
+    assert loaded.config.batch_size == 16 and config.batch_size == 12
     source = ShapesSource("eval", 20)
     with loaded.context():
         samples = describe_split(
