@@ -48,9 +48,10 @@ def filter_shard(
     shard: str,
     output_dir: str,
     threshold: float,
-    settings: dict[str, Any] | None = None,
+    settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """Filters one input shard into `output_dir`; returns its sidecar (counts, kept captions)."""
+    """Filters one input shard into `output_dir`; returns its sidecar (counts, kept captions,
+    and the set's `settings`, which the threshold is one of)."""
     records, counter = shard_sets.read_good_records(shard)
     size = embedder.features.image_size
     per_record = [candidates(r) for r in records]
@@ -90,7 +91,7 @@ def filter_shard(
             written += 1
     sidecar = {
         "input": shard,
-        "settings": shard_sets.as_recorded(settings or {"threshold": threshold}),
+        "settings": shard_sets.as_recorded(settings),
         "threshold": threshold,
         "written": written,
         "no_caption_kept": no_caption_kept,
