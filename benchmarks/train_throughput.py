@@ -274,15 +274,15 @@ def print_breakdown(name: str, result: dict, matmul_rate: float) -> None:
     step = seconds["full train step"]
     rows = []
     for part, s in seconds.items():
-        if part.startswith("encoder"):
-            f = flops["encoder"]
-        elif part.startswith("text stack"):
-            f = flops["text stack"]
-        else:
-            f = flops["encoder"] + flops["text stack"]
-        f *= 3 if "backward" in part else 1
-        if part == "full train step":  # a frozen encoder runs forward only
+        passes = 3 if "backward" in part else 1
+        if part == "full train step":  # the training count: a frozen encoder runs forward only
             f = result["analytic_train_step_flops"]
+        elif part.startswith("encoder"):
+            f = passes * flops["encoder"]
+        elif part.startswith("text stack"):
+            f = passes * flops["text stack"]
+        else:
+            f = passes * (flops["encoder"] + flops["text stack"])
         rows.append([part, s, 100 * s / step, f / s / 1e9, 100 * f / s / matmul_rate])
     print(f"\n### Parts of {name}, timed alone\n")
     headers = ["part", "s", "% of step", "analytic GFLOP/s", "MFU %"]

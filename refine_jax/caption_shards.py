@@ -90,13 +90,12 @@ def caption_shard(
             written += 1
     sidecar = {
         "input": shard,
-        "settings": shard_sets.as_recorded(teacher),
         "written": written,
         "teacher_wrote_nothing": empty,
         "skipped": dict(counter.skipped),
         "references": references,
     }
-    shard_sets.finish(output_dir, shard, SIDECAR_SUFFIX, sidecar)
+    shard_sets.finish(output_dir, shard, SIDECAR_SUFFIX, sidecar, teacher)
     return sidecar
 
 

@@ -47,11 +47,11 @@ def filter_shard(
     embedder: MatchEmbedder,
     shard: str,
     output_dir: str,
-    threshold: float,
     settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """Filters one input shard into `output_dir`; returns its sidecar (counts, kept captions,
-    and the set's `settings`, which the threshold is one of)."""
+    """Filters one input shard into `output_dir` with the set's `settings` (its threshold and
+    scorer); returns its sidecar (counts, kept captions)."""
+    threshold = settings["threshold"]
     records, counter = shard_sets.read_good_records(shard)
     size = embedder.features.image_size
     per_record = [candidates(r) for r in records]
@@ -91,8 +91,6 @@ def filter_shard(
             written += 1
     sidecar = {
         "input": shard,
-        "settings": shard_sets.as_recorded(settings),
-        "threshold": threshold,
         "written": written,
         "no_caption_kept": no_caption_kept,
         "captions_scored": scored,
@@ -100,7 +98,7 @@ def filter_shard(
         "skipped": dict(counter.skipped),
         "references": references,
     }
-    shard_sets.finish(output_dir, shard, SIDECAR_SUFFIX, sidecar)
+    shard_sets.finish(output_dir, shard, SIDECAR_SUFFIX, sidecar, settings)
     return sidecar
 
 
@@ -126,7 +124,7 @@ def filter_shard_set(
         num_parts,
         SIDECAR_SUFFIX,
         settings,
-        lambda shard: filter_shard(embedder, shard, output_dir, threshold, settings),
+        lambda shard: filter_shard(embedder, shard, output_dir, settings),
         lambda f: (
             f"{f['written']} kept, {f['no_caption_kept']} left out, "
             f"{sum(f['captions_dropped'].values())} captions dropped"

@@ -118,9 +118,9 @@ def process_batch_block(mesh: Mesh, rules, global_rows: int) -> tuple[int, int]:
     spans = {p: (min(r), max(r) + 1) for p, r in rows_of.items()}
     blocks = sorted(set(spans.values()))
     size = global_rows // len(blocks)
-    if any(len(rows_of[p]) != stop - start for p, (start, stop) in spans.items()) or blocks != [
-        (i * size, (i + 1) * size) for i in range(len(blocks))
-    ]:
+    contiguous = all(len(rows_of[p]) == stop - start for p, (start, stop) in spans.items())
+    equal_blocks = blocks == [(i * size, (i + 1) * size) for i in range(len(blocks))]
+    if not (contiguous and equal_blocks):
         raise ValueError(
             f"mesh {dict(mesh.shape)} gives processes batch rows that are not equal contiguous "
             f"blocks ({dict(sorted(spans.items()))} of {global_rows}): order config.mesh.shape "

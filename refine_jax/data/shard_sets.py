@@ -59,10 +59,14 @@ def temporary_shard(output_dir: str, shard: str) -> Iterator[tarfile.TarFile]:
             yield tar
 
 
-def finish(output_dir: str, shard: str, suffix: str, sidecar: dict[str, Any]) -> None:
-    """Renames the complete temporary shard into place, then writes its sidecar (done)."""
+def finish(
+    output_dir: str, shard: str, suffix: str, sidecar: dict[str, Any], settings: dict[str, Any]
+) -> None:
+    """Renames the complete temporary shard into place, then writes its sidecar with the
+    settings it was written with (done)."""
     output_path(output_dir, shard, ".tmp").replace(output_path(output_dir, shard))
-    write_atomically(output_path(output_dir, shard, suffix), json.dumps(sidecar))
+    recorded = {**sidecar, "settings": as_recorded(settings)}
+    write_atomically(output_path(output_dir, shard, suffix), json.dumps(recorded))
 
 
 def read_sidecars(output_dir: str, shards: Sequence[str], suffix: str) -> dict[str, dict]:
@@ -126,13 +130,14 @@ def check_settings(
     output_dir: str, shards: Sequence[str], suffix: str, settings: dict[str, Any]
 ) -> None:
     """ValueError when a done shard of the set was written with other settings."""
+    wanted = as_recorded(settings)
     for name, sidecar in read_sidecars(output_dir, shards, suffix).items():
         recorded = sidecar.get("settings", "not recorded (an earlier version wrote it)")
-        if recorded != as_recorded(settings):
+        if recorded != wanted:
             raise ValueError(
                 f"{output_dir} already holds {name} written with other settings ({recorded}; "
-                f"this run: {as_recorded(settings)}): resume with those settings, or write to "
-                "another output folder"
+                f"this run: {wanted}): resume with those settings, or write to another output "
+                "folder"
             )
 
 
@@ -148,10 +153,10 @@ def rewrite_part(
     done_word: str,
     log: Callable[[str], Any] = print,
 ) -> tuple[list[str], dict[str, dict]]:
-    """Runs `rewrite(shard) -> sidecar` (which ends with `finish`, its sidecar holding
-    `settings` under "settings") on every shard of this part that is not done yet, logging
-    `describe(sidecar)` per shard; returns (every shard of the set, the sidecars of the done
-    ones by shard name). Shards done with other settings are a ValueError (`check_settings`)."""
+    """Runs `rewrite(shard) -> sidecar` (which ends with `finish(..., settings)`) on every
+    shard of this part that is not done yet, logging `describe(sidecar)` per shard; returns
+    (every shard of the set, the sidecars of the done ones by shard name). Shards done with
+    other settings are a ValueError (`check_settings`)."""
     shards, mine = shards_of_part(input_shards, part, num_parts)
     check_settings(output_dir, shards, suffix, settings)
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)

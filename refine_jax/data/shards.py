@@ -277,6 +277,11 @@ def _partial_header_name(f: BinaryIO, offset: int, end: int) -> tuple[str, bool]
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), complete
 
 
+def _data_end(member: tarfile.TarInfo) -> int:
+    """Where a member's data ends, padded to whole blocks: where the next header starts."""
+    return member.offset_data + -(-member.size // _BLOCK) * _BLOCK
+
+
 def _member_kind(name: str) -> tuple[str, str] | None:
     """(KEY, 'image' / 'txt' / 'json') of a sample's member; None for members that are ignored."""
     parts = split_member_name(name)
@@ -345,8 +350,7 @@ def scan_tar(path: str) -> ShardIndex:
         damaged_regions = 0  # each lost at least one member, of a known sample or not
         errors: list[str] = []
         for i in range(len(members) - 1):
-            end = members[i].offset_data + -(-members[i].size // _BLOCK) * _BLOCK
-            bad = _first_nonzero(f, end, members[i + 1].offset)
+            bad = _first_nonzero(f, _data_end(members[i]), members[i + 1].offset)
             if bad is not None:  # not only end-of-archive zeros between the two members
                 errors.append(f"unreadable tar data at bytes {bad}-{members[i + 1].offset}")
                 damaged_regions += 1
@@ -364,11 +368,7 @@ def scan_tar(path: str) -> ShardIndex:
             damaged_regions += 1
             suspects |= {last} - {None}
         else:
-            if members:
-                final = members[-1]
-                tail_start = final.offset_data + -(-final.size // _BLOCK) * _BLOCK
-            else:
-                tail_start = 0
+            tail_start = _data_end(members[-1]) if members else 0
             bad = _first_nonzero(f, tail_start, size) if tail_start < size else None
             if bad is not None:
                 # A cut header, or unreadable data after the last valid header.
@@ -391,11 +391,10 @@ def scan_tar(path: str) -> ShardIndex:
                 suspects |= {last} - {None}
         error = "; ".join(errors) or None
 
+    member_kinds = [_member_kind(m.name) if m.isreg() else None for m in members]
     kinds: dict[str, set[str]] = {}
-    for m in members:
-        kind = _member_kind(m.name) if m.isreg() else None
-        if kind is not None:
-            kinds.setdefault(kind[0], set()).add(kind[1])
+    for kind in filter(None, member_kinds):
+        kinds.setdefault(kind[0], set()).add(kind[1])
     suspects -= lost
     usual = _usual_kinds(kinds, suspects | lost)
     incomplete = {k for k in suspects if k in kinds and usual is not None and not usual <= kinds[k]}
@@ -406,8 +405,7 @@ def scan_tar(path: str) -> ShardIndex:
 
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     dropped: Counter[str] = Counter()
-    for m in members:
-        kind = _member_kind(m.name) if m.isreg() else None
+    for m, kind in zip(members, member_kinds, strict=True):
         if kind is None or kind[0] in lost:
             continue
         key, ext = kind
