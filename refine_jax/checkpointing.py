@@ -112,6 +112,21 @@ def signature_differences(saved: dict, current: dict) -> list[str]:
     return differences
 
 
+def data_order_differences(saved: dict | None, signature: dict) -> list[str]:
+    """What changed in how the training stream is cut into batches (the signature's
+    ``data_order``: batch size, shuffle seed, blocks of rows read by processes). The saved data
+    position is a batch count in that stream, so any change moves it. A checkpoint that predates
+    the record (None) is not checked."""
+    current = signature.get("data_order")
+    if saved is None or current is None:
+        return []
+    return [
+        f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+
+
 def _item_files(step_dir: epath.Path) -> list[epath.Path]:
     """The files of a step's items (state/, data/, signature/): all but the step-level files
     orbax still writes when it commits the step."""
@@ -325,6 +340,15 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )["state"]
         if data_iterator is not None:
+            order_changes = data_order_differences(saved.get("data_order"), signature)
+            if order_changes:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step}: its data position counts batches read "
+                    "in another order, so resuming would silently skip or repeat examples:\n  "
+                    + "\n  ".join(order_changes)
+                    + "\nResume with the checkpoint's settings (WORKDIR/config.json records "
+                    "them), or train in a new workdir."
+                )
             # Restored on its own: the files verified (`checkpoint_damage`), so a failure here
             # is a pipeline that cannot take this position, not damage to set aside.
             try:

@@ -269,7 +269,15 @@ def _train_and_evaluate(
             config.keep_checkpoints,
             config.best_checkpoint_metric or None,
         )
-        signature = model_signature(config, state.params)
+        # The saved data position is a batch count: the settings that cut the stream into
+        # batches are saved with it, and a resume that changes them is refused.
+        signature = model_signature(config, state.params) | {
+            "data_order": {
+                "batch_size": config.batch_size,
+                "seed": config.seed,
+                "process_batch_blocks": blocks,
+            }
+        }
         restored = checkpointer.restore_newest_intact(
             lambda step: restore_state(
                 checkpointer, step, state, state_shardings, signature, batches

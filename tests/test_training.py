@@ -104,6 +104,24 @@ def test_resuming_with_another_number_of_data_workers_names_the_setting(tmp_path
     assert not (tmp_path / "checkpoints_damaged").exists()
 
 
+@pytest.mark.parametrize(
+    "key,value,named",
+    [("batch_size", 32, "batch_size: checkpoint has 16, this run has 32"), ("seed", 1, "seed: ")],
+)
+def test_resuming_with_another_batch_size_or_seed_is_refused_naming_it(
+    tmp_path, key, value, named
+):
+    # The data position is a count of batches of a seeded order: either change would move it.
+    train.train_and_evaluate(short_config(steps=2), str(tmp_path))
+    config = short_config(steps=3)
+    config[key] = value
+    with pytest.raises(CheckpointMismatchError, match="skip or repeat examples") as error:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert named in str(error.value)
+    assert (tmp_path / "checkpoints" / "2").is_dir()  # not set aside as damaged
+    assert json.loads((tmp_path / "config.json").read_text())[key] != value
+
+
 def test_a_nan_batch_skips_the_update_and_is_counted():
     config = short_config()
     m = config.model
