@@ -108,9 +108,7 @@ def test_resuming_with_another_number_of_data_workers_names_the_setting(tmp_path
     "key,value,named",
     [("batch_size", 32, "batch_size: checkpoint has 16, this run has 32"), ("seed", 1, "seed: ")],
 )
-def test_resuming_with_another_batch_size_or_seed_is_refused_naming_it(
-    tmp_path, key, value, named
-):
+def test_resuming_with_another_batch_size_or_seed_is_refused_naming_it(tmp_path, key, value, named):
     # The data position is a count of batches of a seeded order: either change would move it.
     train.train_and_evaluate(short_config(steps=2), str(tmp_path))
     config = short_config(steps=3)
