@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import uuid
 
@@ -11,6 +12,24 @@ from etils import epath
 def is_uri(path: str | os.PathLike) -> bool:
     """A `scheme://...` location (gs://, s3://, ...), not a local path."""
     return "://" in os.fspath(path)
+
+
+def is_glob(path: str | os.PathLike) -> bool:
+    """A wildcard pattern: holds `*`, `?` or `[` and is not itself an existing file or folder
+    (a real name such as `trip [2024]` means that folder, not a character class)."""
+    text = os.fspath(path)
+    return any(c in text for c in "*?[") and not epath.Path(text).exists()
+
+
+def glob_paths(pattern: str) -> list[str]:
+    """Sorted matches of a local (`**` recursive) or URI (`gs://bucket/*.tar`) glob pattern."""
+    if not is_uri(pattern):
+        return sorted(glob.glob(pattern, recursive=True))
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.split("/")
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
+    return sorted(os.fspath(p) for p in base.glob("/".join(parts[first:])))
 
 
 def absolute(path: str | os.PathLike) -> str:
@@ -23,8 +42,8 @@ def folder_name(spec: str | os.PathLike, default: str) -> str:
     """The name of the folder `spec` (a folder, a file in it, or a glob) points into: the folder
     itself, a file's folder, or the folder the glob's first pattern part lies in."""
     text = absolute(spec)
-    wildcard = min((text.index(c) for c in "*?[" if c in text), default=None)
-    if wildcard is not None:
+    if is_glob(text):
+        wildcard = min(text.index(c) for c in "*?[" if c in text)
         text = text[:wildcard].rsplit("/", 1)[0]
     elif not epath.Path(text).is_dir():
         text = text.rstrip("/").rsplit("/", 1)[0]

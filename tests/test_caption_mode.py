@@ -118,6 +118,18 @@ def test_list_images_and_default_output(tmp_path):
     assert default_output("/w", tmp_path / "photos" / "a.jpg") == Path("/w/captions/photos.jsonl")
 
 
+def test_a_folder_or_image_whose_name_holds_glob_characters_is_read_as_itself(tmp_path):
+    make_images(tmp_path / "trip [2024]")
+    listed = [p.name for p in list_images(tmp_path / "trip [2024]")]
+    assert listed == sorted(["corrupt.jpg", "grey.webp", "small.jpeg", "tall.PNG", "wide.jpg"])
+    (tmp_path / "trip [2024]" / "wide.jpg").rename(tmp_path / "trip [2024]" / "wide[1].jpg")
+    one = tmp_path / "trip [2024]" / "wide[1].jpg"
+    assert list_images(one) == [one]
+    assert default_output("/w", one) == Path("/w/captions/trip [2024].jsonl")
+    # A pattern is still a pattern where no file or folder has its name.
+    assert len(list_images(str(tmp_path / "trip [[]2024]" / "*.jpg"))) == 2
+
+
 @pytest.mark.parametrize(
     "variant,decoder,method",
     [("tiny", "refine_decode", "greedy"), ("tiny,autoregressive", "beam_decode", "beam")],

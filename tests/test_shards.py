@@ -231,6 +231,18 @@ def test_bad_data_read_to_the_end_with_exact_counts(tmp_path):
     assert (again + counter).skipped["corrupt_image"] == 6
 
 
+def test_a_folder_or_shard_whose_name_holds_glob_characters_is_read_as_itself(tmp_path):
+    good, _, _ = make_bad_shard_set(tmp_path / "shards")
+    (tmp_path / "shards").rename(tmp_path / "set [v2]")
+    whole = [r["key"] for r in iter_records(TarShardSource(tmp_path / "set [v2]"))]
+    assert sorted(whole) == sorted(good)
+    (tmp_path / "set [v2]" / "00000.tar").rename(tmp_path / "set [v2]" / "0[0].tar")
+    one = TarShardSource(tmp_path / "set [v2]" / "0[0].tar")
+    assert one.shard_paths == [str(tmp_path / "set [v2]" / "0[0].tar")]
+    # A pattern is still a pattern where no file or folder has its name.
+    assert len(TarShardSource(str(tmp_path / "set [[]v2]" / "*.tar")).shard_paths) == 3
+
+
 def test_skip_markers_name_the_sample(tmp_path):
     make_bad_shard_set(tmp_path / "shards")
     source = TarShardSource(tmp_path / "shards" / "00000.tar")

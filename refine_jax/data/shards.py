@@ -39,7 +39,6 @@ no captions and there is no txt) are checked first, then the image is fully deco
 from __future__ import annotations
 
 import bisect
-import glob as globlib
 import hashlib
 import json
 import os
@@ -72,7 +71,7 @@ from refine_jax.data.records import (
     teacher_captions,
 )
 from refine_jax.errors import DataError
-from refine_jax.paths import write_atomically
+from refine_jax.paths import glob_paths, is_glob, is_uri, write_atomically
 
 PathsArg = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -91,7 +90,6 @@ FINGERPRINT_BYTES = 64 * 1024
 _BLOCK = 512
 # Member ranges of one sample closer together than this are fetched with a single read.
 _MERGE_GAP = 64 * 1024
-_GLOB_CHARS = "*?["
 
 
 class NoSamplesError(ValueError):
@@ -110,21 +108,6 @@ class ShardChangedError(DataError):
 # Paths
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _glob(pattern: str) -> list[str]:
-    """Sorted matches of a local or remote (``gs://``) glob pattern."""
-    if not _is_remote(pattern):
-        return sorted(globlib.glob(pattern, recursive=True))
-    scheme, rest = pattern.split("://", 1)
-    parts = rest.split("/")
-    first = next(i for i, p in enumerate(parts) if any(c in p for c in _GLOB_CHARS))
-    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
-    return sorted(os.fspath(p) for p in base.glob("/".join(parts[first:])))
-
-
 def expand_paths(paths: PathsArg, suffix: str) -> list[str]:
     """Turns a directory, a glob, a file, or a list of them into a list of file paths.
 
@@ -137,15 +120,20 @@ def expand_paths(paths: PathsArg, suffix: str) -> list[str]:
     out: list[str] = []
     for item in items:
         s = os.fspath(item)
-        if not _is_remote(s):
+        if not is_uri(s):
             s = os.path.abspath(os.path.expanduser(s))
-        if any(c in s for c in _GLOB_CHARS):
-            matches = _glob(s)
+        if is_glob(s):
+            matches = glob_paths(s)
             if not matches:
                 raise FileNotFoundError(f"no files match the glob {s!r}")
             out.extend(matches)
         elif epath.Path(s).is_dir():
-            matches = _glob(f"{s.rstrip('/')}/*{suffix}")
+            folder = s.rstrip("/")  # listed, not globbed: its name may hold [ or *
+            matches = sorted(
+                f"{folder}/{p.name}"
+                for p in epath.Path(folder).iterdir()
+                if p.name.endswith(suffix) and not p.name.startswith(".")
+            )
             if not matches:
                 raise FileNotFoundError(f"no *{suffix} files in directory {s!r}")
             out.extend(matches)
@@ -158,7 +146,7 @@ def expand_paths(paths: PathsArg, suffix: str) -> list[str]:
 
 def _stat(path: str) -> tuple[int, int]:
     """(size in bytes, mtime in ns) of a shard."""
-    if _is_remote(path):
+    if is_uri(path):
         st = epath.Path(path).stat()
         return int(st.length), int(st.mtime) * 1_000_000_000
     st = os.stat(path)
@@ -251,7 +239,7 @@ class ShardIndex:
 
 
 def _open_binary(path: str) -> BinaryIO:
-    return epath.Path(path).open("rb") if _is_remote(path) else open(path, "rb")
+    return epath.Path(path).open("rb") if is_uri(path) else open(path, "rb")
 
 
 def _first_nonzero(f: BinaryIO, start: int, end: int) -> int | None:
@@ -468,7 +456,7 @@ def cache_index_path(shard: str, cache_dir: str) -> str:
 
 def _dir_is_writable(directory: str) -> bool:
     """False for a folder marked read-only (no write bit, even for root) or not writable."""
-    if _is_remote(directory):
+    if is_uri(directory):
         return True  # tried, and a failure falls back to the cache directory
     try:
         st = os.stat(directory)
@@ -481,7 +469,7 @@ def _dir_is_writable(directory: str) -> bool:
 
 def _read_text(path: str) -> str | None:
     try:
-        if _is_remote(path):
+        if is_uri(path):
             return epath.Path(path).read_text()
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -695,7 +683,7 @@ class TarShardSource:
                 handle = self._handles.get(shard)
                 if handle is None:
                     path = self._shards[shard]
-                    if _is_remote(path):
+                    if is_uri(path):
                         handle = epath.Path(path).open("rb")
                     else:
                         handle = os.open(path, os.O_RDONLY)
@@ -934,7 +922,7 @@ def load_references(path: str | os.PathLike) -> dict[str, list[str]]:
     s = os.fspath(path)
     if s.endswith(".json"):
         ref_path = s
-    elif any(c in s for c in _GLOB_CHARS) or not epath.Path(s).is_dir():
+    elif is_glob(s) or not epath.Path(s).is_dir():
         ref_path = os.path.join(os.path.dirname(s), "references.json")
     else:
         ref_path = os.path.join(s, "references.json")

@@ -29,22 +29,18 @@ from etils import epath
 
 from refine_jax.data.caption_source import CaptionSource, FirstN
 from refine_jax.data.shapes import ShapesSource
+from refine_jax.paths import is_glob
 
 DATASETS = ("shapes", "shards", "tfds_coco", "labels", "mixture")
 SOURCE_KINDS = ("shards", "tfds_coco", "labels")  # what a mixture component can be
-_GLOB_CHARS = "*?["
 
 
 # ---------------------------------------------------------------------------------------------
 # Paths
 
 
-def _is_glob(path: str) -> bool:
-    return any(c in path for c in _GLOB_CHARS)
-
-
 def _exists(path: str) -> bool:
-    return _is_glob(path) or any(epath.Path(p).exists() for p in path.split(",") if p)
+    return any(is_glob(p) or epath.Path(p).exists() for p in path.split(",") if p)
 
 
 def _is_relative(path: str) -> bool:
@@ -95,7 +91,7 @@ def open_shards(location: str, cache_dir: str = "", key: str = "config.data.path
     try:
         files: list[str] = []
         for item in items:
-            if not _is_glob(item) and epath.Path(item).is_dir():
+            if not is_glob(item) and epath.Path(item).is_dir():
                 try:
                     files += expand_paths(item, ".tar")
                 except FileNotFoundError:

@@ -12,7 +12,6 @@ in the summary, and left out. Writes one JSON line per image ({"file", "steps"})
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ from refine_jax.evaluation.matching import MatchEmbedder, match_scores
 from refine_jax.model_kinds import decode_batch
 from refine_jax.model_loading import LoadedModel, load_model
 from refine_jax.models.refine import start_canvas
-from refine_jax.paths import folder_name, is_uri
+from refine_jax.paths import folder_name, glob_paths, is_glob, is_uri
 from refine_jax.sharding import to_host
 from refine_jax.targets import caption_words
 from refine_jax.workdir_config import config_for_workdir
@@ -37,25 +36,13 @@ from refine_jax.workdir_config import config_for_workdir
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def _glob_files(pattern: str) -> list[epath.Path]:
-    """Files matching a local or URI (`gs://...`) glob, sorted."""
-    if not is_uri(pattern):
-        return [
-            epath.Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)
-        ]
-    wildcard = min(pattern.index(c) for c in "*?[" if c in pattern)
-    base, _, first_part = pattern[:wildcard].rpartition("/")
-    matches = epath.Path(base).glob(first_part + pattern[wildcard:])
-    return sorted((p for p in matches if p.is_file()), key=str)
-
-
 def list_images(spec: str | os.PathLike) -> list[epath.Path]:
     """The image files `spec` names (local or a URI): a folder (its *.jpg/.jpeg/.png/.webp
     files, any case, sorted), a glob (every matching file, sorted) or one file."""
     text = os.fspath(spec)
     text = text if is_uri(text) else os.path.expanduser(text)
-    if any(c in text for c in "*?["):
-        paths = _glob_files(text)
+    if is_glob(text):
+        paths = [epath.Path(p) for p in glob_paths(text) if epath.Path(p).is_file()]
         if not paths:
             raise FileNotFoundError(f"no files match {text!r}")
         return paths
