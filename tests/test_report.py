@@ -34,6 +34,7 @@ from refine_jax.evaluation.report import (
     check_in_browser,
     diff_html,
     find_chromium,
+    render_report,
     select_images,
     write_report,
 )
@@ -184,6 +185,7 @@ def synthetic_report(path: Path) -> None:
     heat = attention_overlay(image, attention)
     items = [
         ReportImage(
+            0,
             "img/1",
             ["a red circle"],
             ["circle", "red circle", "a red circle"],
@@ -193,6 +195,7 @@ def synthetic_report(path: Path) -> None:
             [["circle"], ["red"], []],
         ),
         ReportImage(
+            1,
             "img 2",
             ["a <b> & c"],
             ["a", "b", ""],
@@ -219,8 +222,8 @@ def synthetic_report(path: Path) -> None:
         items,
         [1 / 3, 2 / 3, 1.0],
         [1 / 6, 1 / 3, 1 / 2],
-        worst=["img 2", "img/1"],
-        dropped=["img 2"],
+        worst=[1, 0],
+        dropped=[1],
         info={"checkpoint": 7},
     )
 
@@ -246,6 +249,30 @@ def test_select_images_bounds_and_orders():
     assert shown == [i for i in worst if i in shown]
     assert select_images(per_image, 0)[0] == []
     assert sorted(select_images(per_image, 10)[0]) == [0, 1, 2, 3, 4]
+
+
+def test_cards_are_named_by_position_and_ranked_among_all_images():
+    def card(index, image_id, final, cider):
+        return ReportImage(index, image_id, ["a red circle"], ["circle", final], [0.1, cider])
+
+    metrics = {"cider_per_step": [0.1, 0.5], "bleu4_per_step": [0.0, 0.1]}
+    # Ids that repeat, or that differ only in characters an HTML id cannot hold.
+    images = [
+        card(0, "photo.1", "a red circle", 0.9),
+        card(2, "photo_1", "a blue square", 0.2),
+        card(3, "photo_1", "a green star", 0.1),
+    ]
+    worst = [3, 1, 2, 0]  # image 1 has no card
+    page = render_report(metrics, images, [0.5, 1.0], [1 / 3, 2 / 3], worst=worst)
+    assert re.findall(r"id='(img-[^']*)'", page) == ["img-0", "img-2", "img-3"]
+    rows = re.findall(
+        r"<tr><td>(\d+)</td><td><a href='#([^']*)'>([^<]*)</a></td><td>([\d.]+)", page
+    )
+    assert rows == [
+        ("1", "img-3", "photo_1", "0.100"),
+        ("3", "img-2", "photo_1", "0.200"),
+        ("4", "img-0", "photo.1", "0.900"),
+    ]
 
 
 @needs_chromium

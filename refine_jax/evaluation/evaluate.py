@@ -152,6 +152,7 @@ def report_images(
             sample = samples[i]
             items.append(
                 ReportImage(
+                    i,
                     str(sample["image_id"]),
                     list(sample["references"]),
                     list(sample["steps"]),
@@ -263,15 +264,14 @@ def evaluate_checkpoint(
                 if "chain" in sample:
                     row["chain"] = sample["chain"]
                 f.write(json.dumps(row) + "\n")
-        ids = [str(samples[i]["image_id"]) for i in range(len(samples))]
         write_report(
             output_dir / "report.html",
             metrics,
             cards,
             metrics["schedule"],
             metrics["weights"],
-            worst=[ids[i] for i in worst],
-            dropped=[ids[i] for i in dropped],
+            worst=worst,
+            dropped=dropped,
             title=f"{name}: {config.model.kind} captioner, checkpoint step {loaded.step}",
             info={
                 "eval split": info["eval_data"],

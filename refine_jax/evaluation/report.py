@@ -54,6 +54,7 @@ CHROMIUM_FLAGS = (
 class ReportImage:
     """What the report shows of one image."""
 
+    index: int  # its position in the evaluated split: names its card (ids may repeat)
     image_id: str
     references: list[str]
     steps: list[str]
@@ -150,8 +151,8 @@ def select_images(per_image: Sequence[dict], limit: int) -> tuple[list[int], lis
     return shown, worst, dropped
 
 
-def _anchor(image_id: str) -> str:
-    return "img-" + re.sub(r"[^A-Za-z0-9_-]", "_", str(image_id))
+def _anchor(index: int) -> str:
+    return f"img-{index}"
 
 
 def diff_html(previous: str, current: str) -> str:
@@ -233,7 +234,7 @@ def _card(item: ReportImage) -> str:
     references = "".join(f"<li>{html.escape(r)}</li>" for r in item.references)
     match_head = "<th>match</th>" if item.match_score is not None else ""
     return (
-        f"<section class='card' id='{_anchor(item.image_id)}'>{thumb}<div class='body'>"
+        f"<section class='card' id='{_anchor(item.index)}'>{thumb}<div class='body'>"
         f"<h3>{html.escape(item.image_id)}</h3><table class='chain'><tr><th>step</th>"
         f"<th>description (<ins>added</ins>, <del>dropped</del>)</th><th>CIDEr</th>{match_head}"
         f"<th>where it looked for the added words</th></tr>{''.join(rows)}</table>"
@@ -273,14 +274,15 @@ def render_report(
     images: Sequence[ReportImage],
     schedule: Sequence[float],
     weights: Sequence[float],
-    worst: Sequence[str] = (),
-    dropped: Sequence[str] = (),
+    worst: Sequence[int] = (),
+    dropped: Sequence[int] = (),
     title: str = "Evaluation report",
     info: dict | None = None,
 ) -> str:
-    """The report as one HTML string. `images` are the cards to show (in order); `worst` and
-    `dropped` list image ids for the two sorted views (ids without a card are listed, unlinked)."""
-    by_id = {item.image_id: item for item in images}
+    """The report as one HTML string. `images` are the cards to show (in order); `worst` (every
+    image, lowest final CIDEr first) and `dropped` order the split's positions for the two
+    sorted views, which list the images that have a card, each with its rank among all."""
+    by_index = {item.index: item for item in images}
     info_rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
         for k, v in (info or {}).items()
@@ -290,28 +292,24 @@ def render_report(
         for key, uri in step_plots(metrics, schedule).items()
     )
 
-    def link(image_id: str) -> str:
-        text = html.escape(image_id)
-        return f"<a href='#{_anchor(image_id)}'>{text}</a>" if image_id in by_id else text
-
-    def caption_of(image_id: str, k: int) -> str:
-        item = by_id.get(image_id)
-        return html.escape(item.steps[k]) if item else ""
+    def link(item: ReportImage) -> str:
+        return f"<a href='#{_anchor(item.index)}'>{html.escape(item.image_id)}</a>"
 
     worst_rows = "".join(
-        f"<tr><td>{r + 1}</td><td>{link(i)}</td><td>{by_id[i].cider[-1]:.3f}</td>"
-        f"<td>{caption_of(i, -1) or '<span class=blank>(blank)</span>'}</td></tr>"
-        for r, i in enumerate([i for i in worst if i in by_id])
+        f"<tr><td>{rank}</td><td>{link(item)}</td><td>{item.cider[-1]:.3f}</td>"
+        f"<td>{html.escape(item.steps[-1]) or '<span class=blank>(blank)</span>'}</td></tr>"
+        for rank, item in ((r + 1, by_index.get(i)) for r, i in enumerate(worst))
+        if item is not None
     )
     drop_rows = []
     for i in dropped:
-        item = by_id.get(i)
+        item = by_index.get(i)
         if item is None:
             continue
         falls = np.diff(item.cider)
         k = int(np.argmin(falls)) + 1  # the step (0-based) where CIDEr fell most
         drop_rows.append(
-            f"<tr><td>{link(i)}</td><td>{k} &rarr; {k + 1}</td>"
+            f"<tr><td>{link(item)}</td><td>{k} &rarr; {k + 1}</td>"
             f"<td>{item.cider[k - 1]:.3f} &rarr; {item.cider[k]:.3f}</td>"
             f"<td>{diff_html(item.steps[k - 1], item.steps[k])}</td></tr>"
         )
