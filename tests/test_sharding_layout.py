@@ -13,6 +13,7 @@ from refine_jax.data import training_captions
 from refine_jax.data.shapes import ShapesSource
 from refine_jax.errors import ConfigError
 from refine_jax.evaluation.captioning import describe_split
+from refine_jax.evaluation.evaluate import evaluate_checkpoint
 from refine_jax.model_kinds import build_model
 from refine_jax.model_loading import load_model
 from refine_jax.tokenizer import train_tokenizer
@@ -138,6 +139,10 @@ def test_describing_on_more_batch_shards_than_the_batch_divides_pads_its_batches
             loaded.put_batch,
         )
     assert len(samples) == 20 and len({s["image_id"] for s in samples}) == 20
+    # --mode=eval describes with the padded batch too.
+    config.data.eval_size = 20
+    metrics = evaluate_checkpoint(config, tmp_path, loaded=loaded, max_report_images=2)
+    assert metrics["num_images"] == 20
 
 
 def test_a_mesh_that_cannot_split_a_parameter_names_it_and_the_mesh():

@@ -212,7 +212,7 @@ def evaluate_checkpoint(
             source,
             loaded.features,
             loaded.tokenizer,
-            config.batch_size,
+            loaded.config.batch_size,  # rounded to a multiple of the batch shards
             loaded.fractions,
             put_batch=loaded.put_batch,
             beam_size=config.decode.beam_size,
