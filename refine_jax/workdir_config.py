@@ -11,14 +11,38 @@ from etils import epath
 
 from refine_jax.checkpointing import SHAPE_NEUTRAL_MODEL_KEYS
 from refine_jax.config import base_config
+from refine_jax.paths import absolute
 
 CONFIG_FILE = "config.json"
+# Locations a config names (each may be a comma-separated list): recorded absolute, so that
+# `--workdir` alone reads the same data from any directory.
+LOCATION_KEYS = (
+    "data.path",
+    "data.train_path",
+    "data.eval_path",
+    "data.index_cache_dir",
+    "tokenizer.path",
+    "model.pretrained_encoder",
+)
+
+
+def _absolute_locations(text: str) -> str:
+    """Each comma-separated location made absolute; a `tfds:` name or a URI stays as it is."""
+    return ",".join(
+        item if not item or item.startswith("tfds:") else absolute(item)
+        for item in (part.strip() for part in text.split(","))
+    )
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> epath.Path:
-    """Writes the whole config as JSON to WORKDIR/config.json (renamed into place); call it on
-    one process only."""
+    """Writes the whole config as JSON to WORKDIR/config.json (renamed into place), its
+    locations made absolute; call it on one process only."""
     path = epath.Path(workdir) / CONFIG_FILE
+    config = config.copy_and_resolve_references()  # the caller's config is left as it is
+    for key in LOCATION_KEYS:
+        section, name = key.split(".")
+        if config[section].get(name):
+            config[section][name] = _absolute_locations(config[section][name])
     partial = path.parent / f".{CONFIG_FILE}.partial"
     partial.write_text(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
     partial.replace(path)

@@ -55,6 +55,24 @@ def test_recorded_config_reads_back_equal_with_tuples(tmp_path):
     assert read_recorded_config(tmp_path / "elsewhere") is None
 
 
+def test_recorded_locations_are_absolute_so_the_workdir_reads_the_same_data_from_anywhere(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("shapes", "tiny")
+    config.data.path = "data/flickr8k"
+    config.data.eval_path = "val/*.tar, gs://bucket/val"
+    config.tokenizer.path = "~/tok.model"
+    config.model.pretrained_encoder = ""
+    record_config(config, tmp_path)
+    recorded = read_recorded_config(tmp_path)
+    assert recorded.data.path == str(tmp_path / "data" / "flickr8k")
+    assert recorded.data.eval_path == f"{tmp_path / 'val' / '*.tar'},gs://bucket/val"
+    assert recorded.tokenizer.path == os.path.expanduser("~/tok.model")
+    assert recorded.model.pretrained_encoder == ""
+    assert config.data.path == "data/flickr8k"  # the caller's config is left as it is
+
+
 def test_config_for_workdir_prefers_the_given_config_and_names_shape_differences(tmp_path):
     trained = load_config("shapes", "tiny")
     record_config(trained, tmp_path)
