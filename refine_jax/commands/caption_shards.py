@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from refine_jax.caption_shards import Decoding, caption_shard_set
 from refine_jax.model_loading import load_model
+from refine_jax.paths import absolute
 from refine_jax.workdir_config import config_for_workdir
 
 config_flags.DEFINE_config_file(
@@ -42,7 +43,7 @@ def main(argv: Sequence[str]) -> None:
     config = config_for_workdir(FLAGS.config, FLAGS.workdir)
     loaded = load_model(config, FLAGS.workdir, FLAGS.checkpoint_step)
     teacher = {
-        "workdir": str(FLAGS.workdir),
+        "workdir": absolute(FLAGS.workdir),  # the same teacher however it is spelled
         "checkpoint_step": loaded.step,
         "model_kind": config.model.kind,
     }

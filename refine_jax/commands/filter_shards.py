@@ -18,6 +18,7 @@ from absl import app, flags
 from refine_jax.evaluation.matching import MatchEmbedder
 from refine_jax.filter_shards import filter_shard_set
 from refine_jax.model_loading import load_model
+from refine_jax.paths import absolute
 
 flags.DEFINE_string("match_workdir", None, "The matching model's workdir (model.kind='match').")
 flags.DEFINE_string("input", None, "Input tar shards: a folder, glob or file.")
@@ -34,7 +35,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     loaded = load_model(None, FLAGS.match_workdir, FLAGS.checkpoint_step)
-    scorer = {"match_workdir": str(FLAGS.match_workdir), "checkpoint_step": loaded.step}
+    scorer = {"match_workdir": absolute(FLAGS.match_workdir), "checkpoint_step": loaded.step}
     with loaded.context():
         summary = filter_shard_set(
             MatchEmbedder.from_loaded(loaded),
