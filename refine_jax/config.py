@@ -28,6 +28,7 @@ SCHEDULES = ("linear", "log")  # targets.schedule_fractions
 WEIGHTINGS = ("linear", "geometric", "final_only", "uniform")  # losses.step_weights
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random.key(seed, impl=...) in training
 DROPOUT_BITS = (32, 16, 8)  # models.layers.Dropout
+DTYPES = ("float32", "bfloat16")  # model.dtype: the compute dtype (parameters stay float32)
 DEFAULT_TEMPLATES = (  # data.labels: how a class label becomes a caption
     "a photo of a {label}",
     "a picture of a {label}",
@@ -253,13 +254,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     non_finite = _non_finite_values(config)
     if non_finite:
         raise ConfigError(f"non-finite config value: {', '.join(non_finite)}; use a finite number")
-    if not config.learning_rate >= 0:
-        raise ConfigError(f"config.learning_rate must be >= 0, got {config.learning_rate}")
+    m, t = config.model, config.targets
+    # Values that train silently wrongly: a negative clip norm flips the update's sign, 0 stops
+    # every update; a dropout rate of 1 or more zeroes the activations.
+    for name, value in (
+        ("learning_rate", config.learning_rate),
+        ("warmup_steps", config.warmup_steps),
+        ("weight_decay", config.weight_decay),
+        ("targets.due_loss_weight", t.due_loss_weight),
+        ("targets.length_loss_weight", t.length_loss_weight),
+    ):
+        if not value >= 0:
+            raise ConfigError(f"config.{name} must be >= 0, got {value}")
+    if not config.grad_clip_norm > 0:
+        raise ConfigError(f"config.grad_clip_norm must be > 0, got {config.grad_clip_norm}")
+    if not 0.0 <= m.dropout_rate < 1.0:
+        raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
     if not 0.0 <= config.lr_decay_fraction <= 1.0:
         raise ConfigError(
             f"config.lr_decay_fraction must be in [0, 1], got {config.lr_decay_fraction}"
         )
-    m, t = config.model, config.targets
+    _check_choice(m.dtype, "model.dtype", DTYPES)
     _check_choice(config.rng_impl, "rng_impl", RNG_IMPLS)
     _check_choice(m.kind, "model.kind", MODEL_KINDS)
     _check_choice(m.remat, "model.remat", REMAT_POLICIES)
@@ -306,10 +321,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "max_consecutive_nonfinite",
         "canvas_length",
         "width",
+        "image_size",
+        "patch_size",
+        "num_heads",
+        "mlp_dim",
+        "encoder_depth",
+        "detailer_depth",
     ):
-        value = config[key] if key in config else m[key]
+        name, value = (key, config[key]) if key in config else (f"model.{key}", m[key])
         if value < 1:
-            raise ConfigError(f"config.{key} must be >= 1, got {value}")
+            raise ConfigError(f"config.{name} must be >= 1, got {value}")
     if m.image_size % m.patch_size:
         raise ConfigError(
             f"config.model.image_size {m.image_size} is not divisible by patch_size {m.patch_size}"

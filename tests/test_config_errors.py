@@ -85,6 +85,15 @@ def test_canvas_shorter_than_longest_target_is_rejected_before_compilation(
         ("match.subset_rate", -0.1, "match.subset_rate must be in"),
         ("model.freeze_encoder", True, "freeze_encoder .* set config.model.pretrained_encoder"),
         ("targets.kind", "full", "objective = 'final' needs .* coarse-to-fine targets.kind"),
+        ("model.dropout_rate", 1.5, r"dropout_rate must be in \[0, 1\), got 1.5"),
+        ("model.dropout_rate", -0.5, r"dropout_rate must be in \[0, 1\), got -0.5"),
+        ("model.num_heads", 0, "model.num_heads must be >= 1, got 0"),
+        ("model.patch_size", 0, "model.patch_size must be >= 1, got 0"),
+        ("model.encoder_depth", 0, "model.encoder_depth must be >= 1, got 0"),
+        ("model.mlp_dim", 0, "model.mlp_dim must be >= 1, got 0"),
+        ("model.dtype", "float61", "model.dtype = 'float61' is not one of"),
+        ("targets.length_loss_weight", -1.0, "length_loss_weight must be >= 0, got -1.0"),
+        ("targets.due_loss_weight", -1.0, "due_loss_weight must be >= 0, got -1.0"),
     ],
 )
 def test_invalid_values_name_the_key(key, value, message):
@@ -103,6 +112,10 @@ def test_invalid_values_name_the_key(key, value, message):
         ("keep_checkpoints", 0, "keep_checkpoints must be >= 1, got 0"),
         ("max_consecutive_nonfinite", 0, "max_consecutive_nonfinite must be >= 1, got 0"),
         ("best_checkpoint_metric", "final_matches_reference", "named 'eval/...'"),
+        ("grad_clip_norm", -1.0, "grad_clip_norm must be > 0, got -1.0"),  # flips the update
+        ("grad_clip_norm", 0.0, "grad_clip_norm must be > 0, got 0.0"),  # no update at all
+        ("warmup_steps", -5, "warmup_steps must be >= 0, got -5"),
+        ("weight_decay", -1e-4, "weight_decay must be >= 0, got -0.0001"),
     ],
 )
 def test_invalid_top_level_values_name_the_key(key, value, message):
