@@ -68,16 +68,23 @@ def train_and_score(
     match_workdir: str | None = None,
 ) -> dict[str, Any]:
     """Trains `config` in `workdir` up to config.total_steps (unless already there) and returns
-    the scores of the final checkpoint on the held-out split (or `eval_data`), with
-    `train_seconds` (None when the run was already trained) and the eval's output folder.
-    `match_workdir`: a matching model whose image posteriors measure gradualness (DESIGN §11)."""
+    the scores of its checkpoint at total_steps (a workdir trained further without that
+    checkpoint is an error, not a longer run labelled with this budget) on the held-out split
+    (or `eval_data`), with `train_seconds` (None when the run was already trained) and the
+    eval's output folder. `match_workdir`: a matching model whose image posteriors measure
+    gradualness (DESIGN §11)."""
     train_seconds = None
     if trained_step(workdir) < config.total_steps:
         start = time.perf_counter()
         train_and_evaluate(config, workdir)
         train_seconds = time.perf_counter() - start
     summary = evaluate_checkpoint(
-        config, workdir, eval_data, max_report_images=report_images, match_workdir=match_workdir
+        config,
+        workdir,
+        eval_data,
+        checkpoint_step=config.total_steps,
+        max_report_images=report_images,
+        match_workdir=match_workdir,
     )
     return {**scores_of(summary), "train_seconds": train_seconds}
 

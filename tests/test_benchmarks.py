@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, load_config
 from test_evaluate import trained_workdir
 
 pytestmark = pytest.mark.slow
@@ -118,3 +118,16 @@ def test_calibration_ceiling_counts_the_bank_images_each_description_fits(monkey
     assert two.tolist() == [[True]]
     with pytest.raises(ValueError, match="fits no bank image"):
         exact.progress([["circle", "a green circle"]], False)
+
+
+def test_a_run_trained_past_the_asked_budget_is_not_scored_as_that_budget(
+    tmp_path_factory, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality_runs
+
+    workdir = trained_workdir(tmp_path_factory)  # 20 steps; no checkpoint at step 10
+    config = load_config("shapes", "tiny")
+    config.total_steps = 10
+    with pytest.raises(ValueError, match="no checkpoint of step 10"):
+        quality_runs.train_and_score(config, str(workdir), report_images=0)
