@@ -102,7 +102,7 @@ class ExactFit:
         return np.where(span > 0, information / np.where(span > 0, span, 1.0), np.nan)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="50 shapes chains, small banks")
     parser.add_argument(
@@ -124,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         "--salience_scenes", type=int, default=20_000, help="shapes: training scenes counted"
     )
     parser.add_argument("--output", default=None)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.data, args.num_images, args.bank_train_images = None, 50, "0,200"
-        args.salience_scenes = 200
+    quick = dict(data=None, num_images=50, bank_train_images="0,200", salience_scenes=200)
+    return common.parse_args_with_quick(parser, argv, quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     extra_sizes = [int(n) for n in args.bank_train_images.split(",")]
 
     start = time.perf_counter()

@@ -9,6 +9,7 @@ No data files are needed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -36,6 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "configs" / "flickr8k.py"
 RESULTS = REPO / "benchmarks" / "results"
 FIRST_WORD_ID = 5  # ids below are pad, unk, bos, eos and blank
+
+
+def parse_args_with_quick(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict[str, Any]
+) -> argparse.Namespace:
+    """`parser`'s arguments; with --quick, `quick` replaces those options' defaults, so an
+    option given on the command line still wins over the quick size."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
 
 
 def load_config(arg: str = "", batch_size: int | None = None, **model_overrides: Any):

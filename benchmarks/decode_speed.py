@@ -74,11 +74,8 @@ def parse_args(argv):
         help="trace every row into this folder and sum its op time by model part and op kind",
     )
     parser.add_argument("--target_s", type=float, default=0.5, help="seconds per timing")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.ks, args.batch_sizes, args.rounds, args.target_s = "2", "1", 2, 0.01
-        args.ar_mean_tokens = 4.0
-    return args
+    quick = dict(ks="2", batch_sizes="1", rounds=2, target_s=0.01, ar_mean_tokens=4.0)
+    return common.parse_args_with_quick(parser, argv, quick)
 
 
 # Decoder calls made per batch, jitted once per model and setting (the timed function,

@@ -48,11 +48,7 @@ def parse_args(argv):
     parser.add_argument("--remat", default=",".join(REMAT_POLICIES), help="comma list")
     parser.add_argument("--batch_size", type=int, default=None, help="default: the config's")
     parser.add_argument("--growth_from", type=int, default=4, help="K the growth is relative to")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.ks, args.remat = "2,4", "dots"
-        args.growth_from = 2
-    return args
+    return common.parse_args_with_quick(parser, argv, dict(ks="2,4", remat="dots", growth_from=2))
 
 
 def step_memory(config) -> dict[str, int]:

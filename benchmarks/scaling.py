@@ -42,11 +42,8 @@ def parse_args(argv):
     parser.add_argument("--remat", default=None, help="none | full | dots (default: config's)")
     parser.add_argument("--steps", type=int, default=2, help="consecutive steps per timing")
     parser.add_argument("--rounds", type=int, default=3, help="timings per point (median)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.ks, args.lengths, args.base_k, args.base_length = "2,4", "8", 2, 8  # 2 compiles
-        args.steps, args.rounds = 1, 2
-    return args
+    quick = dict(ks="2,4", lengths="8", base_k=2, base_length=8, steps=1, rounds=2)  # 2 compiles
+    return common.parse_args_with_quick(parser, argv, quick)
 
 
 def fit_line(x: list[float], y: list[float]) -> dict:

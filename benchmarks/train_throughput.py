@@ -99,15 +99,13 @@ def parse_args(argv):
         action="store_true",
         help="also time forward alone, forward+backward, encoder and text stack",
     )
-    args = parser.parse_args(argv)
+    quick = dict(steps=1, rounds=2, matmul_size=256, profile_steps=1)
+    args = common.parse_args_with_quick(parser, argv, quick)
     if args.kinds is None:  # --quick: the refinement model only, unless asked
         args.kinds = "refine" if args.quick else "refine,autoregressive"
     unknown = set(csv(args.kinds)) - {"refine", "autoregressive"}
     if unknown:  # the captioners' Flickr8k configs are what this script builds
         parser.error(f"--kinds: {sorted(unknown)} not timed here (refine, autoregressive)")
-    if args.quick:
-        args.steps, args.rounds, args.matmul_size = 1, 2, 256
-        args.profile_steps = 1
     return args
 
 

@@ -131,3 +131,22 @@ def test_a_run_trained_past_the_asked_budget_is_not_scored_as_that_budget(
     config.total_steps = 10
     with pytest.raises(ValueError, match="no checkpoint of step 10"):
         quality_runs.train_and_score(config, str(workdir), report_images=0)
+
+
+@pytest.mark.parametrize(
+    "script,flag,value,quick_value",
+    [
+        ("decode_speed", "ks", "4,8", "2"),
+        ("scaling", "lengths", "16", "8"),
+        ("memory_vs_k", "remat", "none", "dots"),
+        ("calibration_ceiling", "num_images", 7, 50),
+        ("train_throughput", "rounds", 5, 2),
+    ],
+)
+def test_an_option_given_with_quick_wins_over_the_quick_size(
+    monkeypatch, script, flag, value, quick_value
+):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = __import__(script)
+    assert getattr(module.parse_args(["--quick"]), flag) == quick_value
+    assert getattr(module.parse_args(["--quick", f"--{flag}={value}"]), flag) == value
