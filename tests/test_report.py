@@ -251,6 +251,31 @@ def test_select_images_bounds_and_orders():
     assert sorted(select_images(per_image, 10)[0]) == [0, 1, 2, 3, 4]
 
 
+def test_a_card_shows_its_own_image_when_ids_repeat_and_an_element_was_skipped(tmp_path):
+    from refine_jax.data.shapes import ShapesSource
+    from refine_jax.evaluation.attention import to_uint8
+    from refine_jax.evaluation.captioning import describe_split
+    from refine_jax.evaluation.evaluate import report_images
+
+    shapes = ShapesSource("eval", 3)
+    # Two photos under one id, after an element the eval pipeline leaves out.
+    source = [
+        {"key": "bad", "skip_reason": "corrupt_image"},
+        {**shapes[1], "key": "same"},
+        {**shapes[2], "key": "same"},
+    ]
+    config = load_config("shapes", "tiny")
+    tokenizer = train_tokenizer([c for r in source[1:] for c in r["captions"]] * 20, 300)
+    loaded = load_model(config, tmp_path, random_init=True, tokenizer=tokenizer)
+    with loaded.context():
+        args = (loaded.features, tokenizer, config.batch_size, loaded.fractions, loaded.put_batch)
+        samples = describe_split(loaded.model, loaded.params, source, *args)
+    per_image = [{"cider": [0.0] * len(s["steps"])} for s in samples]
+    cards = report_images(loaded, source, samples, per_image, [0, 1])
+    for card, element in zip(cards, source[1:], strict=True):
+        np.testing.assert_array_equal(card.image, to_uint8(loaded.features.map(element)["image"]))
+
+
 def test_cards_are_named_by_position_and_ranked_among_all_images():
     def card(index, image_id, final, cider):
         return ReportImage(index, image_id, ["a red circle"], ["circle", final], [0.1, cider])

@@ -77,11 +77,6 @@ def structural_counts_of(source: CaptionSource) -> SkipCounter:
     return SkipCounter()
 
 
-def sample_key(source: CaptionSource, index: int) -> str:
-    """The key of sample `index`, without reading it where the source can."""
-    return source.key(index) if isinstance(source, HasKeys) else source[index]["key"]
-
-
 class FirstN:
     """The first ``n`` elements of a source (e.g. a quicker held-out set)."""
 
@@ -143,7 +138,6 @@ __all__ = [
     "HasTrainingDataset",
     "ReadsCaptions",
     "sample_captions",
-    "sample_key",
     "structural_counts_of",
     "training_captions",
 ]

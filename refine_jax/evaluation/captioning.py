@@ -23,7 +23,8 @@ def describe_split(
     beam_size: int = 1,
     drop_repeats: bool = False,
 ) -> list[dict]:
-    """Per image: `image_id`, `references`, `steps` (the decoded description of each step),
+    """Per image: `image_id`, `source_index` (its position in `source`; ids may repeat),
+    `references`, `steps` (the decoded description of each step),
     `targets` (the coarse-to-fine targets of its first reference) and `chain` when the source
     knows the true one. `put_batch` places a host batch, which every process holds whole, on
     the devices. `beam_size` > 1: the baseline decodes by beam search (else greedily).
@@ -45,6 +46,7 @@ def describe_split(
         for i, record in enumerate(records):
             sample = {
                 "image_id": record["key"],
+                "source_index": int(arrays["index"][i]),  # its position in `source`
                 "references": list(record["captions"]),
                 "steps": [tokenizer.decode(c) for c in canvases[i]],
                 "targets": [tokenizer.decode(t) for t in arrays["targets"][i]],

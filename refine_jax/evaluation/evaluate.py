@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from refine_jax.data import make_sources
-from refine_jax.data.caption_source import CaptionSource, sample_key
+from refine_jax.data.caption_source import CaptionSource
 from refine_jax.data.referenced_shards import ReferencedShards
 from refine_jax.evaluation.attention import (
     added_word_indices,
@@ -92,17 +92,6 @@ def _attention_fn(model: nn.Module):
     return jax.jit(functools.partial(describe_with_attention, model), static_argnames="beam")
 
 
-def source_positions(source: CaptionSource, samples: Sequence[dict]) -> list[int]:
-    """The position in `source` of each sample: the same position when every element was
-    described, else found by key (the eval pipeline leaves unusable elements out)."""
-    if len(samples) == len(source):
-        return list(range(len(samples)))
-    positions: dict[str, int] = {}
-    for i in range(len(source)):
-        positions.setdefault(sample_key(source, i), i)
-    return [positions[s["image_id"]] for s in samples]
-
-
 def report_images(
     loaded: LoadedModel,
     source: CaptionSource,
@@ -117,11 +106,11 @@ def report_images(
         return []
     batch_size = loaded.config.batch_size
     attend = _attention_fn(loaded.model)
-    positions = source_positions(source, samples)
     items: list[ReportImage] = []
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start : start + batch_size])
-        images = np.stack([loaded.features.map(source[positions[i]])["image"] for i in chunk])
+        records = [source[samples[i]["source_index"]] for i in chunk]
+        images = np.stack([loaded.features.map(record)["image"] for record in records])
         padded = np.concatenate([images, np.repeat(images[-1:], batch_size - len(chunk), 0)])
         with loaded.context():
             placed = loaded.put_batch({"image": padded})["image"]
