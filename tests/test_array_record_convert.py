@@ -143,6 +143,32 @@ def test_convert_round_trips_every_sample_and_resumes(tmp_path):
     assert [redone[i]["key"] for i in range(len(redone))] == ["b0"]
 
 
+def test_a_rebuilt_input_shard_is_reconverted(tmp_path):
+    tars, out = tmp_path / "tars", tmp_path / "ar"
+    make_shards(tars)
+    convert(tars, out, workers=1)
+    # Shard 00001 rebuilt with a fixed caption: same size and mtime, other contents.
+    shard = tars / "00001.tar"
+    before = shard.stat()
+    write_tar(shard, sample("b0", ["fixed"], jpeg(2)))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert shard.stat().st_size == before.st_size
+    # The stats of shard 00002 do not say which contents they came from: not trusted either.
+    stats_00002 = Path(stats_path(str(out / "00002.array_record")))
+    stats = json.loads(stats_00002.read_text())
+    stats.pop("input_shard", None)
+    stats_00002.write_text(json.dumps(stats))
+
+    again = convert(tars, out, workers=1)
+    assert sorted(again.converted) == [str(tars / "00001.tar"), str(tars / "00002.tar")]
+    assert again.skipped == [str(tars / "00000.tar")] and again.counts.good == 4
+    assert ArrayRecordCaptionSource(out / "00001.array_record")[0]["captions"] == ["fixed"]
+    recorded = json.loads(Path(stats_path(str(out / "00001.array_record"))).read_text())
+    assert recorded["input_shard"]["size"] == before.st_size
+    assert recorded["input_shard"]["mtime_ns"] == before.st_mtime_ns
+    assert convert(tars, out, workers=1).converted == []  # now complete and current
+
+
 def test_convert_in_parallel_workers(tmp_path):
     make_shards(tmp_path / "tars")
     report = convert([tmp_path / "tars"], tmp_path / "ar", workers=2)

@@ -302,3 +302,35 @@ def test_command(coco_files: tuple[Path, Path], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert {s: summary[s]["counts"]["good"] for s in summary} == {"train": 2, "val": 2, "test": 2}
+
+
+def test_tfds_format_refuses_the_tar_only_flags(coco_files: tuple[Path, Path], tmp_path: Path):
+    coco_dir, karpathy = coco_files
+    data_dir = tmp_path / "tfds"
+    cmd = [
+        sys.executable, "-m", "refine_jax.data.coco", f"--coco_dir={coco_dir}",
+        f"--karpathy_json={karpathy}", f"--output_dir={data_dir}", "--format=tfds",
+        "--splits=val", "--image_size=16", "--workers=1",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --splits, --image_size: options of --format=tar only")
+    )
+    assert not data_dir.exists()  # refused before anything is built
+
+
+def test_command_rerun_names_the_overwrite_flag(coco_files: tuple[Path, Path], tmp_path: Path):
+    coco_dir, karpathy = coco_files
+    out = tmp_path / "out"
+    coco.convert(coco_dir, karpathy, out, splits=["val"])
+    cmd = [
+        sys.executable, "-m", "refine_jax.data.coco", f"--coco_dir={coco_dir}",
+        f"--karpathy_json={karpathy}", f"--output_dir={out}", "--splits=val", "--workers=1",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: output folder") and "rerun with --overwrite" in last

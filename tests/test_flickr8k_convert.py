@@ -140,7 +140,7 @@ def test_deterministic_and_overwrite(raw: Path, tmp_path: Path) -> None:
     assert names == ["00000.tar", "00001.tar", "references.json"]
     for name in names:
         assert (a / "train" / name).read_bytes() == (b / "train" / name).read_bytes()
-    with pytest.raises(FileExistsError, match=str(a / "train")):
+    with pytest.raises(FileExistsError, match=f"{a / 'train'}.*pass overwrite=True"):
         flickr8k.convert(raw, a, splits=["train"], image_size=16)
     TarShardSource(a / "train", cache_dir=None)  # writes sidecar indexes next to the shards
     flickr8k.convert(raw, a, splits=["train"], image_size=16, overwrite=True)
@@ -201,6 +201,72 @@ def test_token_parsing_and_keys(tmp_path: Path) -> None:
         flickr8k.read_split_list(dup)
 
 
+def test_non_utf8_caption_is_dropped_and_counted(raw: Path, tmp_path: Path) -> None:
+    token = raw / "Flickr8k_text" / "Flickr8k.token.txt"
+    bad = f"{TRAIN[0]} caption 2 .".encode()
+    token.write_bytes(token.read_bytes().replace(bad, bad.replace(b"caption", b"capti\xf6n")))
+    report = flickr8k.convert(raw, tmp_path / "out", splits=["train"], image_size=16)["train"]
+    assert report.counts.good == 3 and dict(report.counts.dropped) == {"non_utf8_caption": 1}
+    refs = json.loads((tmp_path / "out" / "train" / "references.json").read_text())
+    first = [(a["id"], a["caption"]) for a in refs["annotations"] if a["image_id"] == TRAIN[0]]
+    assert first == [(i + 1, c) for i, c in enumerate(caps(TRAIN[0])) if i != 2]  # ids kept
+
+
+def test_byte_order_mark_keeps_the_first_caption(tmp_path: Path) -> None:
+    token = tmp_path / "t.txt"
+    token.write_text("a.jpg#0\tfirst\na.jpg#1\tsecond\n", encoding="utf-8-sig")
+    assert flickr8k.parse_token_file(token) == {"a.jpg": ["first", "second"]}
+
+
+def test_repeated_caption_lines_are_kept_once(
+    raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = tmp_path / "t.txt"
+    token.write_text(
+        "a.jpg#0\tfirst\na.jpg#1\tsecond\na.jpg#0\tfirst again\n"
+        "b.jpg.1#0\tquirk 0\nb.jpg#0\town 0\nb.jpg#1\town 1\nb.jpg.1#1\tquirk 1\n"
+    )
+    # One caption per number: the first line wins, but X.jpg#i beats the quirk's X.jpg.1#i.
+    assert flickr8k.parse_token_file(token) == {
+        "a.jpg": ["first", "second"],
+        "b.jpg": ["own 0", "own 1"],
+    }
+    assert "3 repeated caption line(s) ignored" in caplog.text
+    # A token file with its lines appended again converts as the original one.
+    real = raw / "Flickr8k_text" / "Flickr8k.token.txt"
+    real.write_bytes(real.read_bytes() * 2)
+    flickr8k.convert(raw, tmp_path / "out", splits=["train"], image_size=16)
+    assert load_references(tmp_path / "out" / "train") == {k: caps(k) for k in TRAIN}
+    refs = json.loads((tmp_path / "out" / "train" / "references.json").read_text())
+    assert [a["id"] for a in refs["annotations"]] == list(range(1, 16))
+
+
+def test_image_name_with_a_dot_gets_an_escaped_key(raw: Path, tmp_path: Path) -> None:
+    assert flickr8k.key_of("a.v2.jpg") == "a%2Ev2"
+    assert flickr8k.key_of("a%2Ev2.jpg") == "a%252Ev2"  # the escape is one-to-one
+    old, new = f"{TRAIN[1]}.jpg", f"{TRAIN[1]}.v2.jpg"
+    images, text = raw / "Flicker8k_Dataset", raw / "Flickr8k_text"
+    os.rename(images / old, images / new)
+    for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt"):
+        (text / name).write_text((text / name).read_text().replace(old, new))
+    # A second name with the KEY of a listed one (case of .jpg) is refused, not a crash mid-way.
+    (images / f"{TRAIN[0]}.JPG").write_bytes(jpeg(9))
+    with open(text / "Flickr_8k.trainImages.txt", "a") as f:
+        f.write(f"{TRAIN[0]}.JPG\n")
+    out = tmp_path / "out" / "train"
+    report = flickr8k.convert(raw, tmp_path / "out", splits=["train"], samples_per_shard=1)["train"]
+    assert report.counts.good == 3 and not report.counts.skipped
+    key = f"{TRAIN[1]}%2Ev2"
+    assert load_references(out) == {
+        TRAIN[0]: caps(TRAIN[0]),
+        key: caps(TRAIN[1]),
+        QUIRK: caps(QUIRK),
+    }
+    with tarfile.open(out / "00001.tar") as tar:
+        assert tar.getnames() == [f"{key}.jpg", f"{key}.txt", f"{key}.json"]
+        assert json.loads(tar.extractfile(f"{key}.json").read())["source_id"] == new
+
+
 def test_shard_writer_rejects_bad_input(tmp_path: Path) -> None:
     for key in ["", "a.b", "a/b"]:
         with pytest.raises(ValueError):
@@ -237,6 +303,22 @@ def test_command(raw: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["val"]["counts"]["good"] == 2
     assert load_references(out / "val") == {k: caps(k) for k in VAL}
+
+
+def test_command_rerun_names_the_overwrite_flag(raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    flickr8k.convert(raw, out, splits=["val"], image_size=16)
+    cmd = [
+        sys.executable, "-m", "refine_jax.data.flickr8k", f"--raw_dir={raw}",
+        f"--output_dir={out}", "--splits=val", "--image_size=16", "--workers=1",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "overwrite=True" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: output folder {str(out / 'val')!r} already holds "
+        "['00000.tar', 'references.json']; rerun with --overwrite to replace them"
+    )
 
 
 def test_rebuilds_shared_val_references(flickr8k_dir: Path, tmp_path: Path) -> None:

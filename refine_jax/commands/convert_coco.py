@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
 from refine_jax.data.coco import CAPTION_SOURCES, CocoKarpathyConfig, convert, prepare_tfds
+from refine_jax.data.shard_writer import OutputExistsError
 
 flags.DEFINE_string("coco_dir", None, "Folder with train2014/, val2014/ and caption files.")
 flags.DEFINE_string("karpathy_json", None, "Karpathy's dataset_coco.json.")
@@ -31,6 +33,8 @@ flags.DEFINE_integer("samples_per_shard", 1000, "Samples per tar shard.")
 flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Image threads.")
 flags.DEFINE_bool("overwrite", False, "Replace shards of an earlier run.")
 flags.mark_flags_as_required(["coco_dir", "karpathy_json", "output_dir"])
+# Flags of the tar shards only: the TFDS builder writes every split with the original images.
+TAR_ONLY_FLAGS = ("splits", "image_size", "resize", "quality", "samples_per_shard", "overwrite")
 FLAGS = flags.FLAGS
 
 
@@ -39,6 +43,13 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     restval = None if FLAGS.restval.lower() in ("", "none") else FLAGS.restval
     if FLAGS.format == "tfds":
+        given = [name for name in TAR_ONLY_FLAGS if FLAGS[name].present]
+        if given:  # refused rather than silently ignored
+            flag_names = ", ".join(f"--{name}" for name in given)
+            sys.exit(
+                f"error: {flag_names}: options of --format=tar only; the TFDS builder prepares "
+                "every split with the original COCO images, and keeps a dataset already prepared"
+            )
         named = {("train", "coco"): "restval_in_train", ("restval", "coco"): "restval_split"}
         config = named.get((restval, FLAGS.caption_source)) or CocoKarpathyConfig(
             name=f"restval_{restval or 'dropped'}_{FLAGS.caption_source}",
@@ -54,20 +65,23 @@ def main(argv: Sequence[str]) -> None:
         )
         print(builder.info.splits)
         return
-    reports = convert(
-        FLAGS.coco_dir,
-        FLAGS.karpathy_json,
-        FLAGS.output_dir,
-        restval=restval,
-        caption_source=FLAGS.caption_source,
-        splits=FLAGS.splits,
-        image_size=FLAGS.image_size or None,
-        resize=FLAGS.resize,
-        quality=FLAGS.quality,
-        samples_per_shard=FLAGS.samples_per_shard,
-        workers=FLAGS.workers,
-        overwrite=FLAGS.overwrite,
-    )
+    try:
+        reports = convert(
+            FLAGS.coco_dir,
+            FLAGS.karpathy_json,
+            FLAGS.output_dir,
+            restval=restval,
+            caption_source=FLAGS.caption_source,
+            splits=FLAGS.splits,
+            image_size=FLAGS.image_size or None,
+            resize=FLAGS.resize,
+            quality=FLAGS.quality,
+            samples_per_shard=FLAGS.samples_per_shard,
+            workers=FLAGS.workers,
+            overwrite=FLAGS.overwrite,
+        )
+    except OutputExistsError as e:  # one line naming the flag, not a traceback naming a keyword
+        sys.exit(f"error: {e.describe('rerun with --overwrite')}")
     print(json.dumps({split: r.to_dict() for split, r in reports.items()}, indent=1))
 
 

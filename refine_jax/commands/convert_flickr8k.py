@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -21,6 +22,7 @@ from refine_jax.data.flickr8k import (
     SPLITS,
     convert,
 )
+from refine_jax.data.shard_writer import OutputExistsError
 
 flags.DEFINE_string("raw_dir", None, "Folder with the raw Flickr8k images and text files.")
 flags.DEFINE_string("output_dir", None, "Where to write <split>/NNNNN.tar and references.")
@@ -40,19 +42,22 @@ FLAGS = flags.FLAGS
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    reports = convert(
-        FLAGS.raw_dir,
-        FLAGS.output_dir,
-        splits=FLAGS.splits,
-        image_size=FLAGS.image_size or None,
-        resize=FLAGS.resize,
-        quality=FLAGS.quality,
-        samples_per_shard=FLAGS.samples_per_shard,
-        images_dir=FLAGS.images_dir,
-        image_repo=FLAGS.image_repo,
-        workers=FLAGS.workers,
-        overwrite=FLAGS.overwrite,
-    )
+    try:
+        reports = convert(
+            FLAGS.raw_dir,
+            FLAGS.output_dir,
+            splits=FLAGS.splits,
+            image_size=FLAGS.image_size or None,
+            resize=FLAGS.resize,
+            quality=FLAGS.quality,
+            samples_per_shard=FLAGS.samples_per_shard,
+            images_dir=FLAGS.images_dir,
+            image_repo=FLAGS.image_repo,
+            workers=FLAGS.workers,
+            overwrite=FLAGS.overwrite,
+        )
+    except OutputExistsError as e:  # one line naming the flag, not a traceback naming a keyword
+        sys.exit(f"error: {e.describe('rerun with --overwrite')}")
     print(json.dumps({split: r.to_dict() for split, r in reports.items()}, indent=1))
 
 

@@ -11,7 +11,8 @@ the exact skip counts of that shard::
 
 ``--input`` is a directory, glob or shard path (comma-separated for several). It is resumable:
 each output is written under a temporary name and renamed when complete, and a shard whose
-output exists is skipped.
+output exists is skipped, unless the shard has changed since (its size, mtime and fingerprint are
+recorded in the stats file, under ``input_shard``).
 
 The record encoding is documented in :mod:`refine_jax.data.array_records`.
 """
@@ -38,6 +39,7 @@ from refine_jax.data.records import (
 from refine_jax.data.shards import (
     NoSamplesError,
     PathsArg,
+    ShardIndex,
     TarShardSource,
     expand_paths,
     load_or_build_index,
@@ -45,6 +47,7 @@ from refine_jax.data.shards import (
 from refine_jax.paths import write_atomically
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: what grain needs for fast random reads
+INPUT_FIELD = "input_shard"  # the stats JSON field recording which shard contents it came from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,14 +69,21 @@ def convert_shard(
 ) -> tuple[str, SkipCounter]:
     """Converts one tar shard to one ArrayRecord file; returns ``(status, counts)``.
 
-    ``status`` is ``"converted"`` or ``"skipped"`` (output already complete: its counts are read
-    back from the stats file). The output appears only when complete (temporary name, rename).
+    ``status`` is ``"converted"`` or ``"skipped"`` (output already complete and made from this
+    very shard: its counts are read back from the stats file). The stats file records the
+    shard's size, mtime and fingerprint as its index has them, so an output made from an older
+    version of the shard (or with no record of its input) is reconverted, never kept stale. The
+    output appears only when complete (temporary name, rename).
     """
+    index, _ = load_or_build_index(shard, cache_dir)
+    made_from = input_record(index)
     out = epath.Path(output)
     if out.exists():
-        sp = epath.Path(stats_path(output))
-        counts = SkipCounter.from_dict(json.loads(sp.read_text())) if sp.exists() else SkipCounter()
-        return "skipped", counts
+        stats = _read_stats(output)
+        if stats is not None and stats.get(INPUT_FIELD) == made_from:
+            return "skipped", SkipCounter.from_dict(stats)
+        logging.info("Reconverting %s: %s was not made from its current contents", shard, output)
+        out.unlink()  # first, so that a crash below never leaves the stale output looking done
 
     try:
         source = TarShardSource(shard, cache_dir=cache_dir, verify_images=verify_images)
@@ -81,7 +91,7 @@ def convert_shard(
     except NoSamplesError as e:
         logging.warning("%s", e)
         source = None
-        counts = _index_counts(shard, cache_dir)
+        counts = _index_counts(index)
 
     remote = "://" in output
     tmp_dir = tempfile.mkdtemp(prefix="array_record_") if remote else None
@@ -100,7 +110,8 @@ def convert_shard(
             writer.close()
         if source is not None:
             source.close()
-        write_atomically(stats_path(output), json.dumps(counts.to_dict(), indent=1))
+        stats = {**counts.to_dict(), INPUT_FIELD: made_from}
+        write_atomically(stats_path(output), json.dumps(stats, indent=1))
         if remote:
             staged = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
             epath.Path(local_tmp).copy(staged)
@@ -115,15 +126,29 @@ def convert_shard(
     return "converted", counts
 
 
-def _index_counts(shard: str, cache_dir: str | None) -> SkipCounter:
-    """Structural counts of a shard with no readable sample (its index is cached by now)."""
-    index, _ = load_or_build_index(shard, cache_dir)
+def input_record(index: ShardIndex) -> dict[str, Any]:
+    """What the stats file records of the input shard: size, mtime and fingerprint (as indexed)."""
+    return {"size": index.size, "mtime_ns": index.mtime_ns, "fingerprint": index.fingerprint}
+
+
+def _read_stats(output: str) -> dict[str, Any] | None:
+    """The stats JSON beside ``output``; None when it is absent or unreadable."""
+    try:
+        stats = json.loads(epath.Path(stats_path(output)).read_text())
+    except (OSError, ValueError) as e:
+        logging.info("No usable stats for %s: %s", output, e)
+        return None
+    return stats if isinstance(stats, dict) else None
+
+
+def _index_counts(index: ShardIndex) -> SkipCounter:
+    """Structural counts of a shard with no readable sample, from its index."""
     counts = SkipCounter()
     for reason, n in index.skipped.items():
         counts.skip(reason, n)
     for reason, n in index.dropped.items():
         counts.drop(reason, n)
-    counts.shard_errors[shard] = index.error or "no readable sample"
+    counts.shard_errors[index.path] = index.error or "no readable sample"
     return counts
 
 

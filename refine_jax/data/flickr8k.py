@@ -11,13 +11,17 @@ Input (``--raw_dir``), as distributed in ``Flickr8k_Dataset.zip`` and ``Flickr8k
 The text files may sit in ``raw_dir`` or ``raw_dir/Flickr8k_text/``. Output (``--output_dir``):
 ``train/``, ``val/`` (the dev list), ``test/``, each with ``00000.tar ...`` (1000 samples per
 shard, in the order of the split list) and ``references.json``; KEY is the file name without
-``.jpg``. Images are squashed to 160x160 by default (``--image_size``, ``--resize``), JPEG
-quality 90. Captions keep their original spacing (only stripped) in ``#0..#4`` order.
+``.jpg`` (any ``%``, ``.`` or slash percent-escaped, see :func:`key_of`). Images are squashed
+to 160x160 by default (``--image_size``, ``--resize``), JPEG quality 90. Captions keep their
+original spacing (only stripped) in ``#0..#4`` order.
 Annotation ids are numbered over train, val, test in that order (train 1-30000, val 30001-35000,
 test 35001-40000), so they are unique across splits and independent of which splits are built.
 
 Known quirk of the token file: the captions of ``2258277193_586949ec62.jpg`` are listed under
-``2258277193_586949ec62.jpg.1``; any ``NAME.jpg<suffix>`` is attached to ``NAME.jpg``. ::
+``2258277193_586949ec62.jpg.1``; any ``NAME.jpg<suffix>`` is attached to ``NAME.jpg``. Each
+caption number is kept once: a repeated ``NAME#i`` line is ignored (with a warning), and
+``NAME.jpg#i`` wins over ``NAME.jpg.1#i``. A caption that is not UTF-8 is dropped and counted
+(``non_utf8_caption``); a UTF-8 byte-order mark is ignored. ::
 
     python -m refine_jax.data.flickr8k --raw_dir=RAW --output_dir=OUT
 
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 
 from absl import logging
 
+from refine_jax.data.records import SkipReason, check_caption
 from refine_jax.data.shard_writer import (
     ImageOptions,
     SourceSample,
@@ -42,6 +47,7 @@ from refine_jax.data.shard_writer import (
 )
 
 TOKEN_FILE = "Flickr8k.token.txt"
+UTF8_BOM = b"\xef\xbb\xbf"
 SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
     "val": "Flickr_8k.devImages.txt",
@@ -53,6 +59,8 @@ TEXT_DIR_NAMES = ("", "Flickr8k_text")
 DEFAULT_IMAGE_SIZE = 160
 DEFAULT_QUALITY = 90
 SAMPLES_PER_SHARD = 1000
+# Characters of an image name escaped in its KEY: those a KEY cannot hold, and the escape itself.
+_KEY_ESCAPES = {c: f"%{ord(c):02X}" for c in "%./\\\x00"}
 
 
 @dataclass(frozen=True)
@@ -98,31 +106,79 @@ def image_file_name(name: str) -> str:
     return name[: i + 4] if i >= 0 else name
 
 
+@dataclass(frozen=True)
+class _TokenLine:
+    """One caption line of the token file: where it sorts, where it is, what it says."""
+
+    order: int
+    line_no: int
+    ref: str
+    caption: str
+    quirk: bool  # listed under a name such as X.jpg.1 rather than the image's own X.jpg
+
+
 def parse_token_file(path: str | os.PathLike) -> dict[str, list[str]]:
     """``{image file name: raw captions in #i order}`` from ``Flickr8k.token.txt``.
 
     Captions are kept raw (cleaning happens when writing). Malformed lines (no tab) are logged
-    and left out.
+    and left out; a UTF-8 byte-order mark is ignored. A caption that is not valid UTF-8 is kept
+    with surrogate escapes, so the writer drops and counts it as ``non_utf8_caption`` (and the
+    annotation ids of the image's other captions stay the same). An image gets one caption per
+    number: a repeated ``NAME#i`` line is ignored (counted in a warning), and when both
+    ``X.jpg#i`` and a quirk name such as ``X.jpg.1#i`` exist, ``X.jpg#i`` wins.
     """
     path = require_path(path, "Flickr8k captions")
-    numbered: dict[str, list[tuple[int, int, str]]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read().replace("\r\n", "\n").replace("\r", "\n")
-    for line_no, line in enumerate(text.split("\n"), 1):
+    with open(path, "rb") as f:
+        data = f.read().removeprefix(UTF8_BOM)
+    text = data.decode("utf-8", errors="surrogateescape")
+    # Per image: caption number (or, for a line without one, its text) -> the line kept for it.
+    kept: dict[str, dict[int | str, _TokenLine]] = {}
+    ignored: list[_TokenLine] = []
+    for line_no, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
         if not line.strip():
             continue
         if "\t" not in line:
             logging.warning("%s:%d: no tab between name and caption, line ignored", path, line_no)
             continue
         ref, caption = line.split("\t", 1)
-        name, _, number = ref.strip().partition("#")
+        if check_caption(caption)[1] == SkipReason.NON_UTF8_CAPTION:
+            logging.warning(
+                "%s:%d: caption is not valid UTF-8; it is dropped (%s)",
+                path,
+                line_no,
+                SkipReason.NON_UTF8_CAPTION,
+            )
+        ref = ref.strip()
+        name, _, number = ref.partition("#")
         image = image_file_name(name)
         if image != name:
             logging.info("%s:%d: captions of %r attached to %r", path, line_no, name, image)
-        entries = numbered.setdefault(image, [])
-        order = int(number) if number.strip().isdigit() else len(entries)
-        entries.append((order, line_no, caption))
-    return {name: [c for _, _, c in sorted(entries)] for name, entries in numbered.items()}
+        lines = kept.setdefault(image, {})
+        numbered = number.strip().isdigit()
+        slot: int | str = int(number) if numbered else caption.strip()
+        order = int(number) if numbered else len(lines)
+        entry = _TokenLine(order, line_no, ref, caption, quirk=image != name)
+        earlier = lines.get(slot)
+        if earlier is None:
+            lines[slot] = entry
+        elif earlier.quirk and not entry.quirk:  # X.jpg#i beats X.jpg.1#i
+            lines[slot] = entry
+            ignored.append(earlier)
+        else:  # otherwise the first line of a NAME#i wins
+            ignored.append(entry)
+    if ignored:
+        logging.warning(
+            "%s: %d repeated caption line(s) ignored, one caption per NAME#i is kept "
+            "(first: line %d, %r)",
+            path,
+            len(ignored),
+            ignored[0].line_no,
+            ignored[0].ref,
+        )
+    return {
+        image: [e.caption for e in sorted(lines.values(), key=lambda e: (e.order, e.line_no))]
+        for image, lines in kept.items()
+    }
 
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
@@ -139,9 +195,15 @@ def read_split_list(path: str | os.PathLike) -> list[str]:
 
 
 def key_of(name: str) -> str:
-    """KEY of an image file: its name without ``.jpg``."""
-    base = os.path.basename(name)
-    return base[:-4] if base.lower().endswith(".jpg") else base
+    """KEY of an image file: its name without ``.jpg``, any ``%``, ``.``, ``/``, ``\\`` escaped.
+
+    A KEY cannot hold a dot or a slash (see :func:`~refine_jax.data.shard_writer.check_key`).
+    Standard Flickr8k names have none of these characters, so their KEY is the plain name; the
+    percent-escape is one-to-one, so other names still get unique, stable KEYs
+    (``a.v2.jpg`` -> ``a%2Ev2``).
+    """
+    stem = name[:-4] if name.lower().endswith(".jpg") else name
+    return "".join(_KEY_ESCAPES.get(c, c) for c in stem)
 
 
 def plan_splits(raw: RawFiles, image_repo: str | None = None) -> dict[str, list[SourceSample]]:
@@ -164,6 +226,20 @@ def plan_splits(raw: RawFiles, image_repo: str | None = None) -> dict[str, list[
             raw.images_dir,
             min(outside),
         )
+    # Nor may it leave a sample without a KEY of its own (".jpg"; "a.JPG" after "a.jpg").
+    first_with_key: dict[str, str] = {}
+    keyless: set[str] = set()
+    for name in (n for names in lists.values() for n in names):
+        key = key_of(name)
+        if not key or first_with_key.setdefault(key, name) != name:
+            keyless.add(name)
+    if keyless:
+        logging.warning(
+            "%d image name(s) of the split lists give an empty KEY or that of another name "
+            "(e.g. %r); refused and left out",
+            len(keyless),
+            min(keyless),
+        )
     next_id = 1
     plan: dict[str, list[SourceSample]] = {}
     for split in SPLITS:
@@ -172,7 +248,7 @@ def plan_splits(raw: RawFiles, image_repo: str | None = None) -> dict[str, list[
             caps = captions.get(name, [])
             ids = list(range(next_id, next_id + len(caps)))
             next_id += len(caps)  # numbered even when left out, so later ids stay the same
-            if name in outside:
+            if name in outside or name in keyless:
                 continue
             meta: dict[str, object] = {
                 "source_id": name,

@@ -53,6 +53,29 @@ RESIZE_MODES = ("squash", "shorter_side")
 _CHUNK = 256  # samples prepared per batch of the thread pool (bounds memory)
 
 
+class OutputExistsError(FileExistsError):
+    """An output folder already holds shards of an earlier run (and overwrite was not asked).
+
+    :meth:`describe` lets a command name its own way to overwrite (a flag, not a keyword).
+    """
+
+    def __init__(self, folder: str, files: Sequence[str]) -> None:
+        self.folder = folder
+        self.files = list(files)
+        super().__init__(self.describe("pass overwrite=True"))
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:  # survives a process pool
+        return type(self), (self.folder, self.files)
+
+    def describe(self, how_to_overwrite: str) -> str:
+        """The message, ending ``; {how_to_overwrite} to replace them``."""
+        more = " ..." if len(self.files) > 3 else ""
+        return (
+            f"output folder {self.folder!r} already holds {self.files[:3]}{more}; "
+            f"{how_to_overwrite} to replace them"
+        )
+
+
 def shard_name(index: int) -> str:
     """``00000.tar`` for shard 0."""
     return f"{index:05d}.tar"
@@ -134,10 +157,7 @@ class ShardWriter:
             or name in (REFERENCES_NAME, REFERENCES_NAME + ".tmp")
         )
         if old and not overwrite:
-            raise FileExistsError(
-                f"output folder {self.output_dir!r} already holds {old[:3]}"
-                f"{' ...' if len(old) > 3 else ''}; pass overwrite=True to replace them"
-            )
+            raise OutputExistsError(self.output_dir, old)
         for name in old:
             os.remove(os.path.join(self.output_dir, name))
 
