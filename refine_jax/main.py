@@ -114,10 +114,20 @@ def report_error(error: BaseException, workdir: str | None, verbose: bool) -> in
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a config override naming no key of the config (which
-    ml_collections reports as a long traceback) turned into one line."""
+    """absl's flag parsing, with the project's error from a config file (an unknown variant,
+    say) and a config override naming no key of the config (which ml_collections reports as a
+    long traceback) turned into one line."""
     try:
-        return app.parse_flags_with_usage(argv)
+        try:
+            return FLAGS(argv)
+        except flags.Error as error:
+            cause = error
+            while (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, RefineJaxError):
+                print(f"error: {cause}", file=sys.stderr)
+                sys.exit(2)
+            return app.parse_flags_with_usage(argv)  # absl's own report and usage
     except (AttributeError, KeyError) as error:
         while error.args and isinstance(error.args[0], Exception):  # KeyError in AttributeError
             error = error.args[0]

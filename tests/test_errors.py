@@ -44,6 +44,14 @@ def test_an_unknown_config_key_is_one_line(tmp_path):
     ]
 
 
+def test_an_unknown_config_variant_is_one_line(tmp_path):
+    result = run_main(tmp_path, "--config=configs/shapes.py:tinyy")  # the later --config wins
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config variant(s) ['tinyy']; allowed: ['tiny', 'autoregressive', 'match']"
+    ]
+
+
 def test_a_config_error_is_one_line_with_the_traceback_in_error_log_or_with_verbose(tmp_path):
     result = run_main(tmp_path, "--config.learning_rate=nan")
     assert result.returncode == 1
