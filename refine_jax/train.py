@@ -31,6 +31,7 @@ from refine_jax.data.pipeline import (
     structural_skip_counts,
     train_batches,
 )
+from refine_jax.data.records import TEACHER_CAPTIONS_FIELD, is_record
 from refine_jax.errors import ConfigError, WorkdirLockedError
 from refine_jax.evaluation.captioning import describe_split, exact_match_rates
 from refine_jax.evaluation.matching import MatchEmbedder, split_retrieval
@@ -79,6 +80,24 @@ def check_canvas_fits(config: ml_collections.ConfigDict, tokenizer: Tokenizer, s
             f"config.model.canvas_length = {config.model.canvas_length} is shorter than the "
             f"longest target ({need} tokens: {longest!r}); raise it to at least {need}"
         )
+
+
+def check_teacher_captions(config: ml_collections.ConfigDict, source, probes: int = 32) -> None:
+    """Distillation (`data.teacher_caption_rate` > 0) on data none of whose probed records, spread
+    over the source, carries a teacher's captions would silently train on the references only:
+    a config error naming the command that writes them."""
+    rate = config.data.teacher_caption_rate
+    if rate <= 0 or len(source) == 0:
+        return
+    positions = np.unique(np.linspace(0, len(source) - 1, probes).astype(int))
+    records = [source[int(i)] for i in positions]
+    if any(is_record(r) and r.get(TEACHER_CAPTIONS_FIELD) for r in records):
+        return
+    raise ConfigError(
+        f"config.data.teacher_caption_rate = {rate} trains on a teacher's captions, but none of "
+        f"{len(positions)} training records spread over the data carries any: point "
+        "config.data.train_path at shards written by refine_jax.commands.caption_shards"
+    )
 
 
 def step_rng(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
@@ -188,6 +207,7 @@ def _train_and_evaluate(
     train_source, eval_source = make_sources(config)
     tokenizer = load_or_train_tokenizer(config, workdir, train_source)
     check_canvas_fits(config, tokenizer, train_source)
+    check_teacher_captions(config, train_source)
     m, t = config.model, config.targets
     features = CaptionFeatures.from_config(config, tokenizer)
     fractions = schedule_fractions(m.num_refine_steps, t.schedule, t.log_a)  # for decoding

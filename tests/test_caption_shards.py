@@ -24,7 +24,9 @@ from refine_jax.data.pipeline import (
 from refine_jax.data.records import TEACHER_CAPTIONS_FIELD
 from refine_jax.data.shard_writer import ShardWriter
 from refine_jax.data.shards import TarShardSource
+from refine_jax.errors import ConfigError
 from refine_jax.model_loading import load_model
+from refine_jax.train import check_teacher_captions
 from refine_jax.workdir_config import config_for_workdir
 
 
@@ -172,6 +174,18 @@ def test_asking_for_teacher_captions_from_uncaptioned_records_is_counted(loaded)
     record[TEACHER_CAPTIONS_FIELD] = ["a large red circle"]
     features.teacher_caption_rate = 0.5
     assert not features.random_map(record, rng)["dropped"].any()
+
+
+def test_distilling_from_shards_no_teacher_captioned_is_refused_before_training(loaded, tmp_path):
+    make_input(tmp_path / "in")
+    config = loaded.config.copy_and_resolve_references()
+    config.data.teacher_caption_rate = 0.5
+    with pytest.raises(ConfigError, match="point config.data.train_path at shards written by"):
+        check_teacher_captions(config, TarShardSource(str(tmp_path / "in")))
+    caption_shard_set(loaded, str(tmp_path / "in"), str(tmp_path / "out"), Decoding())
+    check_teacher_captions(config, TarShardSource(str(tmp_path / "out")))  # captioned: fine
+    config.data.teacher_caption_rate = 0.0
+    check_teacher_captions(config, TarShardSource(str(tmp_path / "in")))  # not asked for
 
 
 def test_bad_part_is_refused(loaded, tmp_path):
