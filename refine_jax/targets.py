@@ -64,12 +64,14 @@ _MODIFIER_ENDS = 0.25
 
 
 def caption_words(caption: str) -> list[str]:
-    """Lower-cased whitespace words: the unit in which targets are cut and lengths measured."""
-    return caption.lower().split()
+    """Lower-cased whitespace words: the unit in which targets are cut and lengths measured.
+    U+2581 '▁' separates words too: it is the tokenizer's space mark and decodes as a space."""
+    return caption.replace("\u2581", " ").lower().split()
 
 
 def normalize_caption(caption: str) -> str:
-    """The text the model is trained to write for a caption (lower case, single spaces)."""
+    """The text the model is trained to write for a caption (lower case, single spaces, no
+    U+2581), which the tokenizer round-trips exactly."""
     return " ".join(caption_words(caption))
 
 

@@ -2,8 +2,11 @@
 
 A tokenizer directory holds `spm.model` and `salience.json` (word frequencies used to order
 coarse-to-fine targets). Special ids are fixed: pad 0, unk 1, bos 2, eos 3, and blank 4 (a
-canvas position whose word a later refinement step has yet to write). Normalisation is the
-identity with byte fallback, so decode(encode(s)) == s exactly.
+canvas position whose word a later refinement step has yet to write); the blank is a control
+symbol, addressed by id only, so caption text reading "<blank>" is spelled like any other word.
+Normalisation is the identity with byte fallback, so decode(encode(s)) == s exactly for any
+text without U+2581 '▁' (sentencepiece's own space mark, read as a space; `normalize_caption`
+maps it to one, so every normalised caption round-trips).
 
 Command: python -m refine_jax.tokenizer --captions=shapes|SHARD_PATH --output_dir=DIR
 (refine_jax/commands/train_tokenizer.py)
@@ -12,6 +15,7 @@ Command: python -m refine_jax.tokenizer --captions=shapes|SHARD_PATH --output_di
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -31,12 +35,14 @@ from refine_jax.targets import SalienceStats, normalize_caption
 
 MODEL_FILE = "spm.model"
 SALIENCE_FILE = "salience.json"
+NUM_SPECIAL_IDS = len({PAD_ID, UNK_ID, BOS_ID, EOS_ID, BLANK_ID})  # the pieces before the bytes
 
 
 class Tokenizer:
     """Text <-> ids with the project's fixed special ids, plus the caption salience stats."""
 
     def __init__(self, model_proto: bytes, salience: SalienceStats):
+        model_proto = _blank_as_control_symbol(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.model_proto = model_proto
         self.salience = salience
@@ -127,6 +133,23 @@ def train_tokenizer(
     if not captions:
         raise ValueError("cannot train a tokenizer on no captions")
     model = io.BytesIO()
+    try:
+        _train_sentencepiece(captions, vocab_size, model_type, model)
+    except RuntimeError as error:  # sentencepiece's: "... required_chars. 270 vs 279"
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error))
+        if needed is None:
+            raise
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small for these captions: sentencepiece needs at "
+            f"least {needed.group(1)} (256 byte pieces, {NUM_SPECIAL_IDS} special ids and one "
+            "piece per distinct character)"
+        ) from error
+    return Tokenizer(model.getvalue(), SalienceStats.from_captions(captions))
+
+
+def _train_sentencepiece(
+    captions: Sequence[str], vocab_size: int, model_type: str, model: io.BytesIO
+) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(captions),
         model_writer=model,
@@ -141,11 +164,26 @@ def train_tokenizer(
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
-        user_defined_symbols=[BLANK_PIECE],
+        control_symbols=[BLANK_PIECE],  # never matched in text, unlike user_defined_symbols
         num_threads=1,
         minloglevel=2,
     )
-    return Tokenizer(model.getvalue(), SalienceStats.from_captions(captions))
+
+
+def _blank_as_control_symbol(model_proto: bytes) -> bytes:
+    """The model with its blank piece a control symbol, every id unchanged.
+
+    Tokenizers trained before made it a user-defined symbol, which sentencepiece also matches
+    in text: a caption reading "<blank>" encoded as BLANK_ID and lost the word. They load
+    upgraded, so they encode such text as a fresh tokenizer does (spelled out)."""
+    processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    if processor.piece_to_id(BLANK_PIECE) != BLANK_ID or processor.is_control(BLANK_ID):
+        return model_proto  # already a control symbol, or refused in Tokenizer.__init__
+    from sentencepiece import sentencepiece_model_pb2  # protobuf: only old models need it
+
+    model = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+    model.pieces[BLANK_ID].type = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+    return model.SerializeToString()
 
 
 if __name__ == "__main__":  # the command lives in refine_jax/commands/train_tokenizer.py

@@ -12,6 +12,7 @@ from refine_jax.targets import (
     canvas_targets,
     caption_words,
     coarse_to_fine,
+    normalize_caption,
     phrase_heads,
     schedule_fractions,
     scheduled_word_counts,
@@ -194,3 +195,10 @@ def test_salience_stats_of_an_older_format_are_refused_with_a_hint(tmp_path):
     (tmp_path / "salience.json").write_text('{"num_captions": 1, "word_counts": {"a": 1}}')
     with pytest.raises(ValueError, match="retrain the tokenizer"):
         SalienceStats.load(tmp_path / "salience.json")
+
+
+def test_u2581_separates_words_as_the_tokenizer_reads_it():
+    # Sentencepiece reads U+2581 as its space mark: counted as part of a word, "a\u2581dog"
+    # would be one word of targets yet two words of tokens, and decode as "a dog".
+    assert caption_words("A\u2581Dog \u2581runs\u2581") == ["a", "dog", "runs"]
+    assert normalize_caption("\u2581a\u2581\u2581dog ") == "a dog"

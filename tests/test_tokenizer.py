@@ -1,14 +1,18 @@
 """The sentencepiece tokenizer: fixed special ids, exact round trip, saved with salience stats."""
 
+import io
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from refine_jax.data import training_captions
 from refine_jax.data.shapes import ShapesSource
+from refine_jax.special_tokens import BLANK_PIECE
+from refine_jax.targets import normalize_caption
 from refine_jax.tokenizer import (
     BLANK_ID,
     BOS_ID,
@@ -59,11 +63,99 @@ def test_special_ids_are_fixed_and_dropped_on_decode(shapes_tokenizer):
     assert BLANK_ID not in shapes_tokenizer.encode("a blank circle")
 
 
+def test_caption_text_reading_blank_is_spelled_out_not_encoded_as_the_blank(shapes_tokenizer):
+    tok = shapes_tokenizer
+    for text in ["a <blank> circle", "<blank>", normalize_caption("A <BLANK> Circle")]:
+        ids = tok.encode(text)
+        assert BLANK_ID not in ids, text
+        assert tok.decode(ids) == text
+    processor = spm.SentencePieceProcessor(model_proto=tok.model_proto)
+    pieces = [processor.id_to_piece(i) for i in range(6)]
+    assert pieces == ["<pad>", "<unk>", "<s>", "</s>", BLANK_PIECE, "<0x00>"]
+    assert processor.is_control(BLANK_ID)
+
+
+def _old_tokenizer_model(captions: list[str]) -> bytes:
+    """A model trained as tokenizers were before the blank became a control symbol."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        user_defined_symbols=[BLANK_PIECE],
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def test_an_old_tokenizer_with_a_user_defined_blank_loads_with_its_ids_and_spells_blank_text(
+    shapes_tokenizer, tmp_path
+):
+    captions = training_captions(ShapesSource("train", 300))
+    old_model = _old_tokenizer_model(captions)
+    old = spm.SentencePieceProcessor(model_proto=old_model)
+    assert old.encode("a <blank> circle").count(BLANK_ID) == 1  # what the old model did
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "spm.model").write_bytes(old_model)
+    shapes_tokenizer.salience.save(tmp_path / "old" / "salience.json")
+    tok = Tokenizer.load(tmp_path / "old")
+    loaded = spm.SentencePieceProcessor(model_proto=tok.model_proto)
+    assert [loaded.id_to_piece(i) for i in range(tok.vocab_size)] == [
+        old.id_to_piece(i) for i in range(old.get_piece_size())
+    ]
+    for caption in captions[:200]:
+        assert tok.encode(caption) == old.encode(caption)
+    ids = tok.encode("a <blank> circle")
+    assert BLANK_ID not in ids and tok.decode(ids) == "a <blank> circle"
+
+
+def test_u2581_in_a_caption_is_a_space_so_normalised_captions_round_trip(shapes_tokenizer):
+    for text in ["\u2581a circle", "a\u2581b", "a \u2581\u2581 red circle\u2581"]:
+        caption = normalize_caption(text)
+        assert "\u2581" not in caption
+        assert shapes_tokenizer.decode(shapes_tokenizer.encode(caption)) == caption
+
+
+def test_too_small_a_vocab_size_is_a_clear_error_giving_the_minimum():
+    captions = ["a red circle above a blue square", "a small green triangle"] * 50
+    # 256 byte pieces, 5 special ids, 18 characters: "abcdeghilmnoqrstuv" and the space.
+    for vocab_size in (100, 278):
+        with pytest.raises(ValueError, match="vocab_size .* at least 279"):
+            train_tokenizer(captions, vocab_size)
+    assert train_tokenizer(captions, 279).vocab_size >= 279
+
+
+def test_command_refuses_too_small_a_vocab_size_with_the_minimum(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refine_jax.tokenizer",
+            "--captions=shapes",
+            f"--output_dir={tmp_path / 'tok'}",
+            "--vocab_size=100",
+            "--max_captions=50",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "needs at least" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
 def test_a_tokenizer_without_the_blank_piece_is_refused_with_how_to_fix_it(shapes_tokenizer):
-    import io
-
-    import sentencepiece as spm
-
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(["a red circle above a blue square"] * 50),
