@@ -3,11 +3,15 @@ tokenizer, BLEU, CIDEr-D, ROUGE-L, METEOR), the nlg-eval fixture and hand-comput
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import random
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +235,74 @@ def test_meteor_is_absent_not_zero_without_java(monkeypatch: pytest.MonkeyPatch)
     result = cm.evaluate_captions(refs, cands, tokenize=False, meteor=True)
     assert "METEOR" not in result.corpus and "METEOR" not in result.per_image
     assert cm.meteor_score([["a b"]], ["a b"]) is None
+
+
+class _FailingMeteor:
+    """Stands in for pycocoevalcap's `Meteor`, with its locking: `compute_score` raises while
+    holding the lock, and `__del__` takes the lock (with a timeout, so the test cannot hang)
+    and records whether it got it."""
+
+    lock_taken_on_delete: list[bool] = []
+    processes: list[subprocess.Popen] = []
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.meteor_p = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _FailingMeteor.processes.append(self.meteor_p)
+
+    def compute_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
+        self.lock.acquire()
+        raise ValueError("could not convert string to float: b'2.0 3.0'")
+
+    def __del__(self) -> None:
+        _FailingMeteor.lock_taken_on_delete.append(self.lock.acquire(timeout=2))
+        self.meteor_p.kill()
+        self.meteor_p.wait()
+
+
+def test_a_failed_meteor_is_absent_and_its_scorer_is_dropped_without_blocking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    meteor_module = pytest.importorskip("pycocoevalcap.meteor.meteor")
+    monkeypatch.setattr(cm, "meteor_available", lambda: True)
+    monkeypatch.setattr(meteor_module, "Meteor", _FailingMeteor)
+    _FailingMeteor.lock_taken_on_delete.clear()
+    _FailingMeteor.processes.clear()
+    with pytest.warns(RuntimeWarning, match="METEOR failed"):
+        assert cm.meteor_score([["a dog runs"]], ["a dog runs"]) is None
+    gc.collect()  # the dropped scorer's __del__ has run
+    assert _FailingMeteor.lock_taken_on_delete == [True], "Meteor.__del__ would block forever"
+    (process,) = _FailingMeteor.processes
+    assert process.poll() is not None, "the scorer's process is still running"
+
+
+@needs_java
+def test_meteor_failing_in_java_is_reported_absent_instead_of_hanging() -> None:
+    pytest.importorskip("pycocoevalcap.meteor.meteor")
+    # A newline in an untokenised candidate splits METEOR's input line: the jar's answers no
+    # longer parse, compute_score raises while holding its lock, and (before the fix) dropping
+    # the scorer blocked forever. Run in a subprocess so a regression fails instead of hanging.
+    script = (
+        "from refine_jax.evaluation import caption_metrics as cm\n"
+        "refs = {1: ['a dog runs on grass', 'a brown dog'], 2: ['a cat sits', 'cat on mat']}\n"
+        "cands = {1: 'a dog\\nruns', 2: 'a cat'}\n"
+        "result = cm.evaluate_captions(refs, cands, tokenize=False, meteor=True)\n"
+        "print('METEOR' in result.corpus, sorted(result.corpus))\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("evaluate_captions hung after METEOR failed")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False"), done.stdout
+    assert "CIDEr" in done.stdout and "METEOR failed" in done.stderr
 
 
 @needs_java

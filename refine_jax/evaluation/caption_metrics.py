@@ -17,12 +17,14 @@ punctuation removed), unless the caller passes `tokenize=False`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import warnings
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -329,11 +331,29 @@ def meteor_score(
         try:
             score, per_image = scorer.compute_score(gts, res)
         finally:
-            del scorer
+            _stop_meteor(scorer)
     except (OSError, ValueError) as err:
         warnings.warn(f"METEOR failed, reported as absent: {err}", RuntimeWarning, stacklevel=2)
         return None
     return float(score), np.asarray(per_image, dtype=np.float64)
+
+
+def _stop_meteor(scorer: Any) -> None:
+    """Ends a pycocoevalcap `Meteor` scorer's Java process, whether or not it failed.
+
+    `compute_score` keeps the scorer's lock when it raises, and `Meteor.__del__` waits on that
+    lock: left to itself, dropping a failed scorer blocks forever. The lock is released here
+    (the scorer is ours alone), the process ended, and `__del__` then finds nothing to do."""
+    if scorer.lock.locked():
+        scorer.lock.release()
+    with scorer.lock:
+        process = scorer.meteor_p
+        process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):  # stdin's flush into a closed pipe
+                    stream.close()
 
 
 # ==============================================================================================
