@@ -125,6 +125,38 @@ def test_label_names_and_grain(tree: Path, tmp_path: Path) -> None:
     assert sorted(r["key"] for r in dataset) == sorted(expected_keys())
 
 
+def test_a_template_with_escaped_braces_is_refused_for_never_inserting_the_label() -> None:
+    with pytest.raises(ValueError, match="never inserts the label"):
+        labels.check_templates(("a photo of a {{label}}",))
+    assert labels.check_templates(("{{a}} photo of a {label}",)) == ("{{a}} photo of a {label}",)
+
+
+def test_a_tab_separated_label_file_maps_any_class_id(tmp_path: Path) -> None:
+    names = tmp_path / "names.txt"
+    names.write_text("cat\tdomestic cat\nhot_dog\thot dog, frankfurter\n\n")
+    assert labels.load_label_names(names) == {"cat": "domestic cat", "hot_dog": "hot dog"}
+    assert labels.resolve_labels(["hot_dog", "cat"], names) == ["hot dog", "domestic cat"]
+    names.write_text("n01440764\ttench, Tinca tinca\nn01443537 goldfish\n")
+    assert labels.load_label_names(names) == {"n01440764": "tench", "n01443537": "goldfish"}
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("n01440764 tench, Tinca tinca\nn01443537\n", 2),  # a WordNet id without names
+        ("n01440764 tench\n\ngoldfish\n", 3),
+        ("cat\tdomestic cat\ndog\n", 2),  # a tab-separated mapping line without names
+    ],
+)
+def test_a_label_file_mixing_line_shapes_is_an_error_naming_the_line(
+    tmp_path: Path, text: str, line: int
+) -> None:
+    names = tmp_path / "names.txt"
+    names.write_text(text)
+    with pytest.raises(ValueError, match=f"names.txt:{line}: "):
+        labels.load_label_names(names)
+
+
 def test_bad_images_become_skip_markers(tree: Path) -> None:
     (tree / "tabby_cat" / "img00.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     source = labels.FolderLabelSource(tree, TEMPLATES)

@@ -45,6 +45,7 @@ from refine_jax.data.shards import NoSamplesError
 MODES = ("one", "all")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _SYNSET = re.compile(r"n\d{8}")
+_SYNSET_LINE = re.compile(r"n\d{8}[\t ]+\S.*")  # a WordNet id, then its names
 
 LabelNames = Mapping[str, str] | Sequence[str] | str | os.PathLike
 
@@ -65,18 +66,31 @@ def label_from_name(name: str) -> str:
 def load_label_names(path: str | os.PathLike) -> dict[str, str] | list[str]:
     """Reads a label-name file.
 
-    Lines ``<class id><space or tab><names>`` (such as ImageNet's ``LOC_synset_mapping.txt``)
-    give a ``{class id: label}`` mapping; lines holding only a name give a list in class order.
+    Lines ``<class id><tab><names>``, or ``<WordNet id><space or tab><names>`` (such as
+    ImageNet's ``LOC_synset_mapping.txt``), give a ``{class id: label}`` mapping; lines holding
+    only a name give a list in class order. A file mixing the two shapes is an error naming the
+    first line out of shape (a mapping line without names, say), not read as a list.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"label names file not found: {path!r}")
     with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    pairs = [re.split(r"[\t ]+", line, maxsplit=1) for line in lines]
-    if lines and all(len(p) == 2 and _SYNSET.fullmatch(p[0]) for p in pairs):
-        return {p[0]: label_from_name(p[1]) for p in pairs}
-    return [label_from_name(line) for line in lines]
+        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    if any(_SYNSET_LINE.fullmatch(line) for _, line in lines):
+        pairs = [re.split(r"[\t ]+", line, maxsplit=1) for _, line in lines]
+        pairs = [p if len(p) == 2 and _SYNSET.fullmatch(p[0]) else None for p in pairs]
+        expected = "<WordNet id> <names>"
+    elif any("\t" in line for _, line in lines):
+        pairs = [line.split("\t", 1) if "\t" in line else None for _, line in lines]
+        expected = "<class id><tab><names>"
+    else:
+        return [label_from_name(line) for _, line in lines]
+    for (number, line), pair in zip(lines, pairs, strict=True):
+        if pair is None:
+            raise ValueError(
+                f"{path}:{number}: {line!r} is not a {expected} line like the file's others"
+            )
+    return {key.strip(): label_from_name(names) for key, names in pairs}
 
 
 def resolve_labels(class_names: Sequence[str], label_names: LabelNames | None) -> list[str]:
@@ -96,8 +110,12 @@ def resolve_labels(class_names: Sequence[str], label_names: LabelNames | None) -
     return [label_from_name(n) for n in names]
 
 
+_LABEL_SENTINEL = "\x00label\x00"  # filled into templates to see that the label shows
+
+
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
-    """Returns the templates if each is a string that formats with ``label`` alone."""
+    """Returns the templates if each is a string that formats with ``label`` alone and puts
+    the label in the caption."""
     if isinstance(templates, str):
         templates = (templates,)
     out = tuple(templates)
@@ -107,9 +125,11 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
         if not isinstance(template, str) or "{label}" not in template:
             raise ValueError(f"caption template {template!r} must contain '{{label}}'")
         try:
-            template.format(label="x")
+            filled = template.format(label=_LABEL_SENTINEL)
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"caption template {template!r} cannot be filled: {e!r}") from e
+        if _LABEL_SENTINEL not in filled:  # "{{label}}" is an escaped, literal "{label}"
+            raise ValueError(f"caption template {template!r} never inserts the label")
     return out
 
 
