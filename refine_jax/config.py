@@ -344,6 +344,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.model.freeze_encoder keeps the encoder as it starts, which would be random: "
             "set config.model.pretrained_encoder (a big_vision .npz or a trained run's workdir)"
         )
+    ignored = {
+        "shapes": ("path", "train_path", "eval_path"),  # generated: it reads no files
+        "mixture": ("train_path",),  # every entry of data.mixture names its own location
+    }.get(config.data.name, ())
+    for key in ignored:
+        if config.data[key]:
+            raise ConfigError(
+                f"config.data.{key} = {config.data[key]!r} has no effect with data.name = "
+                f"{config.data.name!r}; leave it empty"
+            )
     if not 0.0 <= config.data.teacher_caption_rate <= 1.0:
         raise ConfigError(
             "config.data.teacher_caption_rate must be in [0, 1], got "

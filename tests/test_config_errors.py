@@ -85,6 +85,8 @@ def test_canvas_shorter_than_longest_target_is_rejected_before_compilation(
         ("match.subset_rate", -0.1, "match.subset_rate must be in"),
         ("model.freeze_encoder", True, "freeze_encoder .* set config.model.pretrained_encoder"),
         ("targets.kind", "full", "objective = 'final' needs .* coarse-to-fine targets.kind"),
+        ("data.train_path", "/data/train", "data.train_path = '/data/train' has no effect with"),
+        ("data.path", "/data", "data.path = '/data' has no effect with data.name = 'shapes'"),
         ("model.dropout_rate", 1.5, r"dropout_rate must be in \[0, 1\), got 1.5"),
         ("model.dropout_rate", -0.5, r"dropout_rate must be in \[0, 1\), got -0.5"),
         ("model.num_heads", 0, "model.num_heads must be >= 1, got 0"),
@@ -176,3 +178,13 @@ def test_config_file_loads_with_variant_and_dotted_overrides_and_rejects_unknown
         load_config_file(path, **{"model.num_refine_step": 6})
     with pytest.raises(FileNotFoundError, match="no config file"):
         load_config_file(f"{REPO / 'configs' / 'nope.py'}:tiny")
+
+
+def test_a_train_path_a_mixture_would_ignore_is_refused():
+    config = load_config("shapes", "tiny")
+    config.data.name = "mixture"
+    config.data.mixture = (("a", 1.0, "shards", "a"), ("b", 1.0, "shards", "b"))
+    validate_config(config)
+    config.data.train_path = "/data/train"
+    with pytest.raises(ConfigError, match="no effect with data.name = 'mixture'"):
+        validate_config(config)
