@@ -36,7 +36,7 @@ from refine_jax.losses import (
     step_weights,
 )
 from refine_jax.models.autoregressive import AutoregressiveCaptioner
-from refine_jax.models.match import MatchModel
+from refine_jax.models.match import MatchModel, match_positives
 from refine_jax.models.refine import STEP_FEATURES, RefineCaptioner
 from refine_jax.targets import schedule_fractions
 
@@ -362,7 +362,9 @@ def _match_init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ..
 
 def _match_loss(model, params, batch, rng, config, weights, fractions):
     """Contrastive loss over the global batch plus the matching head on hard negatives; each
-    example reads a random word subset of its caption at `match.subset_rate`."""
+    example reads a random word subset of its caption at `match.subset_rate`. Examples with
+    the same whole caption or the same image (its `index` and `source`) are each other's
+    positives, whichever words each one reads (`match_positives`)."""
     del weights, fractions
     dropout_rng, subset_rng, negatives_rng = jax.random.split(rng, 3)
     use_subset = jax.random.bernoulli(
@@ -370,6 +372,7 @@ def _match_loss(model, params, batch, rng, config, weights, fractions):
     )
     texts = jnp.where(use_subset[:, None], batch["word_subset"], batch["caption"])
     valid = batch["mask"].astype(bool)
+    positives = match_positives(texts, batch["caption"], batch["index"], batch["source"])
     outputs = model.apply(
         {"params": params},
         batch["image"],
@@ -377,6 +380,7 @@ def _match_loss(model, params, batch, rng, config, weights, fractions):
         valid,
         negatives_rng,
         deterministic=False,
+        positives=positives,
         rngs={"dropout": dropout_rng},
     )
     itc, itc_metrics = contrastive_loss(outputs["logits"], outputs["positives"], valid)

@@ -3,6 +3,8 @@ from the whole global batch on a sharded mesh, word subsets, and retrieval recal
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +12,15 @@ import pytest
 from conftest import init_params, load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from refine_jax import sharding
+from refine_jax import model_kinds, sharding
 from refine_jax.data.caption_source import training_captions
-from refine_jax.data.pipeline import CaptionFeatures, random_word_subset, train_batches
+from refine_jax.data.pipeline import CaptionFeatures, pad_to, random_word_subset, train_batches
 from refine_jax.data.shapes import ShapesSource
 from refine_jax.evaluation.matching import retrieval_recall, step_scores
 from refine_jax.losses import contrastive_loss, match_head_loss
 from refine_jax.model_kinds import build_model, model_kind
-from refine_jax.models.match import same_text, sample_hard_negatives
+from refine_jax.models import match as match_module
+from refine_jax.models.match import MAX_LOGIT_SCALE, same_image, same_text, sample_hard_negatives
 from refine_jax.tokenizer import train_tokenizer
 
 
@@ -79,11 +82,22 @@ def test_hard_negatives_are_never_a_positive_nor_padding():
     assert not np.any(seen[:, 5])  # never padding
     assert np.all(seen[0, [1, 3, 4]] > 0) and seen[0, 2] == 0  # the twin is never drawn
 
-    # Draws follow the similarities: a much more similar negative is drawn (almost) always.
-    similarity = np.zeros((6, 6))
-    similarity[1, 3] = 20.0
-    index, _ = sample_hard_negatives(jax.random.key(0), similarity, positives, valid)
-    assert int(index[1]) == 3
+    # Draws follow the scaled similarities: at the initial scale 1 / 0.07 a near-duplicate
+    # (cosine 0.95) among 126 unrelated candidates (cosine 0) is drawn almost always, which
+    # raw cosines in [-1, 1] would do 2% of the time (what the model passes is checked in
+    # test_hard_negatives_are_drawn_at_the_learned_temperature).
+    batch = 128
+    cosine = np.eye(batch, dtype=np.float32)
+    cosine[0, 1] = 0.95
+    draws = [
+        int(
+            sample_hard_negatives(
+                jax.random.key(seed), cosine / 0.07, np.eye(batch, dtype=bool), np.ones(batch, bool)
+            )[0][0]
+        )
+        for seed in range(50)
+    ]
+    assert draws.count(1) >= 48
     # An anchor whose every valid candidate is a positive has nothing to draw.
     all_same = same_text(jnp.zeros((3, 2), jnp.int32))
     _, found = sample_hard_negatives(
@@ -99,6 +113,136 @@ def match_setup():
     features = CaptionFeatures.from_config(config, tokenizer)
     batch = next(train_batches(ShapesSource("train", 500), features, 16, 0, 1, 0, 1))
     return tokenizer, config, batch
+
+
+@pytest.fixture(scope="module")
+def match_model(match_setup):
+    tokenizer, config, _ = match_setup
+    model = build_model(config, tokenizer.vocab_size)
+    return model, init_params(model, config, tokenizer.vocab_size)
+
+
+def spy_on(monkeypatch, module, name: str) -> list[tuple]:
+    """Records the arguments of every call of `module.name` (run eagerly, never jitted)."""
+    calls, original = [], getattr(module, name)
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def match_loss_inputs(monkeypatch, match_setup, match_model, batch, subset_rate: float = 0.0):
+    """(positives given to the contrastive loss, weights given to the matching-head loss) of
+    the match kind's training loss on `batch`."""
+    _, config, _ = match_setup
+    model, params = match_model
+    config = copy.deepcopy(config)
+    config.match.subset_rate = subset_rate
+    contrastive = spy_on(monkeypatch, model_kinds, "contrastive_loss")
+    head = spy_on(monkeypatch, model_kinds, "match_head_loss")
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    model_kind("match").loss(model, params, batch, jax.random.key(0), config, None, None)
+    return np.asarray(contrastive[0][1]), np.asarray(head[0][2])
+
+
+def test_hard_negatives_are_drawn_at_the_learned_temperature(match_setup, match_model, monkeypatch):
+    # The sampler sees the similarities times the learned scale, the contrastive logits, for
+    # text negatives and (transposed) image negatives: raw cosines make every draw near uniform.
+    _, _, batch = match_setup
+    model, params = match_model
+    draws = spy_on(monkeypatch, match_module, "sample_hard_negatives")
+    outputs = model.apply(
+        {"params": params},
+        jnp.asarray(batch["image"]),
+        jnp.asarray(batch["caption"]),
+        jnp.asarray(batch["mask"]),
+        jax.random.key(0),
+    )
+    logits = np.asarray(outputs["logits"])
+    scale = float(model.apply({"params": params}, method=model.logit_scale))
+    assert scale == pytest.approx(1 / 0.07, rel=1e-5)
+    assert np.abs(logits).max() > 2.0  # scaled cosines: beyond [-1, 1]
+    assert len(draws) == 2
+    np.testing.assert_allclose(np.asarray(draws[0][1]), logits, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(draws[1][1]), logits.T, rtol=1e-6)
+
+
+def test_a_caption_read_as_a_word_subset_is_still_a_positive_of_the_same_caption(
+    match_setup, match_model, monkeypatch
+):
+    # Examples 0 and 1 have the same caption; 0 reads it whole, 1 only its first token: they
+    # are still each other's positives (README: the same caption is never a negative).
+    _, _, batch = match_setup
+    batch = dict(batch)
+    caption, subset = batch["caption"].copy(), batch["word_subset"].copy()
+    caption[1] = caption[0]
+    subset[0] = caption[0]
+    subset[1] = pad_to(caption[0][:1], caption.shape[1])
+    assert not np.array_equal(subset[0], subset[1])
+    assert batch["index"][0] != batch["index"][1]  # two images
+    batch["caption"], batch["word_subset"] = caption, subset
+    positives, _ = match_loss_inputs(monkeypatch, match_setup, match_model, batch, 1.0)
+    assert positives[0, 1] and positives[1, 0]
+    same_caption = np.all(caption[:, None] == caption[None], axis=-1)
+    assert np.all(positives[same_caption])
+
+
+def test_the_same_image_twice_in_a_batch_is_never_its_own_negative(
+    match_setup, match_model, monkeypatch
+):
+    # Batches span epoch boundaries: example 1 is example 0's image again, with another
+    # caption. Only those two are real, so neither has a negative to draw.
+    _, _, batch = match_setup
+    batch = dict(batch)
+    image, index, source = batch["image"].copy(), batch["index"].copy(), batch["source"].copy()
+    image[1], index[1], source[1] = image[0], index[0], source[0]
+    mask = np.zeros_like(batch["mask"])
+    mask[:2] = True
+    index[2] = index[0]  # a padding row with the same index changes nothing: never drawn
+    assert not np.array_equal(batch["caption"][0], batch["caption"][1])
+    batch.update(image=image, index=index, source=source, mask=mask)
+    positives, weights = match_loss_inputs(monkeypatch, match_setup, match_model, batch)
+    assert positives[0, 1] and positives[1, 0]
+    size = len(mask)
+    np.testing.assert_array_equal(weights[:size], mask)  # both pairs, and no padding, scored
+    assert not np.any(weights[size:])  # no hard negative text nor image for either
+
+
+def test_examples_of_unknown_index_are_not_the_same_image():
+    index, source = jnp.array([3, 3, 3, -1, -1]), jnp.array([0, 0, 1, 0, 0])
+    expected = np.array(
+        [
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],  # the same index in another source of a mixture: another image
+            [0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 1],
+        ],
+        bool,
+    )
+    np.testing.assert_array_equal(same_image(index, source), expected)
+
+
+def test_the_logit_scale_past_its_cap_can_still_come_back_down(match_model):
+    # Adam can carry the scale parameter past log(100); the cap holds the value there, and the
+    # gradient still flows, so a loss that wants a lower scale brings it back.
+    model, params = match_model
+    wrong = jnp.array([[0.2, 0.3], [0.25, 0.2]])  # a lower scale lowers this loss
+
+    def loss(log_scale):
+        variables = {"params": {**params, "log_logit_scale": log_scale}}
+        scale = model.apply(variables, method="logit_scale")
+        return contrastive_loss(scale * wrong, jnp.eye(2, dtype=bool), jnp.ones(2, bool))[0], scale
+
+    for value in (150.0, 100.5):
+        (_, scale), gradient = jax.value_and_grad(loss, has_aux=True)(jnp.log(value))
+        assert float(scale) == pytest.approx(MAX_LOGIT_SCALE)
+        assert float(gradient) > 0.0  # descent lowers the parameter below the cap
+    (_, scale), _ = jax.value_and_grad(loss, has_aux=True)(jnp.log(50.0))
+    assert float(scale) == pytest.approx(50.0)
 
 
 def test_negatives_come_from_the_whole_global_batch_on_a_sharded_mesh(match_setup):
@@ -178,6 +322,14 @@ def test_retrieval_recall_on_hand_made_embeddings():
     assert recall["text_to_image_r@1"] == 0.5 and recall["text_to_image_r@2"] == 1.0
     with pytest.raises(ValueError, match="text_image"):
         retrieval_recall(images, texts, [0, 0, 1, 3])
+
+
+def test_an_image_without_references_is_a_retrieval_miss():
+    # Image 2 has no reference among the texts: a miss at every k, even k beyond the number of
+    # texts (where every text is in its top k).
+    recall = retrieval_recall(np.eye(4)[:3], np.eye(4)[:2], [0, 1], at=(1, 5))
+    assert recall["image_to_text_r@1"] == recall["image_to_text_r@5"] == pytest.approx(2 / 3)
+    assert recall["text_to_image_r@1"] == 1.0
 
 
 def test_step_scores_are_clipped_cosines_and_their_harmonic_mean_with_the_references():

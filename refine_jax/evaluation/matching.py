@@ -19,8 +19,8 @@ Scores:
   (The cosine between text embeddings, the first form, keeps every coarse description about as
   far from the full one as another image's caption is: BENCHMARKS.md.)
 - Retrieval recall@k: image -> text, the share of images with one of their references among
-  the k texts most similar to them; text -> image, the share of texts whose image is among the
-  k images most similar to them.
+  the k texts most similar to them (an image with no reference is a miss); text -> image, the
+  share of texts whose image is among the k images most similar to them.
 """
 
 from __future__ import annotations
@@ -118,7 +118,9 @@ class MatchEmbedder:
         return out
 
     def text_tokens(self, text: str) -> np.ndarray:
-        """A description as the text tower reads it: its words cut to the canvas, then pad."""
+        """A description as the text tower reads it: its words cut to the canvas, then pad. A
+        text none of whose words fits reads as the empty description: callers that must not
+        score it so (the filter) check `features.fit_to_canvas` first."""
         fitted, _ = self.features.fit_to_canvas(text)
         return pad_to(self.tokenizer.encode(fitted) if fitted else [], self.features.canvas_length)
 
@@ -163,7 +165,8 @@ def retrieval_recall(
     at: Iterable[int] = RECALL_AT,
 ) -> dict[str, float]:
     """Recall@k both ways (see the module docstring), as `image_to_text_r@k` and
-    `text_to_image_r@k` in [0, 1]. Ties are ranked against the right answer."""
+    `text_to_image_r@k` in [0, 1]. Ties are ranked against the right answer; an image with no
+    reference among the texts counts as a miss (none of its references can be found)."""
     owner = np.asarray(text_image)
     similarity = np.asarray(image_embeddings) @ np.asarray(text_embeddings).T  # [N, M]
     n, m = similarity.shape
@@ -172,8 +175,10 @@ def retrieval_recall(
     is_right = owner[None, :] == np.arange(n)[:, None]  # [N, M]
     # Image -> text: the rank of an image's best-scoring reference is the number of other
     # texts scoring at least as high.
-    best_right = np.where(is_right, similarity, -np.inf).max(axis=1)  # [N]
+    # An image without references (best_right = -inf) would rank 0: it is made a miss instead.
+    best_right = np.where(is_right, similarity, -np.inf).max(axis=1, initial=-np.inf)  # [N]
     image_rank = np.sum(~is_right & (similarity >= best_right[:, None]), axis=1)
+    image_rank = np.where(is_right.any(axis=1), image_rank, np.inf)
     # Text -> image: the number of other images scoring at least as high as its own.
     own = similarity[owner, np.arange(m)]  # [M]
     text_rank = np.sum(~is_right & (similarity >= own[None, :]), axis=0)

@@ -8,9 +8,11 @@ the image tokens, read at the BOS token) decides whether a description belongs t
 Training (`refine_jax.losses.contrastive_loss`, `match_head_loss`): a symmetric contrastive
 loss over the whole global batch with a learned temperature, and the matching head on each pair,
 one hard negative text per image and one hard negative image per text, drawn in proportion to
-the contrastive similarities (`sample_hard_negatives`). Examples whose descriptions are the same
-token sequence are positives of each other, never negatives: on the shapes data many images
-share a caption.
+the exponentiated contrastive logits (the similarities at the learned temperature,
+`sample_hard_negatives`). Examples with the same caption (the whole caption, whichever word
+subset each one reads) or the same image (a batch that spans an epoch boundary, a small source
+in a mixture) are positives of each other, never negatives (`match_positives`): on the shapes
+data many images share a caption.
 
 The empty description (no token, only the BOS) has an embedding like any other: it is the
 blank description c_0 of the gradualness metric (DESIGN §4).
@@ -42,9 +44,29 @@ def same_text(texts: jax.Array) -> jax.Array:
     return jnp.all(texts[:, None, :] == texts[None, :, :], axis=-1)
 
 
+def same_image(index: jax.Array, source: jax.Array) -> jax.Array:
+    """[B] index in its source, [B] source id -> [B, B] bool: which examples show the same
+    image. An unknown index (negative, as untagged examples carry) matches only itself."""
+    same = (index[:, None] == index[None, :]) & (source[:, None] == source[None, :])
+    known = index >= 0
+    return (same & known[:, None] & known[None, :]) | jnp.eye(index.shape[0], dtype=bool)
+
+
+def match_positives(
+    texts: jax.Array,  # [B, L]: what the text tower reads (a caption or a word subset of it)
+    captions: jax.Array,  # [B, L]: the whole captions the texts were read from
+    index: jax.Array,  # [B]: each example's index in its source
+    source: jax.Array,  # [B]: each example's source id
+) -> jax.Array:
+    """[B, B] bool: pairs that belong together, never each other's negatives. The same whole
+    caption counts, not only the same text read: an example read as a word subset of a caption
+    another example reads whole still shares that caption; so does the same image twice."""
+    return same_text(texts) | same_text(captions) | same_image(index, source)
+
+
 def sample_hard_negatives(
     rng: jax.Array,
-    similarity: jax.Array,  # [B, B]: row = the anchor, column = a candidate
+    similarity: jax.Array,  # [B, B] contrastive logits (scaled): row = anchor, column = candidate
     positives: jax.Array,  # [B, B] bool: candidates that belong to the anchor
     valid: jax.Array,  # [B] bool: real examples (padding is never drawn, nor an anchor)
 ) -> tuple[jax.Array, jax.Array]:
@@ -156,7 +178,12 @@ class MatchModel(nn.Module):
         return self.match_logits(text_states, key_mask, image_tokens[owner])
 
     def logit_scale(self) -> jax.Array:
-        return jnp.minimum(jnp.exp(self.log_logit_scale), MAX_LOGIT_SCALE)
+        """The learned inverse temperature, capped at MAX_LOGIT_SCALE. The cap passes the
+        gradient straight through, so a scale pushed past it can still come back down (a plain
+        minimum has zero gradient there and would hold it at the cap for good)."""
+        log_scale = self.log_logit_scale
+        capped = jnp.minimum(log_scale, jnp.log(MAX_LOGIT_SCALE))
+        return jnp.exp(log_scale - jax.lax.stop_gradient(log_scale - capped))
 
     def __call__(
         self,
@@ -165,23 +192,26 @@ class MatchModel(nn.Module):
         valid: jax.Array,  # [B] bool
         negatives_rng: jax.Array,
         deterministic: bool = True,
+        positives: jax.Array | None = None,  # [B, B] bool (`match_positives`); None: same text
     ) -> dict[str, jax.Array]:
         """Training pass: the scaled similarity matrix and the matching head's logits on
         3 x B pairs (each pair, a hard negative text per image, a hard negative image per
-        text) with their labels and weights."""
+        text) with their labels and weights. Hard negatives are drawn from the scaled
+        similarities: raw cosines in [-1, 1] would make every candidate about as likely."""
         image_tokens, image_embedding = self.encode_images(images, deterministic)
         text_states, key_mask, text_embedding = self.encode_texts(texts, deterministic)
-        similarity = image_embedding @ text_embedding.T  # [B, B]: image i, text j
-        positives = same_text(texts)
+        logits = self.logit_scale() * (image_embedding @ text_embedding.T)  # [B, B]: image, text
+        if positives is None:
+            positives = same_text(texts)
         text_rng, image_rng = jax.random.split(negatives_rng)
-        negative_text, has_text = sample_hard_negatives(text_rng, similarity, positives, valid)
-        negative_image, has_image = sample_hard_negatives(image_rng, similarity.T, positives, valid)
+        negative_text, has_text = sample_hard_negatives(text_rng, logits, positives, valid)
+        negative_image, has_image = sample_hard_negatives(image_rng, logits.T, positives, valid)
         pair_states = jnp.concatenate([text_states, text_states[negative_text], text_states])
         pair_masks = jnp.concatenate([key_mask, key_mask[negative_text], key_mask])
         pair_images = jnp.concatenate([image_tokens, image_tokens, image_tokens[negative_image]])
         batch = texts.shape[0]
         return {
-            "logits": self.logit_scale() * similarity,  # [B, B]
+            "logits": logits,  # [B, B]
             "positives": positives,
             "match_logits": self.match_logits(
                 pair_states, pair_masks, pair_images, deterministic
