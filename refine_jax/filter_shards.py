@@ -5,8 +5,12 @@ written by `refine_jax.caption_shards`, a captioner's under `teacher_captions`) 
 the matching head: the probability that it describes the image. Captions scoring at least the
 threshold are kept; the output shard (same name, same layout) holds each sample with a kept
 caption: `captions` = the kept web and teacher captions (web first), `teacher_captions` = the
-kept teacher ones, `match_scores` = every candidate with its origin, score and verdict. A sample
-with no caption kept is left out and counted. Shards are written as `data.shard_sets`
+kept teacher ones, `match_scores` = every candidate with its origin, score, verdict and whether
+it was cut to the matching model's canvas to be scored (`truncated`). A caption none of whose
+words fits the canvas (a bare URL) is never scored (that would score the empty description): it
+is dropped with score None and counted as `truncated_caption` (the training pipeline's name
+for it) in `captions_dropped_by_reason`, next to `below_threshold`. A sample with no caption
+kept is left out and counted. Shards are written as `data.shard_sets`
 describes (resumable, parallel parts) with a `NAME.tar.filtered.json` sidecar; bad samples are
 skipped and counted by reason; `references.json` (the kept captions) and
 `filter_summary.json` (the totals) are written when every shard is done.
@@ -14,20 +18,21 @@ skipped and counted by reason; `references.json` (the kept captions) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from refine_jax.caption_shards import add_sample
 from refine_jax.data import shard_sets
-from refine_jax.data.pipeline import preprocess_image
+from refine_jax.data.pipeline import TRUNCATED_CAPTION, preprocess_image
 from refine_jax.data.records import TEACHER_CAPTIONS_FIELD, decode_image
 from refine_jax.evaluation.matching import MatchEmbedder
 
 SIDECAR_SUFFIX = ".filtered.json"
 SUMMARY_NAME = "filter_summary.json"
 ORIGINS = ("web", "teacher")
+BELOW_THRESHOLD = "below_threshold"  # a drop reason: the matching head's score is too low
 
 
 def candidates(record: dict) -> list[tuple[str, str]]:
@@ -55,27 +60,41 @@ def filter_shard(
     records, counter = shard_sets.read_good_records(shard)
     size = embedder.features.image_size
     per_record = [candidates(r) for r in records]
-    texts = [text for pairs in per_record for _, text in pairs]
-    owner = [i for i, pairs in enumerate(per_record) for _ in pairs]
+    fitted = {  # caption -> (the words of it the canvas holds, whether that cut any)
+        text: embedder.features.fit_to_canvas(text) for pairs in per_record for _, text in pairs
+    }
+    scorable = [(i, text) for i, pairs in enumerate(per_record) for _, text in pairs]
+    scorable = [(i, text) for i, text in scorable if fitted[text][0]]
     scores = np.zeros((0,), np.float32)
-    if texts:
+    if scorable:
         images = np.stack([preprocess_image(decode_image(r["image_bytes"]), size) for r in records])
-        scores = embedder.match_probabilities(images, texts, owner)
+        texts = [text for _, text in scorable]
+        scores = embedder.match_probabilities(images, texts, [i for i, _ in scorable])
+    score_of = {pair: float(score) for pair, score in zip(scorable, scores, strict=True)}
 
     scored = {origin: 0 for origin in ORIGINS}
     dropped = {origin: 0 for origin in ORIGINS}
+    drop_reasons = {BELOW_THRESHOLD: 0, TRUNCATED_CAPTION: 0}
     written, no_caption_kept, references = 0, 0, {}
-    position = 0
     with shard_sets.temporary_shard(output_dir, shard) as tar:
-        for record, pairs in zip(records, per_record, strict=True):
+        for i, (record, pairs) in enumerate(zip(records, per_record, strict=True)):
             verdicts = []
             for origin, text in pairs:
-                score = float(scores[position])
-                position += 1
-                kept = score >= threshold
-                scored[origin] += 1
+                score = score_of.get((i, text))  # None: no word fits the canvas, not scored
+                kept = score is not None and score >= threshold
+                scored[origin] += score is not None
                 dropped[origin] += not kept
-                verdicts.append({"caption": text, "origin": origin, "score": score, "kept": kept})
+                if not kept:
+                    drop_reasons[BELOW_THRESHOLD if score is not None else TRUNCATED_CAPTION] += 1
+                verdicts.append(
+                    {
+                        "caption": text,
+                        "origin": origin,
+                        "score": score,
+                        "kept": kept,
+                        "truncated": fitted[text][1],
+                    }
+                )
             kept = [v for v in verdicts if v["kept"]]
             if not kept:
                 no_caption_kept += 1
@@ -95,6 +114,7 @@ def filter_shard(
         "no_caption_kept": no_caption_kept,
         "captions_scored": scored,
         "captions_dropped": dropped,
+        "captions_dropped_by_reason": {k: n for k, n in drop_reasons.items() if n},
         "skipped": dict(counter.skipped),
         "references": references,
     }
@@ -143,6 +163,7 @@ def filter_shard_set(
         "no_caption_kept": sum(s["no_caption_kept"] for s in sidecars.values()),
         "captions_scored": total("captions_scored"),
         "captions_dropped": total("captions_dropped"),
+        "captions_dropped_by_reason": _summed_drop_reasons(sidecars.values()),
         "skipped": shard_sets.summed_skips(sidecars),
     }
     shard_sets.complete_set(
@@ -152,5 +173,15 @@ def filter_shard_set(
         summary,
         SUMMARY_NAME,
         "captions kept by the matching model's filter",
+        settings,
     )
     return summary
+
+
+def _summed_drop_reasons(sidecars: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The sidecars' `captions_dropped_by_reason` summed (sidecars from before it: none)."""
+    summed: dict[str, int] = {}
+    for sidecar in sidecars:
+        for reason, n in sidecar.get("captions_dropped_by_reason", {}).items():
+            summed[reason] = summed.get(reason, 0) + n
+    return summed

@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import json
 import tarfile
+import types
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from test_caption_shards import make_input
+from test_caption_shards import jpeg, make_input
 from test_evaluate import trained_workdir
 
 from refine_jax.caption_shards import caption_shard_set
-from refine_jax.data.pipeline import preprocess_image
+from refine_jax.data import shard_sets
+from refine_jax.data.pipeline import TRUNCATED_CAPTION, CaptionFeatures, preprocess_image
 from refine_jax.data.records import TEACHER_CAPTIONS_FIELD, decode_image
+from refine_jax.data.shard_writer import ShardWriter
 from refine_jax.data.shards import TarShardSource
 from refine_jax.evaluation.matching import MatchEmbedder
-from refine_jax.filter_shards import SIDECAR_SUFFIX, candidates, filter_shard_set
+from refine_jax.filter_shards import (
+    SIDECAR_SUFFIX,
+    SUMMARY_NAME,
+    candidates,
+    filter_shard_set,
+)
 from refine_jax.model_loading import load_model
 
 
@@ -144,3 +152,89 @@ def test_filtering_resumes_and_splits_into_parts(captioned, matcher, tmp_path):
 def test_each_distinct_caption_is_a_candidate_once_web_before_teacher():
     record = {"captions": ["a dog", " a dog ", ""], TEACHER_CAPTIONS_FIELD: ["a dog", "a cat"]}
     assert candidates(record) == [("web", "a dog"), ("teacher", "a cat")]
+
+
+class CharacterTokenizer:
+    """One token per character: how many words of a caption fit a canvas is plain to see."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+class StubEmbedder:
+    """A matching model whose head gives every pair `score`, on a 12-character canvas cut by the
+    pipeline's own `fit_to_canvas`; records the texts it scores. `on_first_call` runs once,
+    while the first shard is being scored (another part working at the same time)."""
+
+    def __init__(self, score: float = 0.9, on_first_call=None):
+        self.score, self.on_first_call, self.scored = score, on_first_call, []
+        canvas = types.SimpleNamespace(tokenizer=CharacterTokenizer(), canvas_length=12)
+        self.features = types.SimpleNamespace(
+            image_size=8, fit_to_canvas=lambda text: CaptionFeatures.fit_to_canvas(canvas, text)
+        )
+
+    def match_probabilities(self, images, texts, owner) -> np.ndarray:
+        if self.on_first_call is not None:
+            call, self.on_first_call = self.on_first_call, None
+            call()
+        self.scored.extend(texts)
+        return np.full(len(texts), self.score, np.float32)
+
+
+URL = "https://example.com/images/2023/a_very_long_file_name.jpg"
+
+
+def test_a_caption_with_no_word_on_the_canvas_is_dropped_not_scored_as_the_empty_description(
+    tmp_path,
+):
+    # A URL-only web caption: not one word fits the canvas, so the head would read the empty
+    # description. It is never scored, dropped as `truncated_caption`; a caption cut to the
+    # canvas is scored on what fits and marked `truncated`.
+    with ShardWriter(tmp_path / "in", samples_per_shard=2) as writer:
+        for i in range(2):
+            writer.write(f"s{i}", jpeg(i), [f"picture {i}", f"a photo number {i}", URL])
+    embedder = StubEmbedder()
+    summary = filter_shard_set(embedder, str(tmp_path / "in"), str(tmp_path / "out"), 0.5)
+    assert URL not in embedder.scored and len(embedder.scored) == 4
+    assert summary["captions_scored"] == {"web": 4, "teacher": 0}
+    assert summary["captions_dropped"] == {"web": 2, "teacher": 0}
+    assert summary["captions_dropped_by_reason"] == {TRUNCATED_CAPTION: 2}
+    for i, meta in enumerate(json_members(tmp_path / "out").values()):
+        assert meta["captions"] == [f"picture {i}", f"a photo number {i}"]
+        verdicts = {v["caption"]: v for v in meta["match_scores"]}
+        assert verdicts[URL] == {
+            "caption": URL,
+            "origin": "web",
+            "score": None,
+            "kept": False,
+            "truncated": True,
+        }
+        assert verdicts[f"a photo number {i}"]["truncated"]  # scored as "a photo"
+        assert not verdicts[f"picture {i}"]["truncated"]
+
+
+def test_parallel_parts_with_different_thresholds_are_refused_not_mixed(tmp_path):
+    # Part 1 (threshold 0.9) runs while part 0 (0.3) scores its first shard: neither saw the
+    # other's shards when it started. Part 0 refuses the set when it ends, naming both
+    # thresholds, and no summary nor references claim one threshold for both.
+    make_input(tmp_path / "in")
+    inputs, out = str(tmp_path / "in"), str(tmp_path / "out")
+    quiet = lambda _: None
+    other_part = lambda: filter_shard_set(StubEmbedder(), inputs, out, 0.9, 1, 2, log=quiet)
+    with pytest.raises(ValueError, match=r"'threshold': 0.9.*this run: .*'threshold': 0.3"):
+        filter_shard_set(StubEmbedder(on_first_call=other_part), inputs, out, 0.3, 0, 2, log=quiet)
+    assert len(list((tmp_path / "out").glob("*" + SIDECAR_SUFFIX))) == 2
+    assert not (tmp_path / "out" / SUMMARY_NAME).exists()
+    assert not (tmp_path / "out" / "references.json").exists()
+
+
+def test_a_set_of_shards_written_with_two_settings_is_never_completed(tmp_path):
+    sidecars = {
+        name: {"references": {name: ["a caption"]}, "settings": {"threshold": threshold}}
+        for name, threshold in (("a.tar", 0.3), ("b.tar", 0.9))
+    }
+    with pytest.raises(ValueError, match=r"b.tar with \{'threshold': 0.9\}.*0.3"):
+        shard_sets.complete_set(
+            str(tmp_path), ["a.tar", "b.tar"], sidecars, {}, SUMMARY_NAME, "test"
+        )
+    assert not list(tmp_path.iterdir())

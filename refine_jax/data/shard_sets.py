@@ -5,9 +5,12 @@ when complete, with a `NAME.tar<suffix>` JSON sidecar of its counts: a shard wit
 so a re-run skips it (resumable), and `part`/`num_parts` split the shards between independent
 processes (parallel). Each sidecar records the settings its shard was written with (the
 threshold, the teacher and its decoding); a run with other settings refuses an output folder
-that already holds shards, so that one set never mixes two. The output folder may be local or
-a URI (`gs://...`): paths go through epath. When every shard is done, the set's original
-captions are written as a COCO-style `references.json`.
+that already holds shards, so that one set never mixes two. Parallel parts started at the same
+time see none of each other's shards at first: each part re-checks before every shard and when
+it ends, and a set whose shards were written with two settings is refused when completed, with
+no summary nor references written. The output folder may be local or a URI (`gs://...`): paths
+go through epath. When every shard is done, the set's original captions are written as a
+COCO-style `references.json`.
 """
 
 from __future__ import annotations
@@ -126,19 +129,42 @@ def as_recorded(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
+NOT_RECORDED = "not recorded (an earlier version wrote it)"
+
+
+def recorded_settings(sidecar: dict[str, Any]) -> Any:
+    """The settings a sidecar's shard was written with."""
+    return sidecar.get("settings", NOT_RECORDED)
+
+
 def check_settings(
-    output_dir: str, shards: Sequence[str], suffix: str, settings: dict[str, Any]
+    output_dir: str,
+    shards: Sequence[str],
+    suffix: str,
+    settings: dict[str, Any],
+    checked: set[str] | None = None,
 ) -> None:
-    """ValueError when a done shard of the set was written with other settings."""
+    """ValueError when a done shard of the set was written with other settings. The names of
+    shards found right are added to `checked`, and those already there are not read again, so
+    re-checking before every shard lists the folder once rather than reading every sidecar."""
     wanted = as_recorded(settings)
-    for name, sidecar in read_sidecars(output_dir, shards, suffix).items():
-        recorded = sidecar.get("settings", "not recorded (an earlier version wrote it)")
+    checked = set() if checked is None else checked
+    folder = epath.Path(output_dir)
+    listed = {path.name for path in folder.glob("*" + suffix)} if folder.exists() else set()
+    unread = [
+        shard
+        for shard in shards
+        if os.path.basename(shard) not in checked and os.path.basename(shard) + suffix in listed
+    ]
+    for name, sidecar in read_sidecars(output_dir, unread, suffix).items():
+        recorded = recorded_settings(sidecar)
         if recorded != wanted:
             raise ValueError(
                 f"{output_dir} already holds {name} written with other settings ({recorded}; "
                 f"this run: {wanted}): resume with those settings, or write to another output "
                 "folder"
             )
+        checked.add(name)
 
 
 def rewrite_part(
@@ -156,15 +182,19 @@ def rewrite_part(
     """Runs `rewrite(shard) -> sidecar` (which ends with `finish(..., settings)`) on every
     shard of this part that is not done yet, logging `describe(sidecar)` per shard; returns
     (every shard of the set, the sidecars of the done ones by shard name). Shards done with
-    other settings are a ValueError (`check_settings`)."""
+    other settings are a ValueError (`check_settings`), checked before every shard and once
+    more at the end: a part started at the same time with other settings shows only then."""
     shards, mine = shards_of_part(input_shards, part, num_parts)
-    check_settings(output_dir, shards, suffix, settings)
+    checked: set[str] = set()
+    check_settings(output_dir, shards, suffix, settings, checked)
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     for shard in mine:
         if is_done(output_dir, shard, suffix):
             log(f"{os.path.basename(shard)}: already {done_word}, skipped")
             continue
+        check_settings(output_dir, shards, suffix, settings, checked)
         log(f"{os.path.basename(shard)}: {describe(rewrite(shard))}")
+    check_settings(output_dir, shards, suffix, settings, checked)
     return shards, read_sidecars(output_dir, shards, suffix)
 
 
@@ -175,8 +205,34 @@ def complete_set(
     summary: dict[str, Any],
     summary_name: str,
     description: str,
+    settings: dict[str, Any] | None = None,
 ) -> None:
-    """Once every shard is done: references.json (`description`) and the set's summary file."""
+    """Once every shard is done: references.json (`description`) and the set's summary file.
+    A ValueError, and neither file, when the shards were written with different settings (or
+    with others than `settings`, where given): the summary would claim one for them all."""
     if len(sidecars) == len(shards):
+        check_one_setting(output_dir, sidecars, settings)
         write_references(output_dir, list(sidecars.values()), description)
         write_atomically(epath.Path(output_dir) / summary_name, json.dumps(summary))
+
+
+def check_one_setting(
+    output_dir: str, sidecars: dict[str, dict], settings: dict[str, Any] | None = None
+) -> None:
+    """ValueError naming two shards written with different settings (or one written with
+    other settings than `settings`, where given)."""
+    if not sidecars:
+        return
+    if settings is not None:
+        source, expected = "this run", as_recorded(settings)
+    else:
+        source, first = next(iter(sidecars.items()))
+        expected = recorded_settings(first)
+    for name, sidecar in sidecars.items():
+        recorded = recorded_settings(sidecar)
+        if recorded != expected:
+            raise ValueError(
+                f"{output_dir} mixes shards written with different settings: {name} with "
+                f"{recorded}, {source} with {expected}; no summary nor references written. "
+                "Re-run the shards of one setting into another output folder"
+            )
