@@ -148,6 +148,16 @@ def test_deterministic_and_overwrite(raw: Path, tmp_path: Path) -> None:
     assert len(TarShardSource(a / "train", cache_dir=tmp_path / "c")) == 3
 
 
+def test_a_rerun_refused_for_a_later_split_rewrites_no_earlier_one(
+    raw: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    flickr8k.convert(raw, out, splits=["val"], image_size=16)
+    with pytest.raises(FileExistsError, match=f"{out / 'val'}"):
+        flickr8k.convert(raw, out, splits=["train", "val"], image_size=16)
+    assert not (out / "train").exists()  # refused before the train split was written
+
+
 def test_bad_images_are_skipped_and_counted(raw: Path, tmp_path: Path) -> None:
     images = raw / "Flicker8k_Dataset"
     (images / f"{TRAIN[0]}.jpg").unlink()

@@ -49,6 +49,7 @@ from refine_jax.data.shard_writer import (
     SplitReport,
     path_inside,
     prepare_samples,
+    refuse_earlier_outputs,
     require_path,
     write_split,
 )
@@ -236,6 +237,7 @@ def convert(
     if missing:
         raise ValueError(f"split(s) {missing} have no images in {os.fspath(karpathy_json)!r}")
     options = ImageOptions(size=image_size, resize=resize, quality=quality)
+    refuse_earlier_outputs((os.path.join(output_dir, s) for s in chosen), overwrite)
     reports = {}
     for split in chosen:
         reports[split] = write_split(

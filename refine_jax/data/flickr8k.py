@@ -42,6 +42,7 @@ from refine_jax.data.shard_writer import (
     SourceSample,
     SplitReport,
     path_inside,
+    refuse_earlier_outputs,
     require_path,
     write_split,
 )
@@ -299,6 +300,7 @@ def convert(
     raw = locate_raw_files(raw_dir, images_dir)
     plan = plan_splits(raw, image_repo)
     options = ImageOptions(size=image_size, resize=resize, quality=quality)
+    refuse_earlier_outputs((os.path.join(output_dir, s) for s in splits), overwrite)
     reports = {}
     for split in splits:
         reports[split] = write_split(

@@ -76,6 +76,29 @@ class OutputExistsError(FileExistsError):
         )
 
 
+def earlier_outputs(folder: str | os.PathLike) -> list[str]:
+    """The files of an earlier run in an output folder (shards, their indexes, references)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(folder)
+        if name.endswith((".tar", ".tar.index.json", ".tar.tmp"))
+        or name in (REFERENCES_NAME, REFERENCES_NAME + ".tmp")
+    )
+
+
+def refuse_earlier_outputs(folders: Iterable[str | os.PathLike], overwrite: bool) -> None:
+    """OutputExistsError for the first folder holding an earlier run's files (unless
+    `overwrite`), checked before a conversion writes any split, so none is left half-redone."""
+    if overwrite:
+        return
+    for folder in folders:
+        old = earlier_outputs(folder)
+        if old:
+            raise OutputExistsError(os.fspath(folder), old)
+
+
 def shard_name(index: int) -> str:
     """``00000.tar`` for shard 0."""
     return f"{index:05d}.tar"
@@ -150,12 +173,7 @@ class ShardWriter:
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise NotADirectoryError(f"output path is not a directory: {self.output_dir!r}")
         os.makedirs(self.output_dir, exist_ok=True)
-        old = sorted(
-            name
-            for name in os.listdir(self.output_dir)
-            if name.endswith((".tar", ".tar.index.json", ".tar.tmp"))
-            or name in (REFERENCES_NAME, REFERENCES_NAME + ".tmp")
-        )
+        old = earlier_outputs(self.output_dir)
         if old and not overwrite:
             raise OutputExistsError(self.output_dir, old)
         for name in old:
