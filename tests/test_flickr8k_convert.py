@@ -228,6 +228,17 @@ def test_byte_order_mark_keeps_the_first_caption(tmp_path: Path) -> None:
     assert flickr8k.parse_token_file(token) == {"a.jpg": ["first", "second"]}
 
 
+def test_a_split_list_with_a_byte_order_mark_or_not_utf8_reads_or_names_the_file(
+    tmp_path: Path,
+) -> None:
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.jpg\nb.jpg\n", encoding="utf-8-sig")
+    assert flickr8k.read_split_list(listed) == ["a.jpg", "b.jpg"]
+    listed.write_bytes(b"a.jpg\nb\xf6.jpg\n")
+    with pytest.raises(ValueError, match="list.txt is not UTF-8 text"):
+        flickr8k.read_split_list(listed)
+
+
 def test_repeated_caption_lines_are_kept_once(
     raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -185,8 +185,11 @@ def parse_token_file(path: str | os.PathLike) -> dict[str, list[str]]:
 def read_split_list(path: str | os.PathLike) -> list[str]:
     """The image file names of a split list, in order; raises ValueError on a repeated name."""
     path = require_path(path, "Flickr8k split list")
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of a name
+            names = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from error
     seen: set[str] = set()
     for name in names:
         if name in seen:
