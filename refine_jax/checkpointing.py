@@ -370,18 +370,30 @@ class Checkpointer:
         self, step: int, restore: Callable[[int], Restored]
     ) -> tuple[Restored | None, str | None]:
         """`(restore(step), None)` when checkpoint `step` verifies and restores, else `(None,
-        what is wrong)`. A checkpoint of another model shape is an error, not damage."""
+        what is wrong)`. A checkpoint of another model shape is an error, not damage. A restore
+        that fails is tried once more before the checkpoint counts as damaged: a passing fault
+        (a storage hiccup) must not set aside the newest checkpoint and lose its progress."""
         problem = checkpoint_damage(self.directory / str(step))
         if problem is not None:
             return None, problem
-        try:
-            return restore(step), None
-        except CheckpointMismatchError:
-            raise
-        except Exception as error:  # orbax's errors for unreadable files vary
-            reason = str(error).splitlines()[0] if str(error) else ""
-            self._reopen()  # a failed restore can leave the manager unusable
-            return None, f"orbax cannot restore it: {type(error).__name__}: {reason[:500]}"
+        failure = ""
+        for attempt in range(2):
+            try:
+                return restore(step), None
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # orbax's errors for unreadable files vary
+                reason = str(error).splitlines()[0] if str(error) else ""
+                failure = f"{type(error).__name__}: {reason[:500]}"
+                self._reopen()  # a failed restore can leave the manager unusable
+                if attempt == 0:
+                    logging.warning(
+                        "restoring %s/%d failed (%s); trying once more",
+                        self.directory,
+                        step,
+                        failure,
+                    )
+        return None, f"orbax cannot restore it: {failure}"
 
     def restore_step(self, step: int, restore: Callable[[int], Restored]) -> Restored:
         """`restore(step)` of a checkpoint asked for by its step, once it verifies; a damaged

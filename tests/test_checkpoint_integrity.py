@@ -116,6 +116,28 @@ def test_a_damaged_latest_checkpoint_is_skipped_set_aside_and_named(
     checkpointer.close()
 
 
+def test_a_restore_that_fails_once_is_retried_and_its_checkpoint_kept(tmp_path):
+    directory = tmp_path / "checkpoints"
+    save_steps(directory)
+    checkpointer = Checkpointer(directory, save_every=2, keep=3)
+    data = iterator()
+    restore = restore_into(checkpointer, data)
+    failures = []
+
+    def flaky(step):  # a storage hiccup on the first read of the newest checkpoint
+        if not failures:
+            failures.append(step)
+            raise OSError("503 Service Unavailable")
+        return restore(step)
+
+    step, state = checkpointer.restore_newest_intact(flaky)
+    assert (step, failures) == (6, [6])
+    np.testing.assert_array_equal(state["w"], weights(6))
+    assert sorted(checkpointer.manager.all_steps()) == [2, 4, 6]
+    assert not (tmp_path / "checkpoints_damaged").exists()
+    checkpointer.close()
+
+
 def test_with_every_checkpoint_damaged_the_error_names_each_and_nothing_is_moved(tmp_path):
     directory = tmp_path / "checkpoints"
     save_steps(directory, steps=(2, 4))
