@@ -8,6 +8,7 @@ sharded: abstract shapes -> partition specs -> a jitted init with those out shar
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -104,17 +105,32 @@ def create_sharded(init_fn: Callable, mesh: Mesh, rules, *args):
     return value, shardings
 
 
-def process_batch_block(mesh: Mesh, rules, global_rows: int) -> tuple[int, int]:
-    """(index, count): the block of a global batch's rows this process's devices hold, of the
-    `count` equal contiguous blocks the batch splits into across processes. Processes whose
-    devices hold the same rows (the batch axis replicated across them, e.g. 'tensor' spanning
-    processes) share a block and must load the same rows. A mesh under which a process holds
-    rows that are not one such block is a ValueError."""
+class BatchBlock(NamedTuple):
+    """The block of a global batch's rows a process reads (`process_batch_block`)."""
+
+    index: int  # which of the `count` equal contiguous blocks
+    count: int
+    first_reader: bool  # the lowest process reading this block: it alone counts its rows
+
+
+def process_batch_block(mesh: Mesh, rules, global_rows: int) -> BatchBlock:
+    """The block of a global batch's rows this process's devices hold, of the equal contiguous
+    blocks the batch splits into across processes. Processes whose devices hold the same rows
+    (the batch axis replicated across them, e.g. 'tensor' spanning processes) share a block
+    and must load the same rows. A mesh under which a process holds rows that are not one such
+    block is a ValueError."""
     index_map = batch_sharding(mesh, rules, 1).devices_indices_map((global_rows,))
     rows_of: dict[int, set[int]] = {}
     for device, (rows,) in index_map.items():
         start, stop, _ = rows.indices(global_rows)
         rows_of.setdefault(device.process_index, set()).update(range(start, stop))
+    return batch_block_of(rows_of, global_rows, jax.process_index(), dict(mesh.shape))
+
+
+def batch_block_of(
+    rows_of: dict[int, set[int]], global_rows: int, process: int, mesh_shape: dict
+) -> BatchBlock:
+    """`process`'s BatchBlock, given the rows each process's devices hold."""
     spans = {p: (min(r), max(r) + 1) for p, r in rows_of.items()}
     blocks = sorted(set(spans.values()))
     size = global_rows // len(blocks)
@@ -122,11 +138,12 @@ def process_batch_block(mesh: Mesh, rules, global_rows: int) -> tuple[int, int]:
     equal_blocks = blocks == [(i * size, (i + 1) * size) for i in range(len(blocks))]
     if not (contiguous and equal_blocks):
         raise ValueError(
-            f"mesh {dict(mesh.shape)} gives processes batch rows that are not equal contiguous "
+            f"mesh {mesh_shape} gives processes batch rows that are not equal contiguous "
             f"blocks ({dict(sorted(spans.items()))} of {global_rows}): order config.mesh.shape "
             "so that each process's devices hold one block of the batch"
         )
-    return blocks.index(spans[jax.process_index()]), len(blocks)
+    readers = [p for p, span in spans.items() if span == spans[process]]
+    return BatchBlock(blocks.index(spans[process]), len(blocks), process == min(readers))
 
 
 def global_batch(batch: dict, mesh: Mesh, rules, global_rows: int) -> dict:

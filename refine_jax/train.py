@@ -232,7 +232,7 @@ def _train_and_evaluate(
         put_batch = lambda batch: sharding.global_batch(batch, mesh, rules, config.batch_size)
         put_full_batch = lambda batch: sharding.global_batch_from_full(batch, mesh, rules)
         # This process reads its block of each batch; processes sharing rows read the same.
-        block, blocks = sharding.process_batch_block(mesh, rules, config.batch_size)
+        block, blocks, first_reader = sharding.process_batch_block(mesh, rules, config.batch_size)
         batches = train_batches(
             train_source,
             features,
@@ -355,7 +355,8 @@ def _train_and_evaluate(
                 jax.profiler.start_trace(str(workdir / "profile"))
                 profiling = True
             batch = next(batches)
-            add_skips(count_skips(batch))
+            if first_reader:  # processes sharing a block read the same rows: counted once
+                add_skips(count_skips(batch))
             state, metrics = step_fn(state, put_batch(batch))
             if step == profile_stop and profiling:
                 jax.block_until_ready(state)

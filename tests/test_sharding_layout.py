@@ -116,7 +116,16 @@ def test_a_batch_every_process_holds_lands_whole_on_any_mesh_layout(shape):
     rows = np.arange(16 * 3).reshape(16, 3)
     placed = sharding.global_batch_from_full({"x": rows}, mesh, rules)["x"]
     np.testing.assert_array_equal(sharding.to_host(placed), rows)
-    assert sharding.process_batch_block(mesh, rules, 16) == (0, 1)  # one process: one block
+    assert sharding.process_batch_block(mesh, rules, 16) == (0, 1, True)  # one process
+
+
+def test_processes_sharing_a_block_name_one_of_them_to_count_its_rows():
+    # Four processes, two per block (the batch axis replicated across each pair).
+    rows_of = {0: set(range(8)), 1: set(range(8)), 2: set(range(8, 16)), 3: set(range(8, 16))}
+    blocks = [sharding.batch_block_of(rows_of, 16, p, {}) for p in range(4)]
+    assert blocks == [(0, 2, True), (0, 2, False), (1, 2, True), (1, 2, False)]
+    with pytest.raises(ValueError, match="not equal contiguous blocks"):
+        sharding.batch_block_of({0: {0, 1, 4, 5}, 1: {2, 3, 6, 7}}, 8, 0, {})
 
 
 def test_describing_on_more_batch_shards_than_the_batch_divides_pads_its_batches(tmp_path):
