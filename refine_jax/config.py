@@ -354,6 +354,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.data.{key} = {config.data[key]!r} has no effect with data.name = "
                 f"{config.data.name!r}; leave it empty"
             )
+    if not 0.0 < config.data.crop_min_scale <= 1.0:
+        raise ConfigError(
+            f"config.data.crop_min_scale must be in (0, 1], got {config.data.crop_min_scale}"
+        )
     if not 0.0 <= config.data.teacher_caption_rate <= 1.0:
         raise ConfigError(
             "config.data.teacher_caption_rate must be in [0, 1], got "

@@ -87,6 +87,8 @@ def test_canvas_shorter_than_longest_target_is_rejected_before_compilation(
         ("targets.kind", "full", "objective = 'final' needs .* coarse-to-fine targets.kind"),
         ("data.train_path", "/data/train", "data.train_path = '/data/train' has no effect with"),
         ("data.path", "/data", "data.path = '/data' has no effect with data.name = 'shapes'"),
+        ("data.crop_min_scale", 0.0, r"crop_min_scale must be in \(0, 1\], got 0.0"),
+        ("data.crop_min_scale", 1.5, r"crop_min_scale must be in \(0, 1\], got 1.5"),
         ("model.dropout_rate", 1.5, r"dropout_rate must be in \[0, 1\), got 1.5"),
         ("model.dropout_rate", -0.5, r"dropout_rate must be in \[0, 1\), got -0.5"),
         ("model.num_heads", 0, "model.num_heads must be >= 1, got 0"),

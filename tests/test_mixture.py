@@ -128,7 +128,7 @@ def make_mixture_root(root: Path) -> None:
             (root / "labels" / label / f"{i}.jpg").write_bytes(jpeg(300 + i))
 
 
-def test_laion_coco_mix_tiny_config_builds_its_mixture(tmp_path):
+def test_laion_coco_mix_tiny_config_builds_its_mixture(tmp_path, monkeypatch):
     make_mixture_root(tmp_path)
     config = load_config("laion_coco_mix", "tiny")
     config.data.path = str(tmp_path)
@@ -144,6 +144,16 @@ def test_laion_coco_mix_tiny_config_builds_its_mixture(tmp_path):
     features = CaptionFeatures.from_config(config, tokenizer)
     batch = next(train_batches(train, features, config.batch_size, config.seed))
     assert batch["image"].shape == (8, 32, 32, 3) and set(batch["source"]) <= {0, 1, 2}
+    # Every item of a comma-separated component path lies under data.path, wherever the
+    # process runs.
+    write_good_split(tmp_path / "laion_b", 1, 3, first=400)
+    config.data.mixture = (
+        ("coco", 0.6, "shards", "coco"),
+        ("laion", 0.4, "shards", "laion,laion_b"),
+    )
+    monkeypatch.chdir(tmp_path / "coco")
+    train, _ = make_sources(config)
+    assert len(train.components[1].source) == 9
     # A component path that does not exist is named.
     config.data.mixture = (("coco", 0.6, "shards", "coco"), ("laion", 0.4, "shards", "nope"))
     with pytest.raises(FileNotFoundError, match=r"mixture\['laion'\] path = '.*nope' does not"):

@@ -49,8 +49,13 @@ def _is_relative(path: str) -> bool:
 
 
 def _join(root: str, path: str) -> str:
-    """``path`` under ``root`` when it is relative."""
-    return root.rstrip("/") + "/" + path if root and _is_relative(path) else path
+    """``path`` under ``root`` where it is relative (``~`` expanded), each item of a
+    comma-separated list."""
+    return ",".join(
+        root.rstrip("/") + "/" + item if root and _is_relative(item) else os.path.expanduser(item)
+        for item in (part.strip() for part in path.split(","))
+        if item
+    )
 
 
 def require_data_path(data: ml_collections.ConfigDict, what: str) -> str:
@@ -213,7 +218,7 @@ def _mixture_sources(
         root = data.path
     components = []
     for name, weight, kind, path in entries:
-        location = os.path.expanduser(_join(root, path))
+        location = _join(root, path)
         key = f"config.data.mixture[{name!r}] path"
         if kind != "tfds_coco" and not location.startswith("tfds:") and not _exists(location):
             raise FileNotFoundError(f"{key} = {location!r} does not exist")
@@ -230,7 +235,7 @@ def _mixture_sources(
     eval_source = _kind_split(
         config,
         kind,
-        os.path.expanduser(_join(root, path)),
+        _join(root, path),
         data.eval_split,
         key,
         data.eval_path,
