@@ -151,6 +151,12 @@ def check_workdir(args: argparse.Namespace) -> None:
             raise LaunchError(f"--workdir={workdir!r}: missing bucket name (gs://BUCKET/PATH)")
         return
     multi = bool(args.accelerator_type) and is_multi_host(args.accelerator_type)
+    if args.allow_local_workdir and not workdir.startswith("/"):
+        raise LaunchError(
+            f"--workdir={workdir!r} is not an absolute path: jobs run in ~/{REMOTE_SRC}, which "
+            "`setup` replaces with every code re-ship, checkpoints and all. Give an absolute "
+            "path on the workers' disks"
+        )
     if not args.allow_local_workdir:
         raise LaunchError(
             f"--workdir={workdir!r} is not a gs:// path. On a pod every worker needs the same "
@@ -488,11 +494,10 @@ def do_run(args: argparse.Namespace, runner: Runner, overrides: Sequence[str]) -
     for argv in run_commands(args, overrides):
         runner.run(argv)
     if not runner.dry_run:
-        print(
-            f"follow worker 0's log: python launch/tpu_pod.py logs --name={args.name} "
-            f"--zone={args.zone}",
-            file=sys.stderr,
-        )
+        logs = ["python", "launch/tpu_pod.py", "logs", f"--name={args.name}", f"--zone={args.zone}"]
+        if args.project:
+            logs.append(f"--project={args.project}")
+        print(f"follow worker 0's log: {shlex.join(logs)}", file=sys.stderr)
 
 
 def do_logs(args: argparse.Namespace, runner: Runner, overrides: Sequence[str]) -> None:

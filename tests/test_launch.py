@@ -274,6 +274,10 @@ def test_use_existing_skips_create(fake_repo):
         (["logs", *POD, "--worker=-1"], "--worker=-1"),
         (["up", *POD, *TRAIN], "--accelerator_type is required"),
         (["up", *V4, "--config=configs/shapes.py", "--workdir=out"], "not a gs:// path"),
+        (
+            ["run", *V4, "--config=configs/shapes.py", "--workdir=runs/w", "--allow_local_workdir"],
+            "not an absolute path: jobs run in ~/refine_jax, which `setup` replaces",
+        ),
         (["frobnicate", *POD], "invalid choice"),
     ],
 )
@@ -373,6 +377,15 @@ def test_real_run_executes_exactly_the_dry_run_commands(fake_gcloud, fake_repo, 
         names = set(tar.getnames())
     assert {"setup.py", "README.md", "refine_jax/__init__.py", "configs/shapes.py"} <= names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+
+
+def test_the_log_hint_after_run_names_the_project(fake_gcloud, capsys):
+    assert tpu_pod.main(["run", *POD, *TRAIN, "--project=other-proj"]) == 0
+    hint = capsys.readouterr().err.splitlines()[-1]
+    assert hint == (
+        "follow worker 0's log: python launch/tpu_pod.py logs --name=my-pod "
+        "--zone=us-central2-b --project=other-proj"
+    )
 
 
 def test_a_failing_command_stops_the_sequence(
