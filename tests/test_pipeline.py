@@ -425,6 +425,24 @@ def test_crops_are_square_never_flipped_and_random_only_in_training():
     assert -1.0 <= scaled.min() and scaled.max() <= 1.0
 
 
+def test_a_decoded_image_of_any_usual_layout_becomes_rgb_and_an_odd_one_is_counted():
+    features = CaptionFeatures(train_tokenizer(["a grey dog"] * 20, 300), 2, 8, 4)
+    grey = np.full((6, 5), 200, np.uint8)
+    transparent = np.zeros((6, 5, 4), np.uint8)  # over white, as decoded files are
+    for image in (grey, grey[..., None], np.repeat(grey[..., None], 3, -1)):
+        example = features.map({"key": "k", "image": image, "captions": ["a grey dog"]})
+        assert example["image"].shape == (4, 4, 3) and bool(example["mask"])
+        np.testing.assert_allclose(example["image"], 200 / 127.5 - 1.0, atol=1e-6)
+    example = features.map({"key": "k", "image": transparent, "captions": ["a grey dog"]})
+    np.testing.assert_allclose(example["image"], 1.0)
+    for odd in (np.zeros((6, 5, 2), np.uint8), np.zeros((6, 5, 3), np.float32)):
+        example = features.map({"key": "k", "image": odd, "captions": ["a grey dog"]})
+        assert not example["mask"]
+        assert count_skips({k: example[k][None] for k in ("skip_reason", "dropped")}) == {
+            "corrupt_image": 1
+        }
+
+
 def test_count_skips_names_reasons_and_maps_unknown_ones_to_other():
     features = CaptionFeatures(train_tokenizer(["a dog"] * 20, 300), 2, 8, 4)
     rows = [features.map({"key": "x", "skip_reason": r}) for r in ("corrupt_image", "weird")]

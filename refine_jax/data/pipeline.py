@@ -48,6 +48,7 @@ from refine_jax.data.records import (
     CorruptImageError,
     SkipReason,
     decode_image,
+    rgb_image,
 )
 from refine_jax.special_tokens import BLANK_ID, PAD_ID
 from refine_jax.targets import (
@@ -243,13 +244,13 @@ class CaptionFeatures(grain.transforms.RandomMap):
             return self.placeholder(record, record["skip_reason"])
         if caption is None:
             return self.placeholder(record, SkipReason.MISSING_CAPTION.value)
-        if "image" in record:
-            image = record["image"]
-        else:
-            try:
+        try:
+            if "image" in record:
+                image = rgb_image(record["image"])
+            else:
                 image = decode_image(record["image_bytes"])
-            except CorruptImageError:
-                return self.placeholder(record, SkipReason.CORRUPT_IMAGE.value)
+        except CorruptImageError:
+            return self.placeholder(record, SkipReason.CORRUPT_IMAGE.value)
         caption, truncated = self.fit_to_canvas(caption)
         if not caption:  # not even the first word fits the canvas
             return self.placeholder(record, TRUNCATED_CAPTION)

@@ -204,6 +204,24 @@ def decode_image(image_bytes: bytes) -> np.ndarray:
         raise CorruptImageError(f"cannot decode image ({len(image_bytes)} bytes): {e}") from e
 
 
+def rgb_image(image: np.ndarray) -> np.ndarray:
+    """A decoded uint8 image a source gives (HxW grey, HxWx1, HxWx3 or HxWx4 with alpha) as
+    uint8 HxWx3, as :func:`decode_image` would give it; CorruptImageError for anything else."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8:
+        return image
+    if image.dtype != np.uint8 or not (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 4))
+    ):
+        raise CorruptImageError(
+            f"an image array must be uint8 HxW, HxWx1, HxWx3 or HxWx4, got {image.dtype} "
+            f"{image.shape}"
+        )
+    return _to_rgb_array(
+        Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+    )
+
+
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
     """Converts a loaded Pillow image of any mode to a contiguous uint8 HxWx3 array."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
