@@ -331,6 +331,15 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} was written by a different model:\n  "
                 + "\n  ".join(differences)
             )
+        order_changes = data_order_differences(saved.get("data_order"), signature)
+        if data_iterator is not None and order_changes:  # before reading any array
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step}: its data position counts batches read "
+                "in another order, so resuming would silently skip or repeat examples:\n  "
+                + "\n  ".join(order_changes)
+                + "\nResume with the checkpoint's settings (WORKDIR/config.json records "
+                "them), or train in a new workdir."
+            )
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
             target_state,
@@ -340,15 +349,6 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )["state"]
         if data_iterator is not None:
-            order_changes = data_order_differences(saved.get("data_order"), signature)
-            if order_changes:
-                raise CheckpointMismatchError(
-                    f"checkpoint {self.directory}/{step}: its data position counts batches read "
-                    "in another order, so resuming would silently skip or repeat examples:\n  "
-                    + "\n  ".join(order_changes)
-                    + "\nResume with the checkpoint's settings (WORKDIR/config.json records "
-                    "them), or train in a new workdir."
-                )
             # Restored on its own: the files verified (`checkpoint_damage`), so a failure here
             # is a pipeline that cannot take this position, not damage to set aside.
             try:
