@@ -107,6 +107,7 @@ def test_eval_mode_writes_metrics_captions_and_report(tmp_path_factory, variant,
     rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     expected_ids = [ShapesSource("eval", 20, 0, 48)[i]["key"] for i in range(20)]
     assert [r["image_id"] for r in rows] == expected_ids  # every image once, in order
+    assert [r["source_index"] for r in rows] == list(range(20))  # where each is in the split
     for row in rows:
         assert len(row["steps"]) == num_steps and len(row["references"]) == 1
     # The scores are those of the written captions: recomputed with the caption scorer, each

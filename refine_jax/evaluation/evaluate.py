@@ -242,6 +242,7 @@ def evaluate_checkpoint(
             for sample, scores in zip(samples, per_image, strict=True):
                 row = {
                     "image_id": sample["image_id"],
+                    "source_index": sample["source_index"],  # its position in the split
                     "references": sample["references"],
                     "steps": sample["steps"],
                     "cider_per_step": scores["cider"],
