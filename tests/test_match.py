@@ -148,9 +148,11 @@ def match_loss_inputs(monkeypatch, match_setup, match_model, batch, subset_rate:
     return np.asarray(contrastive[0][1]), np.asarray(head[0][2])
 
 
-def test_hard_negatives_are_drawn_at_the_learned_temperature(match_setup, match_model, monkeypatch):
-    # The sampler sees the similarities times the learned scale, the contrastive logits, for
-    # text negatives and (transposed) image negatives: raw cosines make every draw near uniform.
+def test_hard_negatives_are_drawn_from_the_cosine_similarities(
+    match_setup, match_model, monkeypatch
+):
+    # The sampler sees the unscaled similarities (text negatives, and transposed image
+    # negatives): at the learned temperature the Flickr8k head collapsed (BENCHMARKS.md).
     _, _, batch = match_setup
     model, params = match_model
     draws = spy_on(monkeypatch, match_module, "sample_hard_negatives")
@@ -161,13 +163,11 @@ def test_hard_negatives_are_drawn_at_the_learned_temperature(match_setup, match_
         jnp.asarray(batch["mask"]),
         jax.random.key(0),
     )
-    logits = np.asarray(outputs["logits"])
     scale = float(model.apply({"params": params}, method=model.logit_scale))
-    assert scale == pytest.approx(1 / 0.07, rel=1e-5)
-    assert np.abs(logits).max() > 2.0  # scaled cosines: beyond [-1, 1]
+    cosines = np.asarray(outputs["logits"]) / scale
     assert len(draws) == 2
-    np.testing.assert_allclose(np.asarray(draws[0][1]), logits, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(draws[1][1]), logits.T, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(draws[0][1]), cosines, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(draws[1][1]), cosines.T, rtol=1e-5, atol=1e-6)
 
 
 def test_a_caption_read_as_a_word_subset_is_still_a_positive_of_the_same_caption(

@@ -8,11 +8,11 @@ the image tokens, read at the BOS token) decides whether a description belongs t
 Training (`refine_jax.losses.contrastive_loss`, `match_head_loss`): a symmetric contrastive
 loss over the whole global batch with a learned temperature, and the matching head on each pair,
 one hard negative text per image and one hard negative image per text, drawn in proportion to
-the exponentiated contrastive logits (the similarities at the learned temperature,
-`sample_hard_negatives`). Examples with the same caption (the whole caption, whichever word
-subset each one reads) or the same image (a batch that spans an epoch boundary, a small source
-in a mixture) are positives of each other, never negatives (`match_positives`): on the shapes
-data many images share a caption.
+the exponentiated cosine similarities (`sample_hard_negatives`; at the learned temperature
+the Flickr8k head collapsed, BENCHMARKS.md). Examples with the same caption (the whole
+caption, whichever word subset each one reads) or the same image (a batch that spans an
+epoch boundary, a small source in a mixture) are positives of each other, never negatives
+(`match_positives`): on the shapes data many images share a caption.
 
 The empty description (no token, only the BOS) has an embedding like any other: it is the
 blank description c_0 of the gradualness metric (DESIGN §4).
@@ -66,7 +66,7 @@ def match_positives(
 
 def sample_hard_negatives(
     rng: jax.Array,
-    similarity: jax.Array,  # [B, B] contrastive logits (scaled): row = anchor, column = candidate
+    similarity: jax.Array,  # [B, B]: row = the anchor, column = a candidate
     positives: jax.Array,  # [B, B] bool: candidates that belong to the anchor
     valid: jax.Array,  # [B] bool: real examples (padding is never drawn, nor an anchor)
 ) -> tuple[jax.Array, jax.Array]:
@@ -196,16 +196,20 @@ class MatchModel(nn.Module):
     ) -> dict[str, jax.Array]:
         """Training pass: the scaled similarity matrix and the matching head's logits on
         3 x B pairs (each pair, a hard negative text per image, a hard negative image per
-        text) with their labels and weights. Hard negatives are drawn from the scaled
-        similarities: raw cosines in [-1, 1] would make every candidate about as likely."""
+        text) with their labels and weights. Hard negatives are drawn in proportion to
+        exp(cosine similarity)."""
         image_tokens, image_embedding = self.encode_images(images, deterministic)
         text_states, key_mask, text_embedding = self.encode_texts(texts, deterministic)
-        logits = self.logit_scale() * (image_embedding @ text_embedding.T)  # [B, B]: image, text
+        similarity = image_embedding @ text_embedding.T  # [B, B] cosines: image, text
+        logits = self.logit_scale() * similarity
         if positives is None:
             positives = same_text(texts)
+        # Drawn from the cosines, not the scaled logits (BLIP's choice): at the learned
+        # temperature the negatives were so hard that the Flickr8k head collapsed to its prior
+        # (filter ROC AUC 0.54 against 0.79; BENCHMARKS.md).
         text_rng, image_rng = jax.random.split(negatives_rng)
-        negative_text, has_text = sample_hard_negatives(text_rng, logits, positives, valid)
-        negative_image, has_image = sample_hard_negatives(image_rng, logits.T, positives, valid)
+        negative_text, has_text = sample_hard_negatives(text_rng, similarity, positives, valid)
+        negative_image, has_image = sample_hard_negatives(image_rng, similarity.T, positives, valid)
         pair_states = jnp.concatenate([text_states, text_states[negative_text], text_states])
         pair_masks = jnp.concatenate([key_mask, key_mask[negative_text], key_mask])
         pair_images = jnp.concatenate([image_tokens, image_tokens, image_tokens[negative_image]])
