@@ -139,7 +139,7 @@ def caption_shard_set(
         "shards_total": len(shards),
         "written": sum(s["written"] for s in sidecars.values()),
         "teacher_wrote_nothing": sum(s["teacher_wrote_nothing"] for s in sidecars.values()),
-        "skipped": shard_sets.summed_skips(sidecars),
+        "skipped": shard_sets.summed_counts(sidecars, "skipped"),
         "teacher": teacher,
     }
     shard_sets.complete_set(

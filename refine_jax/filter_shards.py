@@ -18,7 +18,7 @@ skipped and counted by reason; `references.json` (the kept captions) and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -163,8 +163,10 @@ def filter_shard_set(
         "no_caption_kept": sum(s["no_caption_kept"] for s in sidecars.values()),
         "captions_scored": total("captions_scored"),
         "captions_dropped": total("captions_dropped"),
-        "captions_dropped_by_reason": _summed_drop_reasons(sidecars.values()),
-        "skipped": shard_sets.summed_skips(sidecars),
+        "captions_dropped_by_reason": shard_sets.summed_counts(
+            sidecars, "captions_dropped_by_reason"
+        ),
+        "skipped": shard_sets.summed_counts(sidecars, "skipped"),
     }
     shard_sets.complete_set(
         output_dir,
@@ -176,12 +178,3 @@ def filter_shard_set(
         settings,
     )
     return summary
-
-
-def _summed_drop_reasons(sidecars: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """The sidecars' `captions_dropped_by_reason` summed (sidecars from before it: none)."""
-    summed: dict[str, int] = {}
-    for sidecar in sidecars:
-        for reason, n in sidecar.get("captions_dropped_by_reason", {}).items():
-            summed[reason] = summed.get(reason, 0) + n
-    return summed

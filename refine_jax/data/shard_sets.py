@@ -82,12 +82,13 @@ def read_sidecars(output_dir: str, shards: Sequence[str], suffix: str) -> dict[s
     return sidecars
 
 
-def summed_skips(sidecars: dict[str, dict]) -> dict[str, int]:
-    skipped: dict[str, int] = {}
+def summed_counts(sidecars: dict[str, dict], field: str) -> dict[str, int]:
+    """The sidecars' `field` counts by reason, summed (a sidecar without the field: none)."""
+    summed: dict[str, int] = {}
     for sidecar in sidecars.values():
-        for reason, n in sidecar["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    return skipped
+        for reason, n in sidecar.get(field, {}).items():
+            summed[reason] = summed.get(reason, 0) + n
+    return summed
 
 
 def write_references(output_dir: str, sidecars: Sequence[dict], description: str) -> None:
