@@ -332,6 +332,11 @@ def test_an_image_without_references_is_a_retrieval_miss():
     assert recall["text_to_image_r@1"] == 1.0
 
 
+def test_a_split_without_texts_has_every_image_a_retrieval_miss():
+    recall = retrieval_recall(np.eye(3), np.zeros((0, 3)), [], at=(1,))
+    assert recall == {"image_to_text_r@1": 0.0, "text_to_image_r@1": 0.0}
+
+
 def test_step_scores_are_clipped_cosines_and_their_harmonic_mean_with_the_references():
     image = np.array([[1.0, 0.0]])
     steps = np.array([[[0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]]])

@@ -167,7 +167,7 @@ def retrieval_recall(
     """Recall@k both ways (see the module docstring), as `image_to_text_r@k` and
     `text_to_image_r@k` in [0, 1]. Ties are ranked against the right answer; an image with no
     reference among the texts counts as a miss (none of its references can be found)."""
-    owner = np.asarray(text_image)
+    owner = np.asarray(text_image, dtype=np.int64).reshape(-1)  # [M], also when M = 0
     similarity = np.asarray(image_embeddings) @ np.asarray(text_embeddings).T  # [N, M]
     n, m = similarity.shape
     if m != len(owner) or (m and (owner.min() < 0 or owner.max() >= n)):
