@@ -120,6 +120,24 @@ def test_resuming_with_another_batch_size_or_seed_is_refused_naming_it(tmp_path,
     assert json.loads((tmp_path / "config.json").read_text())[key] != value
 
 
+def test_resuming_with_another_tokenizer_vocab_size_is_refused_naming_both(tmp_path):
+    # The workdir's tokenizer is reused as trained, and the model's shapes follow it, so a
+    # changed vocab_size would otherwise be ignored without a word.
+    from etils import epath
+
+    from refine_jax.workdir_config import record_config
+
+    config = short_config()
+    train_tokenizer(training_captions(ShapesSource("train", 200)), 400).save(
+        tmp_path / "tokenizer"
+    )
+    record_config(config, tmp_path)
+    assert train.load_or_train_tokenizer(config, epath.Path(tmp_path), None).vocab_size > 300
+    config.tokenizer.vocab_size = 300
+    with pytest.raises(ConfigError, match="vocab_size = 300, but .* trained with 400"):
+        train.load_or_train_tokenizer(config, epath.Path(tmp_path), None)
+
+
 def test_a_nan_batch_skips_the_update_and_is_counted():
     config = short_config()
     m = config.model
