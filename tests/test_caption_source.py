@@ -27,13 +27,21 @@ from refine_jax.data.shards import TarShardSource, iter_records
         (TarShardSource, {HasStructuralCounts, ReadsCaptions, HasKeys}),
         (ArrayRecordCaptionSource, {HasStructuralCounts}),
         (MixtureSource, {HasStructuralCounts, ReadsCaptions, HasTrainingDataset}),
-        (ShapesSource, {HasLongestCaption}),
+        (ShapesSource, {HasLongestCaption, ReadsCaptions}),
     ],
 )
 def test_sources_declare_their_capabilities(source_class, capabilities):
     every = {HasKeys, HasLongestCaption, HasStructuralCounts, HasTrainingDataset, ReadsCaptions}
     declared = {protocol for protocol in every if issubclass(source_class, protocol)}
     assert declared == capabilities
+
+
+def test_shapes_captions_read_without_drawing_are_the_generated_ones():
+    source = ShapesSource("train", 50, seed=3)
+    for index in range(50):
+        assert source.read_captions(index) == (source[index]["captions"], [], None)
+    with pytest.raises(IndexError, match="out of range"):
+        source.read_captions(50)
 
 
 class CountsIndexingSkips:

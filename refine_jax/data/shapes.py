@@ -15,6 +15,9 @@ model's steps.
 
 from __future__ import annotations
 
+import operator
+from typing import SupportsIndex
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -78,8 +81,8 @@ def _draw(shapes: list[dict], image_size: int, rng: np.random.Generator) -> np.n
     return np.asarray(image, dtype=np.uint8)
 
 
-def generate(seed: int, split: str, index: int, image_size: int = 48) -> dict:
-    """One example: `key`, `image` uint8 [S, S, 3], `captions` (one), and the true `chain`."""
+def _layout(seed: int, split: str, index: int) -> tuple[list[dict], np.random.Generator]:
+    """An example's shapes in reading order, and its generator positioned for the drawing."""
     if split not in SPLITS:
         raise ValueError(f"unknown shapes split {split!r}; expected one of {tuple(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
@@ -94,6 +97,17 @@ def generate(seed: int, split: str, index: int, image_size: int = 48) -> dict:
         }
         for c in cells  # reading order: row, then column
     ]
+    return shapes, rng
+
+
+def caption(seed: int, split: str, index: int) -> str:
+    """The caption `generate` gives the example, without drawing its image."""
+    return _describe(_layout(seed, split, index)[0], True, True)
+
+
+def generate(seed: int, split: str, index: int, image_size: int = 48) -> dict:
+    """One example: `key`, `image` uint8 [S, S, 3], `captions` (one), and the true `chain`."""
+    shapes, rng = _layout(seed, split, index)
     chain = [
         _phrase(shapes[0], False, False),
         _describe(shapes, False, False),
@@ -130,6 +144,13 @@ class ShapesSource:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} shapes examples")
         return generate(self.seed, self.split, int(index), self.image_size)
+
+    def read_captions(self, index: SupportsIndex) -> tuple[list[str], list[str], str | None]:
+        """An example's caption without drawing its image (tokenizer training reads many)."""
+        index = operator.index(index)
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} shapes examples")
+        return [caption(self.seed, self.split, index)], [], None
 
     def __repr__(self) -> str:
         return f"ShapesSource(split={self.split!r}, size={self.size}, seed={self.seed})"
