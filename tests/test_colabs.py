@@ -2,14 +2,13 @@
 decode and evaluate for real, on tiny budgets), and are committed without outputs.
 
 Each notebook runs in an ipykernel started with this test's own Python (a kernelspec written to
-a temporary JUPYTER_PATH), in its own temporary working directory. To keep the suite fast, the
-notebooks run in two concurrent lanes (the longest notebook alone, the others one after the
-other), and the kernels of a lane share a temporary JAX compilation cache, so the tiny model
-that both notebooks of the second lane train compiles once."""
+a temporary JUPYTER_PATH), in its own temporary working directory. The notebooks run one after
+the other and their kernels share a temporary JAX compilation cache, so the tiny shapes model
+that each of them trains compiles once (the test suite's other worker keeps the second core
+busy meanwhile)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -25,9 +24,6 @@ pytestmark = pytest.mark.slow
 
 COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
-# Notebooks of one lane run one after the other; lanes run at the same time. A notebook not
-# named here joins the last lane.
-LANES = (("explore_refinement.ipynb",), ("quickstart.ipynb", "caption_your_images.ipynb"))
 KERNEL_NAME = "refine-jax-tests"
 CELL_TIMEOUT_S = 900  # a guard against hangs: on an idle 2-core CPU no cell takes a minute
 
@@ -85,35 +81,24 @@ def kernel_environment(root: Path) -> dict[str, str]:
     return env
 
 
-async def run_lane(
-    names: list[str], env: dict[str, str], workdir: Path, results: dict[str, dict]
-) -> None:
-    if not names:
-        return
-    # The notebooks of a lane share a compilation cache; the lanes do not (JAX writes cache
-    # entries without a lock, so two processes could read and write one entry at once).
-    env = {**env, "JAX_COMPILATION_CACHE_DIR": str(workdir / f"jax_cache_{names[0]}")}
-    for name in names:
-        notebook = nbformat.read(COLABS / name, as_version=4)
-        cwd = workdir / Path(name).stem
-        cwd.mkdir()
-        client = NotebookClient(
-            notebook,
-            kernel_name=KERNEL_NAME,
-            timeout=CELL_TIMEOUT_S,
-            resources={"metadata": {"path": str(cwd)}},  # the kernel's working directory
-        )
-        start = time.perf_counter()
-        error = None
-        try:
-            await client.async_execute(env=env)
-        except Exception as e:  # CellExecutionError names the cell; reported by the test
-            error = e
-        results[name] = {
-            "notebook": notebook,
-            "error": error,
-            "seconds": time.perf_counter() - start,
-        }
+def run_notebook(name: str, env: dict[str, str], workdir: Path) -> dict:
+    """{notebook (executed), error (None or the failing cell's), seconds}."""
+    notebook = nbformat.read(COLABS / name, as_version=4)
+    cwd = workdir / Path(name).stem
+    cwd.mkdir()
+    client = NotebookClient(
+        notebook,
+        kernel_name=KERNEL_NAME,
+        timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(cwd)}},  # the kernel's working directory
+    )
+    start = time.perf_counter()
+    error = None
+    try:
+        client.execute(env=env)
+    except Exception as e:  # CellExecutionError names the cell; reported by the test
+        error = e
+    return {"notebook": notebook, "error": error, "seconds": time.perf_counter() - start}
 
 
 @pytest.fixture(scope="module")
@@ -121,20 +106,13 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Every notebook executed: name -> {notebook, error, seconds}."""
     root = tmp_path_factory.mktemp("notebooks")
     env = kernel_environment(root / "jupyter")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax_cache")
     (root / "work").mkdir()
-    names = [p.name for p in NOTEBOOKS]
-    lanes = [[n for n in lane if n in names] for lane in LANES]
-    lanes[-1] += [n for n in names if not any(n in lane for lane in LANES)]
     before = sorted(COLABS.rglob("*"))
-    results: dict[str, dict] = {}
-
-    async def run_all() -> None:
-        await asyncio.gather(*(run_lane(lane, env, root / "work", results) for lane in lanes))
-
     with pytest.MonkeyPatch.context() as patch:  # this process looks the kernelspec up too
         patch.setenv("JUPYTER_PATH", env["JUPYTER_PATH"])
         patch.setenv("JUPYTER_RUNTIME_DIR", env["JUPYTER_RUNTIME_DIR"])
-        asyncio.run(run_all())
+        results = {path.name: run_notebook(path.name, env, root / "work") for path in NOTEBOOKS}
     assert sorted(COLABS.rglob("*")) == before, "a notebook wrote next to the notebooks"
     return results
 
