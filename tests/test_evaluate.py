@@ -3,9 +3,12 @@ references.json, and the flat metrics the trainer logs (`evaluate_samples`)."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -58,16 +61,28 @@ def run_main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def trained_workdir(tmp_path_factory: pytest.TempPathFactory, variant: str = "tiny") -> Path:
     """A workdir with a 20-step checkpoint of configs/shapes.py:VARIANT, trained once per test
-    session (test modules share it through the session's base temp folder)."""
-    workdir = tmp_path_factory.getbasetemp() / f"trained-{variant.replace(',', '-')}"
-    done = workdir / "TRAINED"
-    if not done.exists():
-        run_main(
-            f"--config=configs/shapes.py:{variant}",
-            f"--workdir={workdir}",
-            "--config.total_steps=20",
-        )
-        done.touch()
+    session: under xdist, the first worker to need it trains it in the session's shared temp
+    folder (the others wait on a file lock) and each worker gets its own copy to write in."""
+    name = f"trained-{variant.replace(',', '-')}"
+    local = tmp_path_factory.getbasetemp()
+    # xdist's workers have folders popen-gwN inside the session's own base temp folder.
+    shared = local.parent if os.environ.get("PYTEST_XDIST_WORKER") else local
+    trained = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (trained / "TRAINED").exists():
+            shutil.rmtree(trained, ignore_errors=True)  # a training that failed part-way
+            run_main(
+                f"--config=configs/shapes.py:{variant}",
+                f"--workdir={trained}",
+                "--config.total_steps=20",
+            )
+            (trained / "TRAINED").touch()
+    if shared == local:
+        return trained
+    workdir = local / name
+    if not workdir.exists():
+        shutil.copytree(trained, workdir)
     return workdir
 
 
