@@ -1,6 +1,7 @@
 """Sharded training: mesh equivalence, sharding layout, checkpoint restore, non-finite skips."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,21 @@ def single_device_losses(tmp_path_factory):
     return losses(workdir)
 
 
+@pytest.fixture(scope="module")
+def two_steps_trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_steps")
+    train.train_and_evaluate(short_config(steps=2), str(workdir))  # checkpoint at step 2
+    return workdir
+
+
+@pytest.fixture
+def two_step_workdir(two_steps_trained, tmp_path):
+    """A copy of a workdir trained 2 steps with `short_config` (checkpoint at step 2)."""
+    workdir = tmp_path / "workdir"
+    shutil.copytree(two_steps_trained, workdir)
+    return workdir
+
+
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
 def test_sharded_training_matches_a_single_device(tmp_path, single_device_losses, mesh):
     config = short_config(mesh=mesh)
@@ -81,43 +97,45 @@ def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path, single
         ({"num_refine_steps": 5}, "model.num_refine_steps: checkpoint has 4, config has 5"),
     ],
 )
-def test_restoring_into_another_model_shape_names_the_mismatch(tmp_path, change, named):
-    train.train_and_evaluate(short_config(steps=2), str(tmp_path))
+def test_restoring_into_another_model_shape_names_the_mismatch(two_step_workdir, change, named):
+    workdir = two_step_workdir
     with pytest.raises(ValueError, match="written by a different model") as error:
-        train.train_and_evaluate(short_config(steps=3, **change), str(tmp_path))
+        train.train_and_evaluate(short_config(steps=3, **change), str(workdir))
     assert named in str(error.value)
     if "width" in change:
         assert "parameter ['detailer']['final_norm']['scale']" in str(error.value)
     # The refused run leaves the config of the run that wrote the checkpoints, which eval and
     # caption read from the workdir.
-    recorded = json.loads((tmp_path / "config.json").read_text())["model"]
+    recorded = json.loads((workdir / "config.json").read_text())["model"]
     assert {key: recorded[key] for key in change} != change
 
 
-def test_resuming_with_another_number_of_data_workers_names_the_setting(tmp_path):
-    train.train_and_evaluate(short_config(steps=2), str(tmp_path))
+def test_resuming_with_another_number_of_data_workers_names_the_setting(two_step_workdir):
+    workdir = two_step_workdir
     config = short_config(steps=3)
     config.data.num_workers = 1  # grain saves another iterator state with worker processes
     with pytest.raises(CheckpointMismatchError, match="data.num_workers, the number of proc"):
-        train.train_and_evaluate(config, str(tmp_path))
-    assert (tmp_path / "checkpoints" / "2").is_dir()  # not set aside as damaged
-    assert not (tmp_path / "checkpoints_damaged").exists()
+        train.train_and_evaluate(config, str(workdir))
+    assert (workdir / "checkpoints" / "2").is_dir()  # not set aside as damaged
+    assert not (workdir / "checkpoints_damaged").exists()
 
 
 @pytest.mark.parametrize(
     "key,value,named",
     [("batch_size", 32, "batch_size: checkpoint has 16, this run has 32"), ("seed", 1, "seed: ")],
 )
-def test_resuming_with_another_batch_size_or_seed_is_refused_naming_it(tmp_path, key, value, named):
+def test_resuming_with_another_batch_size_or_seed_is_refused_naming_it(
+    two_step_workdir, key, value, named
+):
+    workdir = two_step_workdir
     # The data position is a count of batches of a seeded order: either change would move it.
-    train.train_and_evaluate(short_config(steps=2), str(tmp_path))
     config = short_config(steps=3)
     config[key] = value
     with pytest.raises(CheckpointMismatchError, match="skip or repeat examples") as error:
-        train.train_and_evaluate(config, str(tmp_path))
+        train.train_and_evaluate(config, str(workdir))
     assert named in str(error.value)
-    assert (tmp_path / "checkpoints" / "2").is_dir()  # not set aside as damaged
-    assert json.loads((tmp_path / "config.json").read_text())[key] != value
+    assert (workdir / "checkpoints" / "2").is_dir()  # not set aside as damaged
+    assert json.loads((workdir / "config.json").read_text())[key] != value
 
 
 def test_resuming_with_another_tokenizer_vocab_size_is_refused_naming_both(tmp_path):
@@ -128,9 +146,7 @@ def test_resuming_with_another_tokenizer_vocab_size_is_refused_naming_both(tmp_p
     from refine_jax.workdir_config import record_config
 
     config = short_config()
-    train_tokenizer(training_captions(ShapesSource("train", 200)), 400).save(
-        tmp_path / "tokenizer"
-    )
+    train_tokenizer(training_captions(ShapesSource("train", 200)), 400).save(tmp_path / "tokenizer")
     record_config(config, tmp_path)
     assert train.load_or_train_tokenizer(config, epath.Path(tmp_path), None).vocab_size > 300
     config.tokenizer.vocab_size = 300
@@ -238,13 +254,13 @@ def test_the_best_checkpoint_is_ranked_by_its_own_steps_evaluation(tmp_path, mon
     assert logged == {2: 0.9, 4: 0.1, 6: 0.95, 8: 0.2}
 
 
-def test_a_run_resumed_inside_the_profile_window_traces_the_rest_of_it(tmp_path):
-    train.train_and_evaluate(short_config(steps=2), str(tmp_path))  # checkpoint at step 2
+def test_a_run_resumed_inside_the_profile_window_traces_the_rest_of_it(two_step_workdir):
+    workdir = two_step_workdir
     config = short_config(steps=4)
     config.profile_steps = (1, 3)  # resumed at step 3, inside the window
-    train.train_and_evaluate(config, str(tmp_path))
-    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
-    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+    train.train_and_evaluate(config, str(workdir))
+    assert [r["step"] for r in records(workdir)] == [1, 2, 3, 4]
+    assert list((workdir / "profile").rglob("*.xplane.pb"))
 
 
 def test_a_best_metric_the_evaluation_lacks_is_named_before_any_save_needs_it(tmp_path):
