@@ -135,5 +135,7 @@ def test_the_flickr8k_converter_never_reads_outside_its_images_folder(tmp_path):
     source = TarShardSource(out / "train", cache_dir=tmp_path / "cache")
     assert [source.key(i) for i in range(len(source))] == TRAIN
     assert reports["train"].counts.good == len(TRAIN)
+    assert reports["train"].counts.skipped == {"unusable_name": 2}
+    assert set(reports["train"].skipped_keys) == set(hostile)
     references = load_references(out / "train")
     assert sorted(references) == sorted(TRAIN)

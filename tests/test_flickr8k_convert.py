@@ -276,7 +276,9 @@ def test_image_name_with_a_dot_gets_an_escaped_key(raw: Path, tmp_path: Path) ->
         f.write(f"{TRAIN[0]}.JPG\n")
     out = tmp_path / "out" / "train"
     report = flickr8k.convert(raw, tmp_path / "out", splits=["train"], samples_per_shard=1)["train"]
-    assert report.counts.good == 3 and not report.counts.skipped
+    assert report.counts.good == 3
+    assert report.counts.skipped == {"unusable_name": 1}
+    assert report.skipped_keys == {f"{TRAIN[0]}.JPG": "unusable_name"}
     key = f"{TRAIN[1]}%2Ev2"
     assert load_references(out) == {
         TRAIN[0]: caps(TRAIN[0]),

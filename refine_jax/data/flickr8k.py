@@ -225,7 +225,7 @@ def plan_splits(raw: RawFiles, image_repo: str | None = None) -> dict[str, list[
     if outside:
         logging.warning(
             "%d image name(s) of the split lists lead outside the images folder %s (e.g. %r); "
-            "refused and left out",
+            "refused, left out and counted as unusable_name",
             len(outside),
             raw.images_dir,
             min(outside),
@@ -240,7 +240,7 @@ def plan_splits(raw: RawFiles, image_repo: str | None = None) -> dict[str, list[
     if keyless:
         logging.warning(
             "%d image name(s) of the split lists give an empty KEY or that of another name "
-            "(e.g. %r); refused and left out",
+            "(e.g. %r); refused, left out and counted as unusable_name",
             len(keyless),
             min(keyless),
         )
@@ -252,7 +252,16 @@ def plan_splits(raw: RawFiles, image_repo: str | None = None) -> dict[str, list[
             caps = captions.get(name, [])
             ids = list(range(next_id, next_id + len(caps)))
             next_id += len(caps)  # numbered even when left out, so later ids stay the same
-            if name in outside or name in keyless:
+            if name in outside or name in keyless:  # counted in the report under its name
+                samples.append(
+                    SourceSample(
+                        key=name,
+                        image_path=name,
+                        captions=caps,
+                        annotation_ids=ids,
+                        skip_reason=str(SkipReason.UNUSABLE_NAME),
+                    )
+                )
                 continue
             meta: dict[str, object] = {
                 "source_id": name,

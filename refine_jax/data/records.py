@@ -61,6 +61,7 @@ class SkipReason(enum.StrEnum):
     UNREADABLE_SHARD = "unreadable_shard"  # a whole shard that cannot be read as a tar (one)
     DUPLICATE_MEMBER = "duplicate_member"  # second member with the same KEY.ext (ignored)
     CORRUPT_RECORD = "corrupt_record"  # serialised record that does not decode
+    UNUSABLE_NAME = "unusable_name"  # a converter's image name outside its folder or without a KEY
 
 
 CAPTION_REASONS = (

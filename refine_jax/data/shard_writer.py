@@ -380,6 +380,8 @@ class SourceSample:
     fields ``width``, ``height``, ``source_width``, ``source_height`` are filled in from the
     prepared image (in place when present in ``metadata``, else appended).
     ``annotation_ids`` (one per raw caption) keep ids stable when a caption is dropped.
+    ``skip_reason``, when set, is why the converter refused the sample while planning (its
+    image is never read): it is counted and listed in the report like any other skip.
     """
 
     key: str
@@ -387,6 +389,7 @@ class SourceSample:
     captions: Sequence[str]
     metadata: Mapping[str, Any] = field(default_factory=dict)
     annotation_ids: Sequence[int] | None = None
+    skip_reason: str | None = None
 
 
 @dataclass
@@ -428,6 +431,8 @@ class PreparedSample:
 
 def prepare_sample(sample: SourceSample, options: ImageOptions) -> PreparedSample:
     """Cleans the captions, then reads and prepares the image (the thread-pool part)."""
+    if sample.skip_reason is not None:
+        return PreparedSample(sample, None, [], None, [], sample.skip_reason, "refused")
     captions: list[str] = []
     ids: list[int] | None = [] if sample.annotation_ids is not None else None
     problems: list[str] = []
@@ -503,7 +508,8 @@ def write_split(
 
     Samples are written in input order. A sample is skipped (and counted, with its KEY in the
     report) when its image file is missing (``missing_image``) or undecodable
-    (``corrupt_image``) or none of its captions is usable; a bad caption among good ones is
+    (``corrupt_image``), none of its captions is usable, or the converter refused it while
+    planning (its ``skip_reason``, e.g. ``unusable_name``); a bad caption among good ones is
     dropped and counted. Raises ValueError when no sample at all could be written.
     """
     options = image_options or ImageOptions()
