@@ -50,7 +50,7 @@ from refine_jax.train_state import (  # init_variables: re-exported for existing
     make_optimizer,
     restore_state,
 )
-from refine_jax.workdir_config import read_recorded_config, record_config
+from refine_jax.workdir_config import record_config, recorded_setting
 from refine_jax.workdir_lock import WorkdirLock
 
 
@@ -64,8 +64,7 @@ def load_or_train_tokenizer(
     if (local / "spm.model").exists():
         # The workdir's tokenizer is reused as trained: a vocab_size changed since would be
         # silently ignored (the model's shapes follow the tokenizer, so the checkpoint fits).
-        recorded = read_recorded_config(workdir)
-        trained_with = recorded.tokenizer.vocab_size if recorded else None
+        trained_with = recorded_setting(workdir, "tokenizer.vocab_size")
         if trained_with is not None and trained_with != config.tokenizer.vocab_size:
             raise ConfigError(
                 f"config.tokenizer.vocab_size = {config.tokenizer.vocab_size}, but {local} was "

@@ -88,6 +88,21 @@ def read_recorded_config(workdir: str | epath.PathLike) -> ml_collections.Config
     return config
 
 
+def recorded_setting(workdir: str | epath.PathLike, key: str) -> Any:
+    """One setting ("section.name") as WORKDIR/config.json records it, or None when the workdir
+    has no config or the config lacks it. Read from the JSON alone, so a config written by
+    another version (keys this one does not know) still answers."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    value: Any = json.loads(path.read_text())
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
 def model_shape_differences(
     recorded: ml_collections.ConfigDict, given: ml_collections.ConfigDict
 ) -> list[str]:
@@ -132,4 +147,5 @@ __all__ = [
     "model_shape_differences",
     "read_recorded_config",
     "record_config",
+    "recorded_setting",
 ]
