@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config
+from etils import epath
 
 from refine_jax import train
 from refine_jax.data import training_captions
@@ -17,6 +18,7 @@ from refine_jax.errors import CheckpointMismatchError, ConfigError
 from refine_jax.model_kinds import build_model
 from refine_jax.tokenizer import train_tokenizer
 from refine_jax.train_state import initial_state
+from refine_jax.workdir_config import record_config
 
 
 def short_config(steps=3, mesh=(1, 1, 1), **model):
@@ -55,7 +57,7 @@ def two_steps_trained(tmp_path_factory):
 
 
 @pytest.fixture
-def two_step_workdir(two_steps_trained, tmp_path):
+def workdir_at_step_2(two_steps_trained, tmp_path):
     """A copy of a workdir trained 2 steps with `short_config` (checkpoint at step 2)."""
     workdir = tmp_path / "workdir"
     shutil.copytree(two_steps_trained, workdir)
@@ -97,27 +99,25 @@ def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path, single
         ({"num_refine_steps": 5}, "model.num_refine_steps: checkpoint has 4, config has 5"),
     ],
 )
-def test_restoring_into_another_model_shape_names_the_mismatch(two_step_workdir, change, named):
-    workdir = two_step_workdir
+def test_restoring_into_another_model_shape_names_the_mismatch(workdir_at_step_2, change, named):
     with pytest.raises(ValueError, match="written by a different model") as error:
-        train.train_and_evaluate(short_config(steps=3, **change), str(workdir))
+        train.train_and_evaluate(short_config(steps=3, **change), str(workdir_at_step_2))
     assert named in str(error.value)
     if "width" in change:
         assert "parameter ['detailer']['final_norm']['scale']" in str(error.value)
     # The refused run leaves the config of the run that wrote the checkpoints, which eval and
     # caption read from the workdir.
-    recorded = json.loads((workdir / "config.json").read_text())["model"]
+    recorded = json.loads((workdir_at_step_2 / "config.json").read_text())["model"]
     assert {key: recorded[key] for key in change} != change
 
 
-def test_resuming_with_another_number_of_data_workers_names_the_setting(two_step_workdir):
-    workdir = two_step_workdir
+def test_resuming_with_another_number_of_data_workers_names_the_setting(workdir_at_step_2):
     config = short_config(steps=3)
     config.data.num_workers = 1  # grain saves another iterator state with worker processes
     with pytest.raises(CheckpointMismatchError, match="data.num_workers, the number of proc"):
-        train.train_and_evaluate(config, str(workdir))
-    assert (workdir / "checkpoints" / "2").is_dir()  # not set aside as damaged
-    assert not (workdir / "checkpoints_damaged").exists()
+        train.train_and_evaluate(config, str(workdir_at_step_2))
+    assert (workdir_at_step_2 / "checkpoints" / "2").is_dir()  # not set aside as damaged
+    assert not (workdir_at_step_2 / "checkpoints_damaged").exists()
 
 
 @pytest.mark.parametrize(
@@ -125,26 +125,21 @@ def test_resuming_with_another_number_of_data_workers_names_the_setting(two_step
     [("batch_size", 32, "batch_size: checkpoint has 16, this run has 32"), ("seed", 1, "seed: ")],
 )
 def test_resuming_with_another_batch_size_or_seed_is_refused_naming_it(
-    two_step_workdir, key, value, named
+    workdir_at_step_2, key, value, named
 ):
-    workdir = two_step_workdir
     # The data position is a count of batches of a seeded order: either change would move it.
     config = short_config(steps=3)
     config[key] = value
     with pytest.raises(CheckpointMismatchError, match="skip or repeat examples") as error:
-        train.train_and_evaluate(config, str(workdir))
+        train.train_and_evaluate(config, str(workdir_at_step_2))
     assert named in str(error.value)
-    assert (workdir / "checkpoints" / "2").is_dir()  # not set aside as damaged
-    assert json.loads((workdir / "config.json").read_text())[key] != value
+    assert (workdir_at_step_2 / "checkpoints" / "2").is_dir()  # not set aside as damaged
+    assert json.loads((workdir_at_step_2 / "config.json").read_text())[key] != value
 
 
 def test_resuming_with_another_tokenizer_vocab_size_is_refused_naming_both(tmp_path):
     # The workdir's tokenizer is reused as trained, and the model's shapes follow it, so a
     # changed vocab_size would otherwise be ignored without a word.
-    from etils import epath
-
-    from refine_jax.workdir_config import record_config
-
     config = short_config()
     train_tokenizer(training_captions(ShapesSource("train", 200)), 400).save(tmp_path / "tokenizer")
     record_config(config, tmp_path)
@@ -257,13 +252,12 @@ def test_the_best_checkpoint_is_ranked_by_its_own_steps_evaluation(tmp_path, mon
     assert logged == {2: 0.9, 4: 0.1, 6: 0.95, 8: 0.2}
 
 
-def test_a_run_resumed_inside_the_profile_window_traces_the_rest_of_it(two_step_workdir):
-    workdir = two_step_workdir
+def test_a_run_resumed_inside_the_profile_window_traces_the_rest_of_it(workdir_at_step_2):
     config = short_config(steps=4)
     config.profile_steps = (1, 3)  # resumed at step 3, inside the window
-    train.train_and_evaluate(config, str(workdir))
-    assert [r["step"] for r in records(workdir)] == [1, 2, 3, 4]
-    assert list((workdir / "profile").rglob("*.xplane.pb"))
+    train.train_and_evaluate(config, str(workdir_at_step_2))
+    assert [r["step"] for r in records(workdir_at_step_2)] == [1, 2, 3, 4]
+    assert list((workdir_at_step_2 / "profile").rglob("*.xplane.pb"))
 
 
 def test_a_best_metric_the_evaluation_lacks_is_named_before_any_save_needs_it(tmp_path):

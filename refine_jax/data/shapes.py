@@ -140,17 +140,18 @@ class ShapesSource:
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} shapes examples")
-        return generate(self.seed, self.split, int(index), self.image_size)
-
-    def read_captions(self, index: SupportsIndex) -> tuple[list[str], list[str], str | None]:
-        """An example's caption without drawing its image (tokenizer training reads many)."""
+    def _checked(self, index: SupportsIndex) -> int:
         index = operator.index(index)
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} shapes examples")
-        return [caption(self.seed, self.split, index)], [], None
+        return index
+
+    def __getitem__(self, index: SupportsIndex) -> dict:
+        return generate(self.seed, self.split, self._checked(index), self.image_size)
+
+    def read_captions(self, index: SupportsIndex) -> tuple[list[str], list[str], str | None]:
+        """An example's caption without drawing its image (tokenizer training reads many)."""
+        return [caption(self.seed, self.split, self._checked(index))], [], None
 
     def __repr__(self) -> str:
         return f"ShapesSource(split={self.split!r}, size={self.size}, seed={self.seed})"
