@@ -13,6 +13,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.extend.core import jaxpr_as_fun
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from refine_jax.errors import ConfigError
@@ -57,20 +58,24 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     )
 
 
+def bare_values(boxed_tree):
+    """The tree without its logical-axis boxes. Unlike nn.unbox it applies no sharding
+    constraint, so it also strips boxes around abstract values (eval_shape's output)."""
+
+    def boxed(x) -> bool:
+        return isinstance(x, nn.meta.AxisMetadata)
+
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if boxed(x) else x, boxed_tree, is_leaf=boxed
+    )
+
+
 def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
     """NamedShardings for a tree of (possibly logically boxed) abstract values. A value whose
     dimension the mesh axes it is split over do not divide is a ConfigError naming both."""
     specs = nn.get_partition_spec(abstract_tree)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(map(tuple, rules)))
-
-    def boxed(x) -> bool:
-        return isinstance(x, nn.meta.AxisMetadata)
-
-    # The bare abstract values (nn.unbox would apply their sharding constraints).
-    shapes = jax.tree.map(
-        lambda x: x.unbox(apply_constraint=False) if boxed(x) else x, abstract_tree, is_leaf=boxed
-    )
-    values = jax.tree_util.tree_leaves_with_path(shapes)
+    values = jax.tree_util.tree_leaves_with_path(bare_values(abstract_tree))
     for (path, value), named in zip(values, jax.tree.leaves(shardings), strict=True):
         for dim, (size, axes) in enumerate(zip(value.shape, named.spec, strict=False)):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -97,11 +102,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def create_sharded(init_fn: Callable, mesh: Mesh, rules, *args):
     """Runs `init_fn(*args)` jitted so its outputs are born with their logical shardings.
 
-    Returns (unboxed value tree, its shardings)."""
+    Returns (unboxed value tree, its shardings). `init_fn` is traced once (a model's init
+    takes seconds to trace): its output shapes give the shardings, and the sharded jit replays
+    the traced program."""
     with nn.logical_axis_rules(tuple(map(tuple, rules))):
-        abstract = jax.eval_shape(init_fn, *args)
+        program, abstract = jax.make_jaxpr(init_fn, return_shape=True)(*args)
         shardings = logical_shardings(abstract, mesh, rules)
-        value = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+        treedef = jax.tree.structure(abstract)
+
+        def replay(*a):
+            outputs = jaxpr_as_fun(program)(*jax.tree.leaves(a))
+            return bare_values(jax.tree.unflatten(treedef, outputs))
+
+        value = jax.jit(replay, out_shardings=shardings)(*args)
     return value, shardings
 
 

@@ -101,8 +101,7 @@ def abstract_state(
     init = lambda: initial_state(model, config, vocab_size, optimizer)
     with nn.logical_axis_rules(_rules(rules)):
         boxed = jax.eval_shape(init)
-        unboxed = jax.eval_shape(lambda: nn.unbox(init()))
-    return unboxed, sharding.logical_shardings(boxed, mesh, rules)
+    return sharding.bare_values(boxed), sharding.logical_shardings(boxed, mesh, rules)
 
 
 def create_state(

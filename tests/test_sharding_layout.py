@@ -109,6 +109,30 @@ def test_params_and_optimizer_state_shard_as_the_golden_table():
     assert kernel.addressable_shards[0].data.shape == (32 // 2, 400 // 2)
 
 
+def test_a_sharded_init_traces_its_init_once_and_computes_what_the_unsharded_one_does():
+    rules = (("embed", "fsdp"), ("mlp", "tensor"))
+    traces = []
+
+    def init(key):
+        traces.append(key)
+        weights = jax.random.normal(key, (8, 4))
+        return {
+            "kernel": nn.LogicallyPartitioned(weights, ("embed", "mlp")),
+            "bias": nn.LogicallyPartitioned(2 * weights[0], ("mlp",)),
+            "count": jax.numpy.zeros((), jax.numpy.int32),
+        }
+
+    mesh = sharding.make_mesh((2, 2, 2))
+    value, shardings = sharding.create_sharded(init, mesh, rules, jax.random.key(3))
+    assert len(traces) == 1
+    expected = jax.jit(init)(jax.random.key(3))  # one device, no shardings
+    np.testing.assert_array_equal(value["kernel"], expected["kernel"].value)
+    np.testing.assert_array_equal(value["bias"], expected["bias"].value)
+    assert value["count"] == 0
+    assert value["kernel"].sharding.spec == P(F, T) and value["bias"].sharding.spec == P(T)
+    assert value["count"].sharding.spec == P() and shardings["kernel"].spec == P(F, T)
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 4, 2)])
 def test_a_batch_every_process_holds_lands_whole_on_any_mesh_layout(shape):
     rules = tuple(map(tuple, load_config("shapes", "tiny").mesh.axis_rules))
