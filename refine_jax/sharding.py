@@ -8,7 +8,7 @@ sharded: abstract shapes -> partition specs -> a jitted init with those out shar
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -58,7 +58,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     )
 
 
-def bare_values(boxed_tree):
+def bare_values(boxed_tree: Any) -> Any:
     """The tree without its logical-axis boxes. Unlike nn.unbox it applies no sharding
     constraint, so it also strips boxes around abstract values (eval_shape's output)."""
 
