@@ -164,6 +164,23 @@ def test_laion_coco_mix_tiny_config_builds_its_mixture(tmp_path, monkeypatch):
         make_sources(config)
 
 
+def test_a_class_folder_tree_holding_only_the_held_out_split_is_refused(tmp_path):
+    # Read whole, as a component without a train/ folder is, 'val' would be a class and its
+    # images training data.
+    make_mixture_root(tmp_path)
+    (tmp_path / "labels" / "tabby_cat").rename(tmp_path / "labels" / "val")
+    config = load_config("laion_coco_mix", "tiny")
+    config.data.path = str(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"mixture\['labels'\] path = '.*labels' has a 'val' folder"
+    ):
+        make_sources(config)
+    (tmp_path / "labels" / "train").mkdir()  # with a train split beside it, that is read
+    (tmp_path / "labels" / "golden_retriever").rename(tmp_path / "labels/train/golden_retriever")
+    train, _ = make_sources(config)
+    assert train.components[2].source.classes == ["golden_retriever"]
+
+
 @pytest.mark.parametrize("name", ["coco", "laion_coco_mix"])
 def test_the_pod_matching_configs_build_a_clip_b_sized_model(name):
     """The pod-sized `:match` variants: a ViT-B/16 image tower and a 12-layer text tower in a

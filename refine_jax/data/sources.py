@@ -14,7 +14,9 @@ source yields records for `data.pipeline`.
   ``data.path`` is a folder-per-class tree (with split sub-folders when it has them) or
   ``tfds:NAME`` (a prepared TFDS dataset such as ``tfds:imagenet2012``);
 * ``mixture``: ``data.mixture`` = ((name, weight, kind, path), ...) with kind one of the three
-  above; a relative path is taken under ``data.path``. ``data.mixture_eval`` names the component
+  above; a relative path is taken under ``data.path``. A component trains on its
+  ``data.train_split`` folder, or on the whole folder when it has none (a class-folder tree
+  with only the held-out split's folder is refused). ``data.mixture_eval`` names the component
   whose held-out split evaluates (default: the first).
 """
 
@@ -205,6 +207,14 @@ def parse_mixture(spec: Sequence[Sequence[Any]]) -> list[tuple[str, float, str, 
     return out
 
 
+def _holds_only_the_held_out_split(location: str, data: ml_collections.ConfigDict) -> bool:
+    """A class-folder tree with the eval split's folder and not the train split's."""
+    if location.startswith("tfds:"):
+        return False
+    folder = location.rstrip("/")
+    return not _exists(f"{folder}/{data.train_split}") and _exists(f"{folder}/{data.eval_split}")
+
+
 def _mixture_sources(
     config: ml_collections.ConfigDict,
 ) -> tuple[CaptionSource, CaptionSource]:
@@ -222,6 +232,12 @@ def _mixture_sources(
         key = f"config.data.mixture[{name!r}] path"
         if kind != "tfds_coco" and not location.startswith("tfds:") and not _exists(location):
             raise FileNotFoundError(f"{key} = {location!r} does not exist")
+        if kind == "labels" and _holds_only_the_held_out_split(location, data):
+            raise FileNotFoundError(
+                f"{key} = {location!r} has a {data.eval_split!r} folder but no "
+                f"{data.train_split!r} one; read whole, its held-out images would train as a "
+                f"class named {data.eval_split!r}: give the path of the class folders to train on"
+            )
         source = _kind_split(config, kind, location, data.train_split, key, required=False)
         components.append((name, source, weight))
     eval_name = data.mixture_eval or entries[0][0]
