@@ -170,7 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = "shapes"  # shapes | shards | tfds_coco | labels | mixture (data/__init__)
     # Root of the data: a folder with one sub-folder per split (shards, labels), a TFDS data_dir
-    # (tfds_coco), `tfds:NAME` (labels), or the root of a mixture's relative paths.
+    # (tfds_coco), `tfds:NAME` (labels, prepared in TFDS's own data_dir: $TFDS_DATA_DIR, else
+    # ~/tensorflow_datasets), or the root of a mixture's relative paths.
     config.data.path = ""
     config.data.train_path = ""  # optional: this split's folder / glob / file list instead
     config.data.eval_path = ""

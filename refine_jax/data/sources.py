@@ -12,7 +12,8 @@ source yields records for `data.pipeline`.
   data_dir, or the builder's version folder; ``data.tfds_config``: builder config name);
 * ``labels``: classification images captioned from their labels (``data.labels``):
   ``data.path`` is a folder-per-class tree (with split sub-folders when it has them) or
-  ``tfds:NAME`` (a prepared TFDS dataset such as ``tfds:imagenet2012``);
+  ``tfds:NAME`` (a TFDS dataset such as ``tfds:imagenet2012``, prepared in TFDS's data_dir:
+  ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``);
 * ``mixture``: ``data.mixture`` = ((name, weight, kind, path), ...) with kind one of the three
   above; a relative path is taken under ``data.path``. A component trains on its
   ``data.train_split`` folder, or on the whole folder when it has none (a class-folder tree
