@@ -70,18 +70,25 @@ def _merge(node: ml_collections.ConfigDict, recorded: dict, prefix: str, unknown
                 raise ValueError(f"recorded config key {name} = {value!r}: {e}") from None
 
 
+def _recorded_json(workdir: str | epath.PathLike) -> dict | None:
+    """WORKDIR/config.json as written, or None when the workdir has none."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def read_recorded_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict | None:
     """The locked config recorded in WORKDIR/config.json (the defaults of `base_config` for keys
     it predates), or None when the workdir has none (trained before configs were recorded)."""
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
+    recorded = _recorded_json(workdir)
+    if recorded is None:
         return None
     config = base_config()
     unknown: list[str] = []
-    _merge(config, json.loads(path.read_text()), "", unknown)
+    _merge(config, recorded, "", unknown)
     if unknown:
         raise ValueError(
-            f"{path} has keys this version does not know: {', '.join(unknown)}; it was written "
+            f"{epath.Path(workdir) / CONFIG_FILE} has keys this version does not know: "
+            f"{', '.join(unknown)}; it was written "
             "by another version of refine_jax: pass --config explicitly"
         )
     config.lock()
@@ -92,10 +99,7 @@ def recorded_setting(workdir: str | epath.PathLike, key: str) -> Any:
     """One setting ("section.name") as WORKDIR/config.json records it, or None when the workdir
     has no config or the config lacks it. Read from the JSON alone, so a config written by
     another version (keys this one does not know) still answers."""
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return None
-    value: Any = json.loads(path.read_text())
+    value: Any = _recorded_json(workdir)
     for part in key.split("."):
         if not isinstance(value, dict):
             return None

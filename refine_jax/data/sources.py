@@ -73,9 +73,13 @@ def require_data_path(data: ml_collections.ConfigDict, what: str) -> str:
     return os.path.expanduser(path) if path.startswith("~") else path
 
 
+def _split_path(root: str, split: str) -> str:
+    return root.rstrip("/") + "/" + split
+
+
 def _split_location(root: str, split: str, key: str, required: bool = True) -> str:
     """``root/split`` when that exists; else ``root`` itself unless ``required``."""
-    location = root.rstrip("/") + "/" + split
+    location = _split_path(root, split)
     if epath.Path(location).exists():
         return location
     if required:
@@ -212,8 +216,8 @@ def _holds_only_the_held_out_split(location: str, data: ml_collections.ConfigDic
     """A class-folder tree with the eval split's folder and not the train split's."""
     if location.startswith("tfds:"):
         return False
-    folder = location.rstrip("/")
-    return not _exists(f"{folder}/{data.train_split}") and _exists(f"{folder}/{data.eval_split}")
+    has = lambda split: epath.Path(_split_path(location, split)).exists()
+    return not has(data.train_split) and has(data.eval_split)
 
 
 def _mixture_sources(
