@@ -134,10 +134,13 @@ def train_step(
     # (a non-finite learning rate, an overflowing optimizer moment).
     updates_finite = jnp.all(jnp.stack([jnp.isfinite(u).all() for u in jax.tree.leaves(updates)]))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & updates_finite
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
-        state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state)
+    # One branch over the whole state, not a jnp.where per leaf: XLA fused the finiteness test
+    # (an `and` of every leaf's flag) into each leaf's select, which made the program 2.6 times
+    # the instructions and its compile 1.3-1.7 times as long (BENCHMARKS.md).
+    params, opt_state = jax.lax.cond(
+        finite, lambda: (params, opt_state), lambda: (state.params, state.opt_state)
     )
+    new_state = TrainState(state.step + 1, params, opt_state)
     metrics.update(
         grad_norm=grad_norm,
         # The rate of this update: skipped updates do not advance the optimizer's own count.

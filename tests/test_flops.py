@@ -24,8 +24,9 @@ VOCAB = 400
 
 def traced_matmul_flops(jaxpr: jax_core.Jaxpr) -> float:
     """2 x (output elements) x (contracted size) summed over every dot_general in `jaxpr` and
-    the sub-programs it calls; a scan body counts once per iteration. An independent route to
-    the analytic count: it reads the traced program, not the config."""
+    the sub-programs it calls; a scan body counts once per iteration, a cond once (its
+    branches must agree). An independent route to the analytic count: it reads the traced
+    program, not the config."""
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -34,8 +35,14 @@ def traced_matmul_flops(jaxpr: jax_core.Jaxpr) -> float:
             contracted = np.prod([lhs_shape[i] for i in contract_lhs])
             total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * contracted
             continue
-        if eqn.primitive.name in ("while", "cond"):
-            raise ValueError(f"{eqn.primitive.name}: trip count unknown to a static count")
+        if eqn.primitive.name == "while":
+            raise ValueError("while: trip count unknown to a static count")
+        if eqn.primitive.name == "cond":  # one branch runs: its count, when all agree
+            counts = {traced_matmul_flops(branch.jaxpr) for branch in eqn.params["branches"]}
+            if len(counts) != 1:
+                raise ValueError(f"cond: branches of different counts {sorted(counts)}")
+            total += counts.pop()
+            continue
         repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         for value in eqn.params.values():
             if isinstance(value, jax_core.ClosedJaxpr):
