@@ -14,10 +14,9 @@ pytestmark = pytest.mark.slow
 # Scripts that read the Flickr8k shards, and scripts that build random inputs of the
 # configured shapes (they need no data).
 DATA_SCRIPTS = ["input_pipeline.py", "eval_speed.py", "flickr8k_quality.py"]
+# (decode_speed.py and memory_vs_k.py run as parts of the accelerator suite's test below.)
 SYNTHETIC_SCRIPTS = [
-    "decode_speed.py",
     "train_throughput.py",
-    "memory_vs_k.py",
     "scaling.py",
     "gradualness.py",  # trains on the generated shapes data
     "target_salience.py",  # shapes captions with --quick
@@ -63,13 +62,15 @@ def test_matching_model_benchmark_runs_quick(tmp_path, tmp_path_factory, script)
 
 
 def test_accelerator_suite_runs_its_parts_and_reports_their_headline(tmp_path):
-    # The suite on CPU with --quick, one part (the parts themselves are run above).
+    # The suite on CPU with --quick, two of its parts: each runs as its script's own main()
+    # would (train_throughput.py runs above, with a flag the suite does not pass).
+    parts = {"decode_speed", "memory_vs_k"}
     result = subprocess.run(
         [
             sys.executable,
             "benchmarks/accelerator_suite.py",
             "--quick",
-            "--parts=decode_speed",
+            f"--parts={','.join(sorted(parts))}",
             f"--output={tmp_path / 'suite.json'}",
         ],
         cwd=REPO,
@@ -79,12 +80,18 @@ def test_accelerator_suite_runs_its_parts_and_reports_their_headline(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     suite = json.loads((tmp_path / "suite.json").read_text())
-    assert suite["quick"] is True and set(suite["seconds"]) == {"decode_speed"}
+    assert suite["quick"] is True and set(suite["seconds"]) == parts
+    for part in parts:
+        assert suite[part]["quick"] is True
+        assert suite[part]["machine"]["cpu_count"] and suite[part]["machine"]["jax"]
     ratios = suite["decode_speed"]["ratios"]
-    assert suite["headline"] and all("decode:" in row[0] for row in suite["headline"])
-    assert len(suite["headline"]) == sum(
+    decode_rows = [row for row in suite["headline"] if row[0].startswith("decode:")]
+    memory_rows = [row for row in suite["headline"] if row[0].startswith("memory:")]
+    assert decode_rows and len(decode_rows) == sum(
         r["baseline"].startswith("AR greedy") and "fixed" not in r["baseline"] for r in ratios
     )
+    assert len(memory_rows) == len(suite["memory_vs_k"]["growth"]) > 0
+    assert len(suite["headline"]) == len(decode_rows) + len(memory_rows)
     assert "## Accelerator suite" in result.stdout
 
 
