@@ -42,9 +42,7 @@ class Tokenizer:
     """Text <-> ids with the project's fixed special ids, plus the caption salience stats."""
 
     def __init__(self, model_proto: bytes, salience: SalienceStats):
-        model_proto = _blank_as_control_symbol(model_proto)
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.model_proto = model_proto
+        self.model_proto, self._sp = _with_blank_as_control_symbol(model_proto)
         self.salience = salience
         for name, expected in (("pad", PAD_ID), ("unk", UNK_ID), ("bos", BOS_ID), ("eos", EOS_ID)):
             actual = getattr(self._sp, f"{name}_id")()
@@ -170,20 +168,24 @@ def _train_sentencepiece(
     )
 
 
-def _blank_as_control_symbol(model_proto: bytes) -> bytes:
-    """The model with its blank piece a control symbol, every id unchanged.
+def _with_blank_as_control_symbol(
+    model_proto: bytes,
+) -> tuple[bytes, spm.SentencePieceProcessor]:
+    """The model with its blank piece a control symbol, every id unchanged, and its processor
+    (the model is parsed once when it needs no change).
 
     Tokenizers trained before made it a user-defined symbol, which sentencepiece also matches
     in text: a caption reading "<blank>" encoded as BLANK_ID and lost the word. They load
     upgraded, so they encode such text as a fresh tokenizer does (spelled out)."""
     processor = spm.SentencePieceProcessor(model_proto=model_proto)
     if processor.piece_to_id(BLANK_PIECE) != BLANK_ID or processor.is_control(BLANK_ID):
-        return model_proto  # already a control symbol, or refused in Tokenizer.__init__
+        return model_proto, processor  # already a control symbol, or refused in Tokenizer
     from sentencepiece import sentencepiece_model_pb2  # protobuf: only old models need it
 
     model = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
     model.pieces[BLANK_ID].type = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
-    return model.SerializeToString()
+    upgraded = model.SerializeToString()
+    return upgraded, spm.SentencePieceProcessor(model_proto=upgraded)
 
 
 if __name__ == "__main__":  # the command lives in refine_jax/commands/train_tokenizer.py
