@@ -39,6 +39,7 @@ import argparse
 import functools
 import itertools
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,10 @@ def csv(text: str, cast=str) -> list:
     return [cast(v) for v in text.split(",") if v.strip()] or [None]
 
 
+# One instruction per line of a compiled module's text: "%name = type op(...)".
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = ", re.MULTILINE)
+
+
 class Variant:
     """One configuration to time: its compiled step, state, batch and analytic FLOPs."""
 
@@ -147,6 +152,9 @@ class Variant:
         self.batch = sharding.global_batch_from_full(batch, mesh, config.mesh.axis_rules)
         self.compiled = step.lower(state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
+        # The compiled program's size, which its compile time follows (BENCHMARKS.md, "The
+        # update guard's program").
+        self.hlo_instructions = len(HLO_INSTRUCTION.findall(self.compiled.as_text()))
         self.state, metrics = self.compiled(state, self.batch)
         jax.block_until_ready(metrics)
 
@@ -312,7 +320,8 @@ def main(argv=None) -> int:
             config.rng_impl = prng  # the step's dropout and self-conditioning keys (step_rng)
         variant = Variant(config, prng, devices)
         print(
-            f"compiled {variant.name}: {variant.num_params:,} parameters, {variant.compile_s:.1f}s",
+            f"compiled {variant.name}: {variant.num_params:,} parameters, "
+            f"{variant.hlo_instructions:,} HLO instructions, {variant.compile_s:.1f}s",
             flush=True,
         )
         variants.append(variant)
@@ -349,6 +358,7 @@ def main(argv=None) -> int:
             "data_devices": v.data_devices,
             "num_params": v.num_params,
             "compile_s": v.compile_s,
+            "hlo_instructions": v.hlo_instructions,
             "seconds_per_step": step_s,
             "seconds_per_step_all": seconds[v.name],
             "spread": common.spread(seconds[v.name]),

@@ -52,6 +52,7 @@ def test_synthetic_benchmark_runs_quick(tmp_path, script):
     assert result["machine"]["cpu_count"] and result["machine"]["jax"]
     if script == "train_throughput.py":
         assert [v["data_devices"] for v in result["variants"]] == [1, 2]
+        assert all(v["hlo_instructions"] > 0 for v in result["variants"])
 
 
 @pytest.mark.parametrize("script", MATCH_SCRIPTS)
