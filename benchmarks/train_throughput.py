@@ -8,7 +8,8 @@ pipeline's shapes. It times steps and reports examples/s and the analytic FLOP/s
 passes). In the same process and the same rounds it times a jitted square matmul (2048 x
 2048, of the model's dtype): the step's FLOP/s divided by that rate is the MFU on this
 machine. The timings of all variants and the matmul alternate, round by round, so background
-load falls on all alike.
+load falls on all alike. Each variant's compile time and compiled size (HLO instructions) are
+reported too.
 
     python benchmarks/train_throughput.py                      # refine and autoregressive
     python benchmarks/train_throughput.py --quick              # seconds: tiny config
