@@ -40,7 +40,6 @@ import argparse
 import functools
 import itertools
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -119,10 +118,6 @@ def csv(text: str, cast=str) -> list:
     return [cast(v) for v in text.split(",") if v.strip()] or [None]
 
 
-# One instruction per line of a compiled module's text: "%name = type op(...)".
-HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = ", re.MULTILINE)
-
-
 class Variant:
     """One configuration to time: its compiled step, state, batch and analytic FLOPs."""
 
@@ -155,7 +150,7 @@ class Variant:
         self.compile_s = time.perf_counter() - start
         # The compiled program's size, which its compile time follows (BENCHMARKS.md, "The
         # update guard's program").
-        self.hlo_instructions = len(HLO_INSTRUCTION.findall(self.compiled.as_text()))
+        self.hlo_instructions = len(profile_table.hlo_ops(self.compiled.as_text()))
         self.state, metrics = self.compiled(state, self.batch)
         jax.block_until_ready(metrics)
 
